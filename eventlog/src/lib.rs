@@ -1,0 +1,94 @@
+//! herald's event log: the [`EventLog`] trait and its embedded backend.
+//!
+//! The log is the system of record. Every push, registration, connection and ack is an
+//! immutable record in it; everything else (inboxes, the device registry, message status)
+//! is a projection that can be rebuilt by replaying it.
+//!
+//! # Layout
+//! - [`EventLog`]: the API boundary every role codes against (an append that resolves only
+//!   once the records are durable, reads from an offset, and a watch on the durable end).
+//! - [`embedded`]: the single-binary backend on fjall, with group commit.
+//!
+//! # Invariants
+//! - Offsets are dense and strictly increasing; an append's records get consecutive offsets
+//!   in the order given.
+//! - A reader never sees a record before it is durable: reads stop at the durable end.
+//! - A failed fsync poisons the log. It never retries, because after a failed fsync the
+//!   kernel may have dropped the dirty pages, and a retry that "succeeds" would lie.
+
+pub mod embedded;
+
+use futures::future::BoxFuture;
+use tokio::sync::watch;
+
+/// The position of a record in the log. The first record has offset 0.
+pub type Offset = u64;
+
+/// One record to append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// The partition key: everything about one device uses the device id, so that it
+    /// stays in one partition, in order, on a partitioned backend.
+    pub key: Vec<u8>,
+    /// The encoded event.
+    pub value: Vec<u8>,
+}
+
+/// A record read back from the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// Its position.
+    pub offset: Offset,
+    /// Its partition key.
+    pub key: Vec<u8>,
+    /// The encoded event.
+    pub value: Vec<u8>,
+}
+
+/// Why a log operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The storage engine failed. Appends after this fail with [`Error::Poisoned`].
+    #[error("event log storage failed: {0}")]
+    Storage(String),
+    /// An earlier write or fsync failed; the log accepts nothing more until restarted,
+    /// when recovery decides what was durable.
+    #[error("event log is poisoned by an earlier storage failure; restart to recover")]
+    Poisoned,
+    /// The log is shutting down.
+    #[error("event log is closed")]
+    Closed,
+    /// A record is larger than the log accepts.
+    #[error("record of {size} bytes exceeds the limit of {max} bytes")]
+    RecordTooLarge {
+        /// The record's size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A stored record failed its read-back check: the log is corrupt.
+    #[error("corrupt record at offset {offset}: {reason}")]
+    Corrupt {
+        /// Where.
+        offset: Offset,
+        /// What was wrong.
+        reason: &'static str,
+    },
+}
+
+/// The event log. An API boundary: every backend (embedded, Kafka) implements it, and
+/// every role reaches the log only through it.
+pub trait EventLog: Send + Sync + 'static {
+    /// Appends `records` and resolves with their offsets once they are durable (fsync'd
+    /// for the embedded backend). Concurrent appends share one fsync.
+    fn append(&self, records: Vec<Record>) -> BoxFuture<'static, Result<Vec<Offset>, Error>>;
+
+    /// Reads up to `max` durable records starting at `from`. Returns fewer (possibly none)
+    /// when the durable end is reached.
+    fn read(&self, from: Offset, max: usize) -> BoxFuture<'_, Result<Vec<Stored>, Error>>;
+
+    /// The durable end: the offset the next record will get. Changes whenever an append
+    /// becomes durable, so followers can wait on it to tail the log.
+    fn durable_end(&self) -> watch::Receiver<Offset>;
+}

@@ -1,0 +1,3 @@
+//! herald's device gateway.
+
+pub mod codec;

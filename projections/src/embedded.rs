@@ -1,0 +1,305 @@
+//! The embedded projection store: fjall keyspaces in the same database as the embedded
+//! log, so a batch's state and its checkpoint commit in one atomic fjall batch.
+//!
+//! Commits are not fsync'd here: the log's group commit syncs the shared journal, which
+//! covers every projection batch written before it. A projection batch lost in a crash is
+//! rebuilt from the log, because its checkpoint was lost with it.
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::StoreError;
+use crate::memory::MemState;
+use crate::model::{App, Device, InboxEntry, InboxHead, MessageStatus, Payload, Presence};
+use crate::view::{Store, View, Writes};
+
+const CHECKPOINT_KEY: &[u8] = b"checkpoint";
+
+/// The fjall-backed [`Store`].
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    db: Database,
+    apps: Keyspace,
+    app_by_client: Keyspace,
+    app_by_key: Keyspace,
+    devices: Keyspace,
+    app_devices: Keyspace,
+    heads: Keyspace,
+    inbox: Keyspace,
+    messages: Keyspace,
+    payloads: Keyspace,
+    presence: Keyspace,
+    meta: Keyspace,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore").finish_non_exhaustive()
+    }
+}
+
+fn storage(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Storage(e.to_string())
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serializing these plain structs to JSON cannot fail.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn decode<T: DeserializeOwned>(keyspace: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        keyspace,
+        reason: e.to_string(),
+    })
+}
+
+fn pair_key(a: &str, b: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(a.len() + b.len() + 1);
+    k.extend_from_slice(a.as_bytes());
+    k.push(0);
+    k.extend_from_slice(b.as_bytes());
+    k
+}
+
+fn inbox_key(device_id: &str, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(device_id.len() + 9);
+    k.extend_from_slice(device_id.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store's keyspaces in `db`, with `prefix` before each
+    /// keyspace name (so `herald rebuild` can build a second copy beside the live one).
+    pub fn open(db: Database, prefix: &str) -> Result<Self, StoreError> {
+        let ks = |name: &str| {
+            db.keyspace(&format!("{prefix}{name}"), KeyspaceCreateOptions::default)
+                .map_err(storage)
+        };
+        Ok(EmbeddedStore {
+            apps: ks("apps")?,
+            app_by_client: ks("app_by_client")?,
+            app_by_key: ks("app_by_key")?,
+            devices: ks("devices")?,
+            app_devices: ks("app_devices")?,
+            heads: ks("inbox_heads")?,
+            inbox: ks("inbox")?,
+            messages: ks("messages")?,
+            payloads: ks("payloads")?,
+            presence: ks("presence")?,
+            meta: ks("meta")?,
+            db,
+        })
+    }
+
+    fn get<T: DeserializeOwned>(
+        ks: &Keyspace,
+        name: &'static str,
+        key: &[u8],
+    ) -> Result<Option<T>, StoreError> {
+        match ks.get(key).map_err(storage)? {
+            Some(v) => Ok(Some(decode(name, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Reads the whole state into memory, for tests and digests.
+    pub fn to_mem_state(&self) -> Result<MemState, StoreError> {
+        fn all<T: DeserializeOwned>(
+            ks: &Keyspace,
+            name: &'static str,
+        ) -> Result<Vec<(Vec<u8>, T)>, StoreError> {
+            let mut out = Vec::new();
+            for g in ks.iter() {
+                let (k, v) = g.into_inner().map_err(storage)?;
+                out.push((k.to_vec(), decode(name, &v)?));
+            }
+            Ok(out)
+        }
+        fn text(k: &[u8]) -> String {
+            String::from_utf8_lossy(k).into_owned()
+        }
+        let mut s = MemState::default();
+        for (k, v) in all::<App>(&self.apps, "apps")? {
+            s.apps.insert(text(&k), v);
+        }
+        for (k, v) in all::<String>(&self.app_by_client, "app_by_client")? {
+            s.app_by_client.insert(text(&k), v);
+        }
+        for (k, v) in all::<String>(&self.app_by_key, "app_by_key")? {
+            s.app_by_key.insert(text(&k), v);
+        }
+        for (k, v) in all::<Device>(&self.devices, "devices")? {
+            s.devices.insert(text(&k), v);
+        }
+        for g in self.app_devices.iter() {
+            let k = g.key().map_err(storage)?;
+            let text = text(&k);
+            if let Some((a, d)) = text.split_once('\0') {
+                s.app_devices.insert((a.to_owned(), d.to_owned()));
+            }
+        }
+        for (k, v) in all::<InboxHead>(&self.heads, "inbox_heads")? {
+            s.heads.insert(text(&k), v);
+        }
+        for (k, v) in all::<InboxEntry>(&self.inbox, "inbox")? {
+            let device = k.get(..k.len().saturating_sub(9)).unwrap_or_default();
+            s.entries.insert((text(device), v.seq), v);
+        }
+        for (k, v) in all::<MessageStatus>(&self.messages, "messages")? {
+            s.messages.insert(text(&k), v);
+        }
+        for (k, v) in all::<Payload>(&self.payloads, "payloads")? {
+            s.payloads.insert(text(&k), v);
+        }
+        for (k, v) in all::<Presence>(&self.presence, "presence")? {
+            s.presence.insert(text(&k), v);
+        }
+        s.checkpoint = self.checkpoint()?;
+        Ok(s)
+    }
+}
+
+impl View for EmbeddedStore {
+    fn app(&self, app_id: &str) -> Result<Option<App>, StoreError> {
+        Self::get(&self.apps, "apps", app_id.as_bytes())
+    }
+    fn app_id_by_client(&self, client_id: &str) -> Result<Option<String>, StoreError> {
+        Self::get(&self.app_by_client, "app_by_client", client_id.as_bytes())
+    }
+    fn app_id_by_key(&self, app_key: &str) -> Result<Option<String>, StoreError> {
+        Self::get(&self.app_by_key, "app_by_key", app_key.as_bytes())
+    }
+    fn device(&self, device_id: &str) -> Result<Option<Device>, StoreError> {
+        Self::get(&self.devices, "devices", device_id.as_bytes())
+    }
+    fn app_devices(
+        &self,
+        app_id: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let prefix = pair_key(app_id, "");
+        let start = match after {
+            // The smallest key greater than (app, after): append a 0 byte.
+            Some(after) => {
+                let mut k = pair_key(app_id, after);
+                k.push(0);
+                k
+            }
+            None => prefix.clone(),
+        };
+        let mut out = Vec::new();
+        for g in self.app_devices.range(start..) {
+            if out.len() >= limit {
+                break;
+            }
+            let k = g.key().map_err(storage)?;
+            let Some(device) = k.strip_prefix(prefix.as_slice()) else {
+                break;
+            };
+            out.push(String::from_utf8_lossy(device).into_owned());
+        }
+        Ok(out)
+    }
+    fn inbox_head(&self, device_id: &str) -> Result<InboxHead, StoreError> {
+        Ok(Self::get(&self.heads, "inbox_heads", device_id.as_bytes())?.unwrap_or_default())
+    }
+    fn inbox_entry(&self, device_id: &str, seq: u64) -> Result<Option<InboxEntry>, StoreError> {
+        Self::get(&self.inbox, "inbox", &inbox_key(device_id, seq))
+    }
+    fn message(&self, message_id: &str) -> Result<Option<MessageStatus>, StoreError> {
+        Self::get(&self.messages, "messages", message_id.as_bytes())
+    }
+    fn presence(&self, device_id: &str) -> Result<Option<Presence>, StoreError> {
+        Self::get(&self.presence, "presence", device_id.as_bytes())
+    }
+}
+
+impl Store for EmbeddedStore {
+    fn commit(&self, w: &Writes, next_offset: u64) -> Result<(), StoreError> {
+        let current = self.checkpoint()?;
+        assert!(
+            next_offset >= current,
+            "checkpoint must not go back ({next_offset} < {current})"
+        );
+        let mut b = self.db.batch();
+        for (k, v) in &w.apps {
+            b.insert(&self.apps, k.as_bytes(), encode(v));
+        }
+        for (k, v) in &w.app_by_client {
+            b.insert(&self.app_by_client, k.as_bytes(), encode(v));
+        }
+        for (k, v) in &w.app_by_key {
+            b.insert(&self.app_by_key, k.as_bytes(), encode(v));
+        }
+        for (k, v) in &w.devices {
+            b.insert(&self.devices, k.as_bytes(), encode(v));
+        }
+        for (a, d) in &w.app_devices {
+            b.insert(&self.app_devices, pair_key(a, d), b"".to_vec());
+        }
+        for (k, v) in &w.heads {
+            b.insert(&self.heads, k.as_bytes(), encode(v));
+        }
+        for ((d, seq), e) in &w.entries {
+            match e {
+                Some(e) => b.insert(&self.inbox, inbox_key(d, *seq), encode(e)),
+                None => b.remove(&self.inbox, inbox_key(d, *seq)),
+            }
+        }
+        for (k, v) in &w.messages {
+            b.insert(&self.messages, k.as_bytes(), encode(v));
+        }
+        for (k, v) in &w.payloads {
+            b.insert(&self.payloads, k.as_bytes(), encode(v));
+        }
+        for (k, v) in &w.presence {
+            b.insert(&self.presence, k.as_bytes(), encode(v));
+        }
+        b.insert(&self.meta, CHECKPOINT_KEY, next_offset.to_be_bytes().to_vec());
+        b.commit().map_err(storage)
+    }
+
+    fn checkpoint(&self) -> Result<u64, StoreError> {
+        match self.meta.get(CHECKPOINT_KEY).map_err(storage)? {
+            None => Ok(0),
+            Some(v) => {
+                let bytes: [u8; 8] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                    keyspace: "meta",
+                    reason: "checkpoint is not 8 bytes".into(),
+                })?;
+                Ok(u64::from_be_bytes(bytes))
+            }
+        }
+    }
+
+    fn inbox_page(
+        &self,
+        device_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<InboxEntry>, StoreError> {
+        let Some(first) = after_seq.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        let start = inbox_key(device_id, first);
+        let end = inbox_key(device_id, u64::MAX);
+        let mut out = Vec::new();
+        for g in self.inbox.range(start..=end) {
+            if out.len() >= limit {
+                break;
+            }
+            let v = g.value().map_err(storage)?;
+            out.push(decode("inbox", &v)?);
+        }
+        Ok(out)
+    }
+
+    fn payload(&self, message_id: &str) -> Result<Option<Payload>, StoreError> {
+        Self::get(&self.payloads, "payloads", message_id.as_bytes())
+    }
+}

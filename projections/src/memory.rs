@@ -1,0 +1,141 @@
+//! An in-memory [`Store`], for tests: the reference the other stores are compared with.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+
+use crate::StoreError;
+use crate::model::{App, Device, InboxEntry, InboxHead, MessageStatus, Payload, Presence};
+use crate::view::{Store, View, Writes};
+
+/// All state in ordered maps, so two stores compare equal when their states are equal.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MemState {
+    /// Apps by id.
+    pub apps: BTreeMap<String, App>,
+    /// client id -> app id.
+    pub app_by_client: BTreeMap<String, String>,
+    /// app key -> app id.
+    pub app_by_key: BTreeMap<String, String>,
+    /// Devices by id.
+    pub devices: BTreeMap<String, Device>,
+    /// (app id, device id).
+    pub app_devices: BTreeSet<(String, String)>,
+    /// Inbox heads.
+    pub heads: BTreeMap<String, InboxHead>,
+    /// Unacknowledged entries.
+    pub entries: BTreeMap<(String, u64), InboxEntry>,
+    /// Message statuses.
+    pub messages: BTreeMap<String, MessageStatus>,
+    /// Payloads.
+    pub payloads: BTreeMap<String, Payload>,
+    /// Presence.
+    pub presence: BTreeMap<String, Presence>,
+    /// The checkpoint.
+    pub checkpoint: u64,
+}
+
+/// A [`Store`] over a [`MemState`].
+#[derive(Debug, Default)]
+pub struct MemStore {
+    state: Mutex<MemState>,
+}
+
+impl MemStore {
+    /// A copy of the whole state.
+    pub fn snapshot(&self) -> MemState {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemState> {
+        // A panic while holding this lock is a test failure already; keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl View for MemStore {
+    fn app(&self, app_id: &str) -> Result<Option<App>, StoreError> {
+        Ok(self.lock().apps.get(app_id).cloned())
+    }
+    fn app_id_by_client(&self, client_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.lock().app_by_client.get(client_id).cloned())
+    }
+    fn app_id_by_key(&self, app_key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.lock().app_by_key.get(app_key).cloned())
+    }
+    fn device(&self, device_id: &str) -> Result<Option<Device>, StoreError> {
+        Ok(self.lock().devices.get(device_id).cloned())
+    }
+    fn app_devices(
+        &self,
+        app_id: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let s = self.lock();
+        let from = (app_id.to_owned(), after.unwrap_or("").to_owned());
+        Ok(s.app_devices
+            .range(from..)
+            .take_while(|(a, _)| a == app_id)
+            .filter(|(_, d)| after.is_none_or(|after| d.as_str() > after))
+            .take(limit)
+            .map(|(_, d)| d.clone())
+            .collect())
+    }
+    fn inbox_head(&self, device_id: &str) -> Result<InboxHead, StoreError> {
+        Ok(self.lock().heads.get(device_id).copied().unwrap_or_default())
+    }
+    fn inbox_entry(&self, device_id: &str, seq: u64) -> Result<Option<InboxEntry>, StoreError> {
+        Ok(self.lock().entries.get(&(device_id.to_owned(), seq)).cloned())
+    }
+    fn message(&self, message_id: &str) -> Result<Option<MessageStatus>, StoreError> {
+        Ok(self.lock().messages.get(message_id).cloned())
+    }
+    fn presence(&self, device_id: &str) -> Result<Option<Presence>, StoreError> {
+        Ok(self.lock().presence.get(device_id).cloned())
+    }
+}
+
+impl Store for MemStore {
+    fn commit(&self, w: &Writes, next_offset: u64) -> Result<(), StoreError> {
+        let mut s = self.lock();
+        s.apps.extend(w.apps.clone());
+        s.app_by_client.extend(w.app_by_client.clone());
+        s.app_by_key.extend(w.app_by_key.clone());
+        s.devices.extend(w.devices.clone());
+        s.app_devices.extend(w.app_devices.iter().cloned());
+        s.heads.extend(w.heads.clone());
+        for (k, e) in &w.entries {
+            match e {
+                Some(e) => s.entries.insert(k.clone(), e.clone()),
+                None => s.entries.remove(k),
+            };
+        }
+        s.messages.extend(w.messages.clone());
+        s.payloads.extend(w.payloads.clone());
+        s.presence.extend(w.presence.clone());
+        assert!(next_offset >= s.checkpoint, "checkpoints never go back");
+        s.checkpoint = next_offset;
+        Ok(())
+    }
+    fn checkpoint(&self) -> Result<u64, StoreError> {
+        Ok(self.lock().checkpoint)
+    }
+    fn inbox_page(
+        &self,
+        device_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<InboxEntry>, StoreError> {
+        let s = self.lock();
+        let from = (device_id.to_owned(), after_seq.saturating_add(1));
+        Ok(s.entries
+            .range(from..)
+            .take_while(|((d, _), _)| d == device_id)
+            .take(limit)
+            .map(|(_, e)| e.clone())
+            .collect())
+    }
+    fn payload(&self, message_id: &str) -> Result<Option<Payload>, StoreError> {
+        Ok(self.lock().payloads.get(message_id).cloned())
+    }
+}

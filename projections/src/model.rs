@@ -1,0 +1,107 @@
+//! The projected state. These are herald's domain types; the store encodes them with
+//! serde, which is private to the store (no other process reads these bytes).
+
+use serde::{Deserialize, Serialize};
+
+/// An app account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct App {
+    /// Its id (a UUID).
+    pub app_id: String,
+    /// A human name.
+    pub name: String,
+    /// The public key devices register with.
+    pub app_key: String,
+    /// The OAuth2 client id.
+    pub client_id: String,
+    /// SHA-256 of the OAuth2 client secret.
+    pub client_secret_sha256: Vec<u8>,
+    /// When it was created (ms since the Unix epoch).
+    pub created_ms: u64,
+}
+
+/// A registered device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    /// Its id (a UUID).
+    pub device_id: String,
+    /// The app it belongs to.
+    pub app_id: String,
+    /// SHA-256 of its device token.
+    pub token_sha256: Vec<u8>,
+    /// What the device said it runs on.
+    pub platform: String,
+    /// The network type it reported at registration.
+    pub network: String,
+    /// When it registered (ms since the Unix epoch).
+    pub registered_ms: u64,
+}
+
+/// One unacknowledged entry of a device's inbox. Acknowledged entries are removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxEntry {
+    /// Its position in the inbox.
+    pub seq: u64,
+    /// The message it carries (the payload is kept once per message).
+    pub message_id: String,
+    /// When the push was accepted (ms since the Unix epoch).
+    pub ts_ms: u64,
+    /// After this instant it is never sent.
+    pub expires_at_ms: u64,
+}
+
+/// Per-device inbox bookkeeping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxHead {
+    /// The seq the next entry gets. Starts at 1.
+    pub next_seq: u64,
+}
+
+impl Default for InboxHead {
+    fn default() -> Self {
+        InboxHead { next_seq: 1 }
+    }
+}
+
+/// A message's delivery status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageStatus {
+    /// Its id.
+    pub message_id: String,
+    /// The app that published it.
+    pub app_id: String,
+    /// When it was accepted (ms since the Unix epoch).
+    pub ts_ms: u64,
+    /// When it expires.
+    pub expires_at_ms: u64,
+    /// Whether it went to every device of the app.
+    pub broadcast: bool,
+    /// How many devices it was put in the inbox of.
+    pub targeted: u64,
+    /// How many of them confirmed receipt.
+    pub acked: u64,
+}
+
+/// Where a device is connected, as reported by gateways.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Presence {
+    /// Whether a session is open.
+    pub connected: bool,
+    /// The gateway of the last session.
+    pub gateway_id: String,
+    /// When the last session started or ended.
+    pub since_ms: u64,
+    /// The keep-alive of the last session, in seconds.
+    pub keep_alive_s: u32,
+}
+
+/// A message's sealed payload, kept once per message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Payload {
+    /// The key that sealed it.
+    pub key_id: u32,
+    /// The AES-GCM nonce.
+    pub nonce: Vec<u8>,
+    /// The ciphertext with its tag.
+    pub ciphertext: Vec<u8>,
+}

@@ -1,0 +1,208 @@
+//! What a fold reads ([`View`]) and where it writes ([`Tx`]).
+//!
+//! A [`Tx`] layers a batch's writes over a store's committed state: reads see the
+//! batch's own writes first, so events later in a batch see the effects of earlier ones,
+//! exactly as if they had been applied and committed one at a time.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::StoreError;
+use crate::model::{App, Device, InboxEntry, InboxHead, MessageStatus, Payload, Presence};
+
+/// Read access to committed projection state.
+pub trait View {
+    /// An app by id.
+    fn app(&self, app_id: &str) -> Result<Option<App>, StoreError>;
+    /// An app id by its OAuth2 client id.
+    fn app_id_by_client(&self, client_id: &str) -> Result<Option<String>, StoreError>;
+    /// An app id by its public app key.
+    fn app_id_by_key(&self, app_key: &str) -> Result<Option<String>, StoreError>;
+    /// A device by id.
+    fn device(&self, device_id: &str) -> Result<Option<Device>, StoreError>;
+    /// Up to `limit` device ids of an app, in id order, after `after` (exclusive).
+    fn app_devices(
+        &self,
+        app_id: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError>;
+    /// A device's inbox bookkeeping (the default for a device with no entries yet).
+    fn inbox_head(&self, device_id: &str) -> Result<InboxHead, StoreError>;
+    /// One unacknowledged inbox entry.
+    fn inbox_entry(&self, device_id: &str, seq: u64) -> Result<Option<InboxEntry>, StoreError>;
+    /// A message's status.
+    fn message(&self, message_id: &str) -> Result<Option<MessageStatus>, StoreError>;
+    /// A device's presence.
+    fn presence(&self, device_id: &str) -> Result<Option<Presence>, StoreError>;
+}
+
+/// The writes of one batch, ready to be committed atomically.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Writes {
+    /// Apps created.
+    pub apps: BTreeMap<String, App>,
+    /// client id -> app id.
+    pub app_by_client: BTreeMap<String, String>,
+    /// app key -> app id.
+    pub app_by_key: BTreeMap<String, String>,
+    /// Devices registered.
+    pub devices: BTreeMap<String, Device>,
+    /// (app id, device id) pairs added to the app's device index.
+    pub app_devices: BTreeSet<(String, String)>,
+    /// Inbox heads changed.
+    pub heads: BTreeMap<String, InboxHead>,
+    /// Inbox entries put (`Some`) or removed (`None`).
+    pub entries: BTreeMap<(String, u64), Option<InboxEntry>>,
+    /// Message statuses changed.
+    pub messages: BTreeMap<String, MessageStatus>,
+    /// Payloads stored.
+    pub payloads: BTreeMap<String, Payload>,
+    /// Presence changed.
+    pub presence: BTreeMap<String, Presence>,
+}
+
+/// A new inbox entry made by a batch, for the delivery worker to forward live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEntry {
+    /// The device whose inbox it is in.
+    pub device_id: String,
+    /// The entry.
+    pub entry: InboxEntry,
+}
+
+/// A batch in progress: committed state underneath, this batch's writes on top.
+pub struct Tx<'a> {
+    base: &'a dyn View,
+    /// The batch's writes.
+    pub writes: Writes,
+    /// Entries created by this batch, in the order they were created.
+    pub new_entries: Vec<NewEntry>,
+    /// Events a fold refused (duplicates, unknown ids); counted, not fatal.
+    pub rejected: u64,
+}
+
+impl<'a> Tx<'a> {
+    /// A batch over `base`.
+    pub fn new(base: &'a dyn View) -> Self {
+        Tx {
+            base,
+            writes: Writes::default(),
+            new_entries: Vec::new(),
+            rejected: 0,
+        }
+    }
+
+    /// Puts an inbox entry and remembers it as new.
+    pub(crate) fn put_new_entry(&mut self, device_id: &str, entry: InboxEntry) {
+        self.writes
+            .entries
+            .insert((device_id.to_owned(), entry.seq), Some(entry.clone()));
+        self.new_entries.push(NewEntry {
+            device_id: device_id.to_owned(),
+            entry,
+        });
+    }
+}
+
+impl View for Tx<'_> {
+    fn app(&self, app_id: &str) -> Result<Option<App>, StoreError> {
+        match self.writes.apps.get(app_id) {
+            Some(a) => Ok(Some(a.clone())),
+            None => self.base.app(app_id),
+        }
+    }
+
+    fn app_id_by_client(&self, client_id: &str) -> Result<Option<String>, StoreError> {
+        match self.writes.app_by_client.get(client_id) {
+            Some(a) => Ok(Some(a.clone())),
+            None => self.base.app_id_by_client(client_id),
+        }
+    }
+
+    fn app_id_by_key(&self, app_key: &str) -> Result<Option<String>, StoreError> {
+        match self.writes.app_by_key.get(app_key) {
+            Some(a) => Ok(Some(a.clone())),
+            None => self.base.app_id_by_key(app_key),
+        }
+    }
+
+    fn device(&self, device_id: &str) -> Result<Option<Device>, StoreError> {
+        match self.writes.devices.get(device_id) {
+            Some(d) => Ok(Some(d.clone())),
+            None => self.base.device(device_id),
+        }
+    }
+
+    fn app_devices(
+        &self,
+        app_id: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        // Merge the committed page with this batch's additions in the same range. Devices
+        // are never removed from the index, so a merge of two sorted sets is exact.
+        let mut ids: BTreeSet<String> = self
+            .base
+            .app_devices(app_id, after, limit)?
+            .into_iter()
+            .collect();
+        let from = (app_id.to_owned(), after.unwrap_or("").to_owned());
+        for (a, d) in self.writes.app_devices.range(from..) {
+            if a != app_id {
+                break;
+            }
+            if after.is_some_and(|after| d.as_str() <= after) {
+                continue;
+            }
+            ids.insert(d.clone());
+        }
+        Ok(ids.into_iter().take(limit).collect())
+    }
+
+    fn inbox_head(&self, device_id: &str) -> Result<InboxHead, StoreError> {
+        match self.writes.heads.get(device_id) {
+            Some(h) => Ok(*h),
+            None => self.base.inbox_head(device_id),
+        }
+    }
+
+    fn inbox_entry(&self, device_id: &str, seq: u64) -> Result<Option<InboxEntry>, StoreError> {
+        match self.writes.entries.get(&(device_id.to_owned(), seq)) {
+            Some(e) => Ok(e.clone()),
+            None => self.base.inbox_entry(device_id, seq),
+        }
+    }
+
+    fn message(&self, message_id: &str) -> Result<Option<MessageStatus>, StoreError> {
+        match self.writes.messages.get(message_id) {
+            Some(m) => Ok(Some(m.clone())),
+            None => self.base.message(message_id),
+        }
+    }
+
+    fn presence(&self, device_id: &str) -> Result<Option<Presence>, StoreError> {
+        match self.writes.presence.get(device_id) {
+            Some(p) => Ok(Some(p.clone())),
+            None => self.base.presence(device_id),
+        }
+    }
+}
+
+/// A projection store: committed state, plus what readers outside the folds need. An API
+/// boundary: the embedded store implements it now, the CQL store later.
+pub trait Store: View + Send + Sync {
+    /// Commits a batch's writes together with the checkpoint `next_offset` (the first log
+    /// offset not yet applied), atomically.
+    fn commit(&self, writes: &Writes, next_offset: u64) -> Result<(), StoreError>;
+    /// The first log offset not yet applied.
+    fn checkpoint(&self) -> Result<u64, StoreError>;
+    /// Up to `limit` unacknowledged entries of a device with seq > `after_seq`, in order.
+    fn inbox_page(
+        &self,
+        device_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<InboxEntry>, StoreError>;
+    /// A message's sealed payload.
+    fn payload(&self, message_id: &str) -> Result<Option<Payload>, StoreError>;
+}
