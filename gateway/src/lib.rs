@@ -1,3 +1,24 @@
-//! herald's device gateway.
+//! herald's device gateway: holds device MQTT connections, sends each device its backlog
+//! and live entries, and turns acknowledgements into log events.
+//!
+//! # Layout
+//! - [`codec`]: herald's own sans-IO MQTT packet codec (check, then parse).
+//! - [`session`]: one device's session as a state machine without I/O.
+//! - [`hub`]: the registry of live sessions; takeover; the entry point for live
+//!   deliveries.
+//! - [`server`]: the TCP listener and the per-connection task that moves bytes.
+//!
+//! # Invariants
+//! - The gateway never writes to a store. It reads devices and inboxes through
+//!   [`server::DeviceDirectory`] and writes only events to the log.
+//! - At most one live connection per device: a newer one kicks the older.
+//! - A malformed packet closes only its own connection.
 
 pub mod codec;
+pub mod hub;
+pub mod server;
+pub mod session;
+
+pub use hub::Hub;
+pub use server::{DeviceDirectory, DirectoryError, Gateway, GatewayConfig};
+pub use session::SessionLimits;

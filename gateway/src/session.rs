@@ -1,0 +1,508 @@
+//! One device's MQTT session as a state machine, without I/O.
+//!
+//! The connection task feeds it decoded packets, live deliveries, backlog pages and the
+//! time (`handle_*`), and drains what it produced: bytes to write ([`Session::take_transmit`]),
+//! events for the rest of herald ([`Session::poll_event`]) and the next deadline
+//! ([`Session::poll_timeout`]). Everything here is testable without a runtime or a socket.
+//!
+//! # Delivery bookkeeping
+//! The inbox in the projection store is the source of truth; live deliveries from the
+//! link are a shortcut. The session keeps `covered_through`: every seq up to it is
+//! pending here, in flight, acknowledged or expired. A live delivery is taken only if it
+//! is exactly the next seq and the session believes the store holds nothing more
+//! (`complete`); anything else (a gap, a full queue, a dropped link message) marks the
+//! session incomplete, and it reads the missing entries from the store in pages. Because
+//! a worker commits an entry before forwarding it, a page read after a live delivery was
+//! seen always contains it.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use herald_schemas::link::{BacklogPage, Delivery};
+
+use crate::codec::{self, Packet, SubAck};
+
+/// The topic a device subscribes to for its inbox.
+pub const INBOX_TOPIC: &str = "inbox";
+
+/// Limits of one session.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    /// Most QoS 1 PUBLISHes awaiting PUBACK at once.
+    pub max_inflight: usize,
+    /// Most entries queued in the session beyond the in-flight window.
+    pub max_pending: usize,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        SessionLimits {
+            max_inflight: 32,
+            max_pending: 256,
+        }
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// The device sent DISCONNECT.
+    ClientDisconnect,
+    /// Nothing arrived within 1.5 times the keep-alive interval.
+    KeepAliveTimeout,
+    /// The device broke the protocol (a second CONNECT, a server-only packet).
+    ProtocolViolation,
+}
+
+impl CloseReason {
+    /// A short name for logs and events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::ClientDisconnect => "client_disconnect",
+            CloseReason::KeepAliveTimeout => "keep_alive_timeout",
+            CloseReason::ProtocolViolation => "protocol_violation",
+        }
+    }
+}
+
+/// What a session asks of the rest of herald.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// The device confirmed an entry (PUBACK, or sent at QoS 0).
+    Acked {
+        /// The entry's seq.
+        seq: u64,
+        /// Its message.
+        message_id: Arc<str>,
+    },
+    /// Read the next page of the inbox after `after_seq` and hand it to
+    /// [`Session::handle_backlog`].
+    FetchBacklog {
+        /// Entries after this seq.
+        after_seq: u64,
+        /// At most this many.
+        limit: usize,
+    },
+    /// The session is over; close the connection.
+    Close(CloseReason),
+}
+
+#[derive(Debug)]
+struct Inflight {
+    pkid: u16,
+    seq: u64,
+    message_id: Arc<str>,
+}
+
+/// One device's session.
+#[derive(Debug)]
+pub struct Session {
+    limits: SessionLimits,
+    /// The QoS granted on `inbox`, once subscribed.
+    granted_qos: Option<u8>,
+    inflight: VecDeque<Inflight>,
+    pending: VecDeque<Delivery>,
+    covered_through: u64,
+    complete: bool,
+    fetching: bool,
+    live_hint: u64,
+    next_pkid: u16,
+    keep_alive_ms: u64,
+    last_rx_ms: u64,
+    closed: bool,
+    transmit: Vec<u8>,
+    events: VecDeque<SessionEvent>,
+}
+
+impl Session {
+    /// A session that was just accepted, with the client's keep-alive in seconds.
+    pub fn new(keep_alive_s: u16, now_ms: u64, limits: SessionLimits) -> Self {
+        Session {
+            limits,
+            granted_qos: None,
+            inflight: VecDeque::new(),
+            pending: VecDeque::new(),
+            covered_through: 0,
+            complete: false,
+            fetching: false,
+            live_hint: 0,
+            next_pkid: 1,
+            keep_alive_ms: u64::from(keep_alive_s) * 1000,
+            last_rx_ms: now_ms,
+            closed: false,
+            transmit: Vec::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// A packet arrived from the device.
+    pub fn handle_packet(&mut self, packet: Packet, now_ms: u64) {
+        if self.closed {
+            return;
+        }
+        self.last_rx_ms = now_ms;
+        match packet {
+            Packet::Subscribe(sub) => {
+                let mut codes = Vec::with_capacity(sub.filters.len());
+                for (filter, qos) in &sub.filters {
+                    if filter == INBOX_TOPIC {
+                        // QoS 2 is granted as 1 until exactly-once delivery lands.
+                        let granted = (*qos).min(1);
+                        self.granted_qos = Some(granted);
+                        codes.push(granted);
+                    } else {
+                        codes.push(0x80);
+                    }
+                }
+                codec::encode(
+                    &Packet::SubAck(SubAck {
+                        pkid: sub.pkid,
+                        codes,
+                    }),
+                    &mut self.transmit,
+                );
+            }
+            Packet::Unsubscribe(unsub) => {
+                if unsub.filters.iter().any(|f| f == INBOX_TOPIC) {
+                    self.granted_qos = None;
+                }
+                codec::encode(&Packet::UnsubAck(unsub.pkid), &mut self.transmit);
+            }
+            Packet::PubAck(pkid) => {
+                if let Some(i) = self.inflight.iter().position(|f| f.pkid == pkid) {
+                    if let Some(done) = self.inflight.remove(i) {
+                        self.events.push_back(SessionEvent::Acked {
+                            seq: done.seq,
+                            message_id: done.message_id,
+                        });
+                    }
+                }
+            }
+            Packet::PingReq => codec::encode(&Packet::PingResp, &mut self.transmit),
+            // Devices do not publish to herald; acknowledge and drop, as the protocol
+            // allows, so a client that tries is not stuck.
+            Packet::Publish(p) => match p.qos {
+                1 => codec::encode(&Packet::PubAck(p.pkid), &mut self.transmit),
+                2 => codec::encode(&Packet::PubRec(p.pkid), &mut self.transmit),
+                _ => {}
+            },
+            Packet::PubRel(pkid) => codec::encode(&Packet::PubComp(pkid), &mut self.transmit),
+            Packet::PubRec(_) | Packet::PubComp(_) => {}
+            Packet::Disconnect => self.close(CloseReason::ClientDisconnect),
+            Packet::Connect(_)
+            | Packet::ConnAck(_)
+            | Packet::SubAck(_)
+            | Packet::UnsubAck(_)
+            | Packet::PingResp => self.close(CloseReason::ProtocolViolation),
+        }
+        self.pump(now_ms);
+    }
+
+    /// Entries arrived live from a delivery worker.
+    pub fn handle_deliveries(&mut self, deliveries: Vec<Delivery>, now_ms: u64) {
+        for d in deliveries {
+            self.live_hint = self.live_hint.max(d.seq);
+            if d.seq <= self.covered_through {
+                continue;
+            }
+            if self.complete
+                && d.seq == self.covered_through + 1
+                && self.pending.len() < self.limits.max_pending
+            {
+                self.covered_through = d.seq;
+                self.pending.push_back(d);
+            } else {
+                self.complete = false;
+            }
+        }
+        self.pump(now_ms);
+    }
+
+    /// Live deliveries for this session were dropped (its queue was full): read the
+    /// store instead.
+    pub fn handle_overflow(&mut self, now_ms: u64) {
+        self.complete = false;
+        self.pump(now_ms);
+    }
+
+    /// A page asked for by [`SessionEvent::FetchBacklog`] arrived.
+    pub fn handle_backlog(&mut self, page: BacklogPage, now_ms: u64) {
+        self.fetching = false;
+        for e in page.entries {
+            if e.seq > self.covered_through {
+                debug_assert!(self.pending.back().is_none_or(|b| b.seq < e.seq));
+                self.covered_through = e.seq;
+                self.pending.push_back(e);
+            }
+        }
+        self.covered_through = self.covered_through.max(page.covered_through);
+        self.complete = page.complete && self.live_hint <= self.covered_through;
+        self.pump(now_ms);
+    }
+
+    /// A backlog read failed; try again on the next pump.
+    pub fn handle_backlog_failed(&mut self, now_ms: u64) {
+        self.fetching = false;
+        self.pump(now_ms);
+    }
+
+    /// Time passed; checks the keep-alive.
+    pub fn handle_timeout(&mut self, now_ms: u64) {
+        if let Some(deadline) = self.poll_timeout() {
+            if now_ms >= deadline {
+                self.close(CloseReason::KeepAliveTimeout);
+            }
+        }
+    }
+
+    /// When [`Session::handle_timeout`] must next be called, if ever.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        if self.keep_alive_ms == 0 || self.closed {
+            return None;
+        }
+        Some(self.last_rx_ms + self.keep_alive_ms + self.keep_alive_ms / 2)
+    }
+
+    /// The next event for the rest of herald.
+    pub fn poll_event(&mut self) -> Option<SessionEvent> {
+        self.events.pop_front()
+    }
+
+    /// Takes the bytes to write to the device.
+    pub fn take_transmit(&mut self, out: &mut Vec<u8>) {
+        out.append(&mut self.transmit);
+    }
+
+    /// Whether there are bytes to write.
+    pub fn has_transmit(&self) -> bool {
+        !self.transmit.is_empty()
+    }
+
+    /// Entries sent and not yet acknowledged.
+    pub fn inflight_len(&self) -> usize {
+        self.inflight.len()
+    }
+
+    fn close(&mut self, reason: CloseReason) {
+        if !self.closed {
+            self.closed = true;
+            self.events.push_back(SessionEvent::Close(reason));
+        }
+    }
+
+    fn pump(&mut self, now_ms: u64) {
+        if self.closed {
+            return;
+        }
+        let Some(qos) = self.granted_qos else {
+            return;
+        };
+        while self.inflight.len() < self.limits.max_inflight {
+            let Some(d) = self.pending.pop_front() else {
+                break;
+            };
+            if d.expires_at_ms <= now_ms {
+                continue;
+            }
+            if qos == 0 {
+                codec::encode_publish(&mut self.transmit, INBOX_TOPIC, 0, 0, false, &d.envelope);
+                self.events.push_back(SessionEvent::Acked {
+                    seq: d.seq,
+                    message_id: d.message_id,
+                });
+                continue;
+            }
+            let pkid = self.alloc_pkid();
+            codec::encode_publish(&mut self.transmit, INBOX_TOPIC, 1, pkid, false, &d.envelope);
+            self.inflight.push_back(Inflight {
+                pkid,
+                seq: d.seq,
+                message_id: d.message_id,
+            });
+        }
+        assert!(self.inflight.len() <= self.limits.max_inflight);
+        if !self.complete && !self.fetching && self.pending.len() < self.limits.max_pending / 2 {
+            self.fetching = true;
+            self.events.push_back(SessionEvent::FetchBacklog {
+                after_seq: self.covered_through,
+                limit: self.limits.max_pending - self.pending.len(),
+            });
+        }
+    }
+
+    fn alloc_pkid(&mut self) -> u16 {
+        loop {
+            let pkid = self.next_pkid;
+            self.next_pkid = if pkid == u16::MAX { 1 } else { pkid + 1 };
+            if !self.inflight.iter().any(|f| f.pkid == pkid) {
+                return pkid;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::codec::Subscribe;
+
+    fn d(seq: u64) -> Delivery {
+        Delivery {
+            device_id: "dev".into(),
+            seq,
+            message_id: format!("m{seq}").into(),
+            expires_at_ms: 10_000,
+            envelope: format!("{{\"seq\":{seq}}}").into_bytes().into(),
+        }
+    }
+
+    fn subscribe(s: &mut Session) {
+        s.handle_packet(
+            Packet::Subscribe(Subscribe {
+                pkid: 1,
+                filters: vec![("inbox".into(), 1)],
+            }),
+            0,
+        );
+    }
+
+    fn sent_seqs(s: &mut Session) -> Vec<u64> {
+        let mut out = Vec::new();
+        s.take_transmit(&mut out);
+        let mut seqs = Vec::new();
+        let mut rest = &out[..];
+        while let Some(n) = codec::check(rest, 1 << 20).unwrap() {
+            if let Packet::Publish(p) = codec::decode(&rest[..n]).unwrap() {
+                let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+                seqs.push(v["seq"].as_u64().unwrap());
+            }
+            rest = &rest[n..];
+        }
+        seqs
+    }
+
+    fn fetches(s: &mut Session) -> Vec<(u64, usize)> {
+        let mut v = Vec::new();
+        while let Some(e) = s.poll_event() {
+            if let SessionEvent::FetchBacklog { after_seq, limit } = e {
+                v.push((after_seq, limit));
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn backlog_then_live_in_order_with_window() {
+        let limits = SessionLimits {
+            max_inflight: 2,
+            max_pending: 8,
+        };
+        let mut s = Session::new(60, 0, limits);
+        subscribe(&mut s);
+        assert_eq!(fetches(&mut s), vec![(0, 8)]);
+        // A live entry arriving while the backlog is read is not taken directly...
+        s.handle_deliveries(vec![d(4)], 1);
+        s.handle_backlog(
+            BacklogPage {
+                entries: vec![d(1), d(2), d(3)],
+                covered_through: 3,
+                complete: true,
+            },
+            1,
+        );
+        // ...and, seen beyond the page, it makes the session read again.
+        assert_eq!(sent_seqs(&mut s), vec![1, 2]);
+        assert_eq!(fetches(&mut s), vec![(3, 7)]);
+        s.handle_backlog(
+            BacklogPage {
+                entries: vec![d(4)],
+                covered_through: 4,
+                complete: true,
+            },
+            1,
+        );
+        s.handle_packet(Packet::PubAck(1), 2);
+        assert_eq!(sent_seqs(&mut s), vec![3]);
+        s.handle_packet(Packet::PubAck(2), 2);
+        s.handle_packet(Packet::PubAck(3), 2);
+        assert_eq!(sent_seqs(&mut s), vec![4]);
+        // Now complete: the next live entry goes straight out; a duplicate is dropped.
+        s.handle_deliveries(vec![d(5), d(5), d(3)], 3);
+        assert_eq!(sent_seqs(&mut s), vec![5]);
+        let acked: Vec<u64> = std::iter::from_fn(|| s.poll_event())
+            .filter_map(|e| match e {
+                SessionEvent::Acked { seq, .. } => Some(seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(acked, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn gap_in_live_deliveries_reads_the_store() {
+        let mut s = Session::new(0, 0, SessionLimits::default());
+        subscribe(&mut s);
+        let _ = fetches(&mut s);
+        s.handle_backlog(
+            BacklogPage {
+                complete: true,
+                ..BacklogPage::default()
+            },
+            0,
+        );
+        assert!(fetches(&mut s).is_empty());
+        s.handle_deliveries(vec![d(2)], 0);
+        assert!(sent_seqs(&mut s).is_empty());
+        assert_eq!(fetches(&mut s), vec![(0, 256)]);
+    }
+
+    #[test]
+    fn expired_entries_are_not_sent_and_keepalive_closes() {
+        let mut s = Session::new(10, 0, SessionLimits::default());
+        subscribe(&mut s);
+        let _ = fetches(&mut s);
+        s.handle_backlog(
+            BacklogPage {
+                entries: vec![d(1), d(2)],
+                covered_through: 2,
+                complete: true,
+            },
+            10_000,
+        );
+        assert!(sent_seqs(&mut s).is_empty());
+        // The last packet arrived at 0: the deadline is 1.5 x 10 s after it.
+        assert_eq!(s.poll_timeout(), Some(15_000));
+        s.handle_timeout(14_999);
+        assert!(s.poll_event().is_none());
+        s.handle_timeout(15_000);
+        assert_eq!(
+            s.poll_event(),
+            Some(SessionEvent::Close(CloseReason::KeepAliveTimeout))
+        );
+    }
+
+    #[test]
+    fn nothing_is_sent_before_subscribe_and_other_topics_are_refused() {
+        let mut s = Session::new(0, 0, SessionLimits::default());
+        s.handle_deliveries(vec![d(1)], 0);
+        assert!(sent_seqs(&mut s).is_empty());
+        s.handle_packet(
+            Packet::Subscribe(Subscribe {
+                pkid: 9,
+                filters: vec![("other/#".into(), 1)],
+            }),
+            0,
+        );
+        let mut out = Vec::new();
+        s.take_transmit(&mut out);
+        assert_eq!(
+            codec::decode(&out).unwrap(),
+            Packet::SubAck(SubAck {
+                pkid: 9,
+                codes: vec![0x80]
+            })
+        );
+    }
+}
