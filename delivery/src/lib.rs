@@ -1,1 +1,26 @@
-//! placeholder
+//! herald's delivery workers: consume the log, apply the folds, and route new inbox
+//! entries to the gateways that hold their devices.
+//!
+//! # Layout
+//! - [`worker`]: the consume → fold → commit → forward loop.
+//! - [`link`]: the [`link::Link`] to gateways (in-process today) and the
+//!   [`directory::StoreDirectory`] gateways read devices and backlogs through.
+//!
+//! # Invariants
+//! - An entry is forwarded only after the batch that created it is committed with its
+//!   checkpoint, so a gateway that reads the store after seeing an entry finds it there.
+//! - The checkpoint is written in the same atomic batch as the state it covers.
+
+pub mod directory;
+pub mod link;
+pub mod worker;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,1 +1,133 @@
-//! placeholder
+//! herald's REST API (an API boundary): apps, OAuth2 tokens, device registration,
+//! messages.
+//!
+//! # Layout
+//! - [`routes`]: the handlers and their request and response types.
+//! - [`auth`]: the admin token, client credentials and app JWTs.
+//! - [`error`]: every error a caller can cause, mapped to one status and code.
+//!
+//! # Invariants
+//! - A push is answered `202` only after its `PushAccepted` event is durable in the log.
+//! - Payloads enter the log sealed (AES-256-GCM, the message id as associated data).
+//! - Ingest writes only to the log; it reads projections, and waits until the delivery
+//!   worker has applied its own writes before it answers a registration, so a caller can
+//!   use what it just created.
+//! - An app sees and targets only its own devices and messages: another app's ids are
+//!   answered exactly like ids that do not exist (404).
+
+pub mod auth;
+pub mod error;
+pub mod routes;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use herald_eventlog::{EventLog, Offset, Record};
+use herald_projections::view::Store;
+use herald_schemas::seal::Keyring;
+use tokio::sync::watch;
+
+use crate::auth::Tokens;
+use crate::error::ApiError;
+
+/// The API's settings.
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    /// The admin bearer token.
+    pub admin_token: String,
+    /// Lifetime of app tokens, in seconds.
+    pub token_ttl_s: u64,
+    /// Largest `data` of a push, in bytes of JSON.
+    pub max_data_bytes: usize,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// TTL of a push that names none, in seconds.
+    pub default_ttl_s: u32,
+    /// Largest TTL a push may ask for, in seconds.
+    pub max_ttl_s: u32,
+    /// The MQTT address devices are told to use.
+    pub gateway_mqtt: String,
+    /// The MQTT-over-WebSocket address devices are told to use.
+    pub gateway_ws: String,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            admin_token: String::new(),
+            token_ttl_s: 3600,
+            max_data_bytes: 4096,
+            max_body_bytes: 64 * 1024,
+            default_ttl_s: 24 * 3600,
+            max_ttl_s: 28 * 24 * 3600,
+            gateway_mqtt: "mqtt://127.0.0.1:9493".into(),
+            gateway_ws: "ws://127.0.0.1:8083/mqtt".into(),
+        }
+    }
+}
+
+/// The API's shared state.
+pub struct Ingest {
+    /// Settings.
+    pub config: IngestConfig,
+    log: Arc<dyn EventLog>,
+    store: Arc<dyn Store>,
+    applied: watch::Receiver<Offset>,
+    keyring: Keyring,
+    tokens: Tokens,
+}
+
+/// How long a registration waits for the projections to catch up before answering 503.
+const APPLY_WAIT: Duration = Duration::from_secs(10);
+
+impl Ingest {
+    /// The API over `log` and `store`; `applied` is the delivery worker's progress.
+    pub fn new(
+        config: IngestConfig,
+        log: Arc<dyn EventLog>,
+        store: Arc<dyn Store>,
+        applied: watch::Receiver<Offset>,
+        keyring: Keyring,
+        jwt_secret: &[u8],
+    ) -> Arc<Self> {
+        let tokens = Tokens::new(jwt_secret, config.token_ttl_s);
+        Arc::new(Ingest {
+            config,
+            log,
+            store,
+            applied,
+            keyring,
+            tokens,
+        })
+    }
+
+    /// Appends records and waits until they are durable.
+    async fn append(&self, records: Vec<Record>) -> Result<Vec<Offset>, ApiError> {
+        Ok(self.log.append(records).await?)
+    }
+
+    /// Waits until the projections have applied everything before `offset` (inclusive).
+    async fn wait_applied(&self, offset: Offset) -> Result<(), ApiError> {
+        let mut rx = self.applied.clone();
+        match tokio::time::timeout(APPLY_WAIT, rx.wait_for(|a| *a > offset)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(ApiError::unavailable(
+                "accepted, but the projections are behind; retry the read shortly",
+            )),
+        }
+    }
+
+    /// Waits until the projections have applied everything durable now, briefly.
+    async fn catch_up(&self) {
+        let end = *self.log.durable_end().borrow();
+        if end > 0 {
+            let _ = self.wait_applied(end - 1).await;
+        }
+    }
+}
+
+/// The API's router.
+pub fn router(ingest: Arc<Ingest>) -> Router {
+    routes::router(ingest)
+}

@@ -1,0 +1,25 @@
+//! The link from delivery workers to gateways.
+
+use herald_gateway::Hub;
+use herald_schemas::link::Delivery;
+
+/// Where a worker sends new entries. An API boundary: in-process in `herald serve`, QUIC
+/// between processes later.
+pub trait Link: Send + Sync + 'static {
+    /// Whether a device is connected somewhere this link reaches (entries for other
+    /// devices are not prepared at all; they wait in the inbox).
+    fn wants(&self, device_id: &str) -> bool;
+    /// Hands entries to the gateways of their devices. Never blocks; an entry the
+    /// gateway cannot take is read from the inbox later.
+    fn deliver(&self, batch: Vec<Delivery>);
+}
+
+/// The in-process link: the gateway's hub lives in the same process.
+impl Link for Hub {
+    fn wants(&self, device_id: &str) -> bool {
+        self.is_connected(device_id)
+    }
+    fn deliver(&self, batch: Vec<Delivery>) {
+        Hub::deliver(self, batch);
+    }
+}

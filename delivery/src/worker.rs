@@ -1,0 +1,147 @@
+//! The delivery worker: an explicit loop that reads the log from the store's checkpoint,
+//! folds a batch of events, commits the batch's state with its checkpoint, publishes how
+//! far it has applied, and forwards the batch's new inbox entries over the link.
+
+use std::sync::Arc;
+
+use herald_eventlog::{EventLog, Offset};
+use herald_projections::fold;
+use herald_projections::view::{NewEntry, Store, Tx};
+use herald_schemas::events;
+use herald_schemas::link::Delivery;
+use herald_schemas::seal::Keyring;
+use tokio::sync::watch;
+
+use crate::directory::Envelopes;
+use crate::link::Link;
+
+/// Most log records folded in one batch.
+pub const MAX_BATCH_RECORDS: usize = 2048;
+
+/// Why the worker stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerError {
+    /// The log failed.
+    #[error(transparent)]
+    Log(#[from] herald_eventlog::Error),
+    /// The projection store failed.
+    #[error(transparent)]
+    Store(#[from] herald_projections::StoreError),
+    /// A blocking task panicked.
+    #[error("worker task failed: {0}")]
+    Task(String),
+}
+
+/// A delivery worker.
+pub struct Worker {
+    log: Arc<dyn EventLog>,
+    store: Arc<dyn Store>,
+    link: Arc<dyn Link>,
+    keyring: Keyring,
+    applied: watch::Sender<Offset>,
+}
+
+impl Worker {
+    /// A worker folding `log` into `store` and forwarding over `link`.
+    pub fn new(
+        log: Arc<dyn EventLog>,
+        store: Arc<dyn Store>,
+        link: Arc<dyn Link>,
+        keyring: Keyring,
+    ) -> Result<Self, WorkerError> {
+        let (applied, _) = watch::channel(store.checkpoint()?);
+        Ok(Worker {
+            log,
+            store,
+            link,
+            keyring,
+            applied,
+        })
+    }
+
+    /// How far the projections have applied the log: the first offset not yet applied.
+    /// The API waits on this to read its own writes.
+    pub fn applied(&self) -> watch::Receiver<Offset> {
+        self.applied.subscribe()
+    }
+
+    /// Runs until `shutdown` turns true or the log or store fails.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<(), WorkerError> {
+        let mut end = self.log.durable_end();
+        loop {
+            if *shutdown.borrow() {
+                return Ok(());
+            }
+            let from = self.store.checkpoint()?;
+            let records = self.log.read(from, MAX_BATCH_RECORDS).await?;
+            if records.is_empty() {
+                tokio::select! {
+                    r = end.changed() => if r.is_err() { return Ok(()) },
+                    _ = shutdown.changed() => {},
+                }
+                continue;
+            }
+            let store = self.store.clone();
+            let (next, new_entries) = tokio::task::spawn_blocking(move || {
+                fold_batch(&*store, from, &records)
+            })
+            .await
+            .map_err(|e| WorkerError::Task(e.to_string()))??;
+            self.applied.send_replace(next);
+            self.forward(new_entries)?;
+        }
+    }
+
+    fn forward(&self, new_entries: Vec<NewEntry>) -> Result<(), WorkerError> {
+        let mut envelopes = Envelopes::new(&*self.store, &self.keyring);
+        let mut batch: Vec<Delivery> = Vec::new();
+        for n in new_entries {
+            if !self.link.wants(&n.device_id) {
+                continue;
+            }
+            let device_id: Arc<str> = n.device_id.as_str().into();
+            match envelopes.delivery(&device_id, &n.entry) {
+                Ok(Some(d)) => batch.push(d),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot prepare a live entry; it waits in the inbox"),
+            }
+        }
+        if !batch.is_empty() {
+            self.link.deliver(batch);
+        }
+        Ok(())
+    }
+}
+
+/// Folds one batch of records and commits it with its checkpoint. Returns the new
+/// checkpoint and the entries the batch created.
+pub fn fold_batch(
+    store: &dyn Store,
+    from: Offset,
+    records: &[herald_eventlog::Stored],
+) -> Result<(Offset, Vec<NewEntry>), WorkerError> {
+    let mut tx = Tx::new(store);
+    let mut next = from;
+    for r in records {
+        assert_eq!(r.offset, next, "the log hands out dense offsets");
+        match events::decode(&r.value) {
+            Ok(ev) => fold::apply(&mut tx, &ev)?,
+            Err(e) => {
+                // An event this build cannot read is skipped, loudly; replay with a newer
+                // build applies it.
+                tracing::error!(offset = r.offset, error = %e, "skipping undecodable event");
+                tx.rejected += 1;
+            }
+        }
+        next = r.offset + 1;
+    }
+    if tx.rejected > 0 {
+        tracing::debug!(rejected = tx.rejected, "events refused by the folds");
+    }
+    let Tx {
+        writes, new_entries, ..
+    } = tx;
+    store.commit(&writes, next)?;
+    Ok((next, new_entries))
+}

@@ -1,0 +1,212 @@
+//! Authentication: the admin bearer token, OAuth2 client credentials, and app JWTs.
+//!
+//! App tokens are HS256 JWTs signed with the server's secret. Verification names its one
+//! algorithm explicitly and requires `exp`, `iss` and `sub`: a token with `alg: none`,
+//! another algorithm, another key, no expiry or a past expiry is refused with 401.
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::Ingest;
+use crate::error::ApiError;
+
+/// The issuer claim of herald's tokens.
+pub const ISSUER: &str = "herald";
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    iss: String,
+    sub: String,
+    iat: u64,
+    exp: u64,
+}
+
+/// Signs and verifies app tokens.
+pub struct Tokens {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+    /// Lifetime of a new token, in seconds.
+    pub ttl_s: u64,
+}
+
+impl Tokens {
+    /// Tokens signed with `secret`, valid for `ttl_s` seconds.
+    pub fn new(secret: &[u8], ttl_s: u64) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.algorithms = vec![Algorithm::HS256];
+        validation.set_required_spec_claims(&["exp", "iss", "sub"]);
+        validation.set_issuer(&[ISSUER]);
+        validation.validate_exp = true;
+        // One process signs and checks; there is no clock skew to allow for.
+        validation.leeway = 0;
+        Tokens {
+            encoding: EncodingKey::from_secret(secret),
+            decoding: DecodingKey::from_secret(secret),
+            validation,
+            ttl_s,
+        }
+    }
+
+    /// A token for `app_id`, issued at `now_s`.
+    pub fn issue(&self, app_id: &str, now_s: u64) -> Result<String, ApiError> {
+        let claims = Claims {
+            iss: ISSUER.into(),
+            sub: app_id.into(),
+            iat: now_s,
+            exp: now_s + self.ttl_s,
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding).map_err(
+            |e| {
+                tracing::error!(error = %e, "cannot sign a token");
+                ApiError::unavailable("cannot issue a token now")
+            },
+        )
+    }
+
+    /// The app id a valid token was issued to.
+    pub fn verify(&self, token: &str) -> Result<String, ApiError> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|e| {
+                use jsonwebtoken::errors::ErrorKind;
+                let msg = match e.kind() {
+                    ErrorKind::ExpiredSignature => "the token has expired",
+                    ErrorKind::InvalidSignature => "the token's signature is not valid",
+                    ErrorKind::InvalidAlgorithm => "the token's algorithm is not accepted",
+                    _ => "the token is not valid",
+                };
+                ApiError::unauthorized("invalid_token", msg)
+            })?;
+        Ok(data.claims.sub)
+    }
+}
+
+/// Compares two byte strings in time independent of where they differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// SHA-256 of a secret, as kept in events.
+pub fn sha256(secret: &[u8]) -> Vec<u8> {
+    Sha256::digest(secret).to_vec()
+}
+
+fn bearer(parts: &Parts) -> Result<&str, ApiError> {
+    let value = parts
+        .headers
+        .get(AUTHORIZATION)
+        .ok_or_else(|| ApiError::unauthorized("missing_token", "an Authorization: Bearer token is required"))?;
+    let value = value
+        .to_str()
+        .map_err(|_| ApiError::unauthorized("invalid_token", "the Authorization header is not text"))?;
+    let (scheme, token) = value
+        .split_once(' ')
+        .ok_or_else(|| ApiError::unauthorized("invalid_token", "expected Authorization: Bearer <token>"))?;
+    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+        return Err(ApiError::unauthorized(
+            "invalid_token",
+            "expected Authorization: Bearer <token>",
+        ));
+    }
+    Ok(token.trim())
+}
+
+/// A request made with the admin token.
+#[derive(Debug)]
+pub struct Admin;
+
+impl FromRequestParts<Arc<Ingest>> for Admin {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<Ingest>) -> Result<Self, ApiError> {
+        let token = bearer(parts)?;
+        if constant_time_eq(token.as_bytes(), state.config.admin_token.as_bytes()) {
+            Ok(Admin)
+        } else {
+            Err(ApiError::unauthorized("invalid_token", "the admin token is not valid"))
+        }
+    }
+}
+
+/// A request made with a valid app token: the app's id.
+#[derive(Debug)]
+pub struct AppAuth(pub String);
+
+impl FromRequestParts<Arc<Ingest>> for AppAuth {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<Ingest>) -> Result<Self, ApiError> {
+        let app_id = state.tokens.verify(bearer(parts)?)?;
+        if state.store.app(&app_id)?.is_none() {
+            return Err(ApiError::unauthorized("invalid_token", "the token's app does not exist"));
+        }
+        Ok(AppAuth(app_id))
+    }
+}
+
+/// JSON body whose rejections are herald's JSON errors.
+#[derive(Debug)]
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let axum::Json(v) = axum::Json::<T>::from_request(req, state).await?;
+        Ok(ApiJson(v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn tokens_refuse_none_other_keys_and_expiry() {
+        let t = Tokens::new(b"0123456789abcdef0123456789abcdef", 60);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let good = t.issue("app", now).unwrap();
+        assert_eq!(t.verify(&good).unwrap(), "app");
+
+        let other = Tokens::new(b"another key another key another k", 60);
+        assert!(other.verify(&good).is_err(), "another key");
+
+        let expired = t.issue("app", now - 120).unwrap();
+        assert!(t.verify(&expired).is_err(), "expired");
+
+        // alg: none, hand-made.
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let header = b64.encode(br#"{"alg":"none","typ":"JWT"}"#);
+        let claims = b64.encode(format!(r#"{{"iss":"herald","sub":"app","iat":{now},"exp":{}}}"#, now + 60));
+        assert!(t.verify(&format!("{header}.{claims}.")).is_err(), "alg none");
+
+        // HS512 with the same key: the algorithm is not on the list.
+        let hs512 = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS512),
+            &Claims { iss: ISSUER.into(), sub: "app".into(), iat: now, exp: now + 60 },
+            &EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef"),
+        )
+        .unwrap();
+        assert!(t.verify(&hs512).is_err(), "other algorithm");
+
+        // No exp claim.
+        #[derive(Serialize)]
+        struct NoExp { iss: String, sub: String }
+        let noexp = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &NoExp { iss: ISSUER.into(), sub: "app".into() },
+            &EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef"),
+        )
+        .unwrap();
+        assert!(t.verify(&noexp).is_err(), "no exp");
+    }
+}

@@ -1,0 +1,588 @@
+//! The routes of the REST API and the types they take and give. `/openapi.json` is
+//! generated from these definitions.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::header::AUTHORIZATION;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use herald_eventlog::Record;
+use herald_schemas::events::{self, AppCreated, DeviceRegistered, Event, Kind, PushAccepted, Target, To};
+use serde::{Deserialize, Serialize};
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+use uuid::Uuid;
+
+use crate::Ingest;
+use crate::auth::{Admin, ApiJson, AppAuth, constant_time_eq, sha256};
+use crate::error::{ApiError, ErrorBody};
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn random_bytes<const N: usize>() -> Result<[u8; N], ApiError> {
+    let mut b = [0u8; N];
+    getrandom::fill(&mut b).map_err(|e| {
+        tracing::error!(error = %e, "OS random number generator failed");
+        ApiError::unavailable("no randomness available")
+    })?;
+    Ok(b)
+}
+
+fn random_token<const N: usize>() -> Result<String, ApiError> {
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes::<N>()?))
+}
+
+fn record(key: &str, event: &Event) -> Record {
+    Record {
+        key: key.as_bytes().to_vec(),
+        value: events::encode(event),
+    }
+}
+
+/// The network types a device may report.
+pub const NETWORKS: &[&str] = &["wifi", "5g", "4g", "3g", "2g", "unknown"];
+
+// ---------------------------------------------------------------------------- apps
+
+/// Body of `POST /v1/apps`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateAppRequest {
+    /// A human name for the app (up to 200 characters).
+    #[serde(default)]
+    pub name: String,
+}
+
+/// A new app's identifiers and credentials. The client secret is shown only here.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CreateAppResponse {
+    /// The app's id.
+    pub app_id: String,
+    /// The public key the app's devices register with.
+    pub app_key: String,
+    /// OAuth2 client id.
+    pub client_id: String,
+    /// OAuth2 client secret.
+    pub client_secret: String,
+}
+
+/// Creates an app (admin only).
+#[utoipa::path(post, path = "/v1/apps", request_body = CreateAppRequest,
+    responses(
+        (status = 201, description = "The app was created", body = CreateAppResponse),
+        (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
+        (status = 422, description = "Invalid body", body = ErrorBody)),
+    security(("admin_token" = [])))]
+async fn create_app(
+    State(ingest): State<Arc<Ingest>>,
+    _admin: Admin,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<CreateAppResponse>), ApiError> {
+    // The body is optional: an empty one creates an unnamed app.
+    let req: CreateAppRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        CreateAppRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            if e.is_data() {
+                ApiError::invalid(e.to_string())
+            } else {
+                ApiError::bad_request("malformed_json", e.to_string())
+            }
+        })?
+    };
+    if req.name.chars().count() > 200 {
+        return Err(ApiError::invalid("name must be at most 200 characters"));
+    }
+    let app_id = Uuid::new_v4().to_string();
+    let app_key = random_token::<16>()?;
+    let client_id = Uuid::new_v4().to_string();
+    let client_secret = random_token::<32>()?;
+    let event = Event::new(
+        now_ms(),
+        Kind::AppCreated(AppCreated {
+            app_id: app_id.clone(),
+            name: req.name,
+            app_key: app_key.clone(),
+            client_id: client_id.clone(),
+            client_secret_sha256: sha256(client_secret.as_bytes()),
+        }),
+    );
+    let offsets = ingest.append(vec![record(&app_id, &event)]).await?;
+    if let Some(&o) = offsets.last() {
+        ingest.wait_applied(o).await?;
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(CreateAppResponse {
+            app_id,
+            app_key,
+            client_id,
+            client_secret,
+        }),
+    ))
+}
+
+// ---------------------------------------------------------------------------- oauth
+
+/// Form fields of `POST /oauth/token` (RFC 6749 client credentials grant). The client
+/// may instead send its id and secret with HTTP Basic authentication.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+pub struct TokenRequest {
+    /// Must be `client_credentials`.
+    pub grant_type: Option<String>,
+    /// The client id, unless sent by Basic authentication.
+    pub client_id: Option<String>,
+    /// The client secret, unless sent by Basic authentication.
+    pub client_secret: Option<String>,
+}
+
+/// An app access token.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TokenResponse {
+    /// The JWT to send as `Authorization: Bearer`.
+    pub access_token: String,
+    /// Always `Bearer`.
+    pub token_type: String,
+    /// Seconds until it expires.
+    pub expires_in: u64,
+}
+
+fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, b64) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    let (id, secret) = text.split_once(':')?;
+    Some((id.to_owned(), secret.to_owned()))
+}
+
+/// Exchanges client credentials for an app access token.
+#[utoipa::path(post, path = "/oauth/token",
+    request_body(content = TokenRequest, content_type = "application/x-www-form-urlencoded"),
+    responses(
+        (status = 200, description = "A token", body = TokenResponse),
+        (status = 400, description = "Unsupported grant type or malformed form", body = ErrorBody),
+        (status = 401, description = "Unknown client or wrong secret", body = ErrorBody)))]
+async fn oauth_token(
+    State(ingest): State<Arc<Ingest>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<TokenResponse>, ApiError> {
+    let form: TokenRequest = serde_urlencoded::from_bytes(&body)
+        .map_err(|e| ApiError::bad_request("invalid_request", format!("malformed form: {e}")))?;
+    if form.grant_type.as_deref() != Some("client_credentials") {
+        return Err(ApiError::bad_request(
+            "unsupported_grant_type",
+            "grant_type must be client_credentials",
+        ));
+    }
+    let (client_id, secret) = match (basic_credentials(&headers), form.client_id, form.client_secret) {
+        (Some(basic), _, _) => basic,
+        (None, Some(id), Some(secret)) => (id, secret),
+        _ => {
+            return Err(ApiError::unauthorized(
+                "invalid_client",
+                "client_id and client_secret are required (form fields or HTTP Basic)",
+            ));
+        }
+    };
+    let invalid = || ApiError::unauthorized("invalid_client", "unknown client or wrong secret");
+    let app_id = ingest.store.app_id_by_client(&client_id)?.ok_or_else(invalid)?;
+    let app = ingest.store.app(&app_id)?.ok_or_else(invalid)?;
+    if !constant_time_eq(&sha256(secret.as_bytes()), &app.client_secret_sha256) {
+        return Err(invalid());
+    }
+    let token = ingest.tokens.issue(&app_id, now_ms() / 1000)?;
+    Ok(Json(TokenResponse {
+        access_token: token,
+        token_type: "Bearer".into(),
+        expires_in: ingest.tokens.ttl_s,
+    }))
+}
+
+// ---------------------------------------------------------------------------- devices
+
+/// Body of `POST /v1/devices`, sent by a device.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterDeviceRequest {
+    /// The app key of the app the device belongs to.
+    pub app_key: String,
+    /// What the device runs on, e.g. `android`, `ios`, `web` (up to 64 characters).
+    #[serde(default)]
+    pub platform: Option<String>,
+    /// The network type: `wifi`, `5g`, `4g`, `3g`, `2g` or `unknown`.
+    #[serde(default)]
+    pub network: Option<String>,
+}
+
+/// Where a device connects.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct GatewayAddresses {
+    /// MQTT over TCP, e.g. `mqtt://host:9493`.
+    pub mqtt: String,
+    /// MQTT over WebSocket, e.g. `ws://host:8083/mqtt`.
+    pub ws: String,
+}
+
+/// A registered device's identity and credentials. The token is shown only here.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RegisterDeviceResponse {
+    /// The device id (a UUID): the MQTT client id and username.
+    pub device_id: String,
+    /// The device token: the MQTT password.
+    pub device_token: String,
+    /// Where to connect.
+    pub gateway: GatewayAddresses,
+}
+
+/// Registers a device with an app key.
+#[utoipa::path(post, path = "/v1/devices", request_body = RegisterDeviceRequest,
+    responses(
+        (status = 201, description = "The device was registered", body = RegisterDeviceResponse),
+        (status = 401, description = "Unknown app key", body = ErrorBody),
+        (status = 422, description = "Invalid body", body = ErrorBody)))]
+async fn register_device(
+    State(ingest): State<Arc<Ingest>>,
+    ApiJson(req): ApiJson<RegisterDeviceRequest>,
+) -> Result<(StatusCode, Json<RegisterDeviceResponse>), ApiError> {
+    let platform = req.platform.unwrap_or_default();
+    if platform.chars().count() > 64 {
+        return Err(ApiError::invalid("platform must be at most 64 characters"));
+    }
+    let network = req.network.unwrap_or_else(|| "unknown".into());
+    if !NETWORKS.contains(&network.as_str()) {
+        return Err(ApiError::invalid(format!(
+            "network must be one of {}",
+            NETWORKS.join(", ")
+        )));
+    }
+    let app_id = ingest
+        .store
+        .app_id_by_key(&req.app_key)?
+        .ok_or_else(|| ApiError::unauthorized("invalid_app_key", "unknown app key"))?;
+    let device_id = Uuid::new_v4().to_string();
+    let device_token = random_token::<32>()?;
+    let event = Event::new(
+        now_ms(),
+        Kind::DeviceRegistered(DeviceRegistered {
+            device_id: device_id.clone(),
+            app_id,
+            token_sha256: sha256(device_token.as_bytes()),
+            platform,
+            network,
+        }),
+    );
+    let offsets = ingest.append(vec![record(&device_id, &event)]).await?;
+    if let Some(&o) = offsets.last() {
+        ingest.wait_applied(o).await?;
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(RegisterDeviceResponse {
+            device_id,
+            device_token,
+            gateway: GatewayAddresses {
+                mqtt: ingest.config.gateway_mqtt.clone(),
+                ws: ingest.config.gateway_ws.clone(),
+            },
+        }),
+    ))
+}
+
+// ---------------------------------------------------------------------------- messages
+
+/// Who a push goes to: exactly one of the fields.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PushTarget {
+    /// One device of the calling app.
+    #[serde(default)]
+    pub device_id: Option<String>,
+    /// `true`: every device of the calling app.
+    #[serde(default)]
+    pub broadcast: Option<bool>,
+    /// Devices with this alias (not available yet: answered 422).
+    #[serde(default)]
+    pub alias: Option<String>,
+    /// Devices matching a tag expression (not available yet: answered 422).
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub tags: Option<serde_json::Value>,
+}
+
+/// How urgent a push is.
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    /// The default.
+    Normal,
+    /// Time-sensitive.
+    High,
+}
+
+/// Body of `POST /v1/messages`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PushRequest {
+    /// Who it goes to.
+    pub to: PushTarget,
+    /// Any JSON value, delivered as the envelope's `data` (limit: `max_data_bytes`,
+    /// 4 KiB by default, measured as compact JSON).
+    #[schema(value_type = Object)]
+    pub data: serde_json::Value,
+    /// Seconds it may wait for a device (default 24 h, at most 28 days).
+    #[serde(default)]
+    pub ttl_s: Option<u32>,
+    /// `normal` (default) or `high`.
+    #[serde(default)]
+    pub priority: Option<Priority>,
+    /// Pushes with the same key replace each other (recorded now; replacement arrives
+    /// with the delivery-contract work).
+    #[serde(default)]
+    pub collapse_key: Option<String>,
+}
+
+/// A push was accepted: it is durable in the log.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PushResponse {
+    /// The message id.
+    pub message_id: String,
+}
+
+/// Publishes a push. Answered only once the push is durable.
+#[utoipa::path(post, path = "/v1/messages", request_body = PushRequest,
+    responses(
+        (status = 202, description = "Accepted and durable", body = PushResponse),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "Missing, expired or forged token", body = ErrorBody),
+        (status = 404, description = "No such device for this app", body = ErrorBody),
+        (status = 413, description = "Data or body too large", body = ErrorBody),
+        (status = 422, description = "Invalid request", body = ErrorBody),
+        (status = 503, description = "Not accepted; retry", body = ErrorBody)),
+    security(("app_token" = [])))]
+async fn push(
+    State(ingest): State<Arc<Ingest>>,
+    AppAuth(app_id): AppAuth,
+    ApiJson(req): ApiJson<PushRequest>,
+) -> Result<(StatusCode, Json<PushResponse>), ApiError> {
+    let cfg = &ingest.config;
+    let to = match (&req.to.device_id, req.to.broadcast, &req.to.alias, &req.to.tags) {
+        (Some(d), None, None, None) => To::DeviceId(d.clone()),
+        (None, Some(true), None, None) => To::Broadcast(true),
+        (None, Some(false), None, None) => {
+            return Err(ApiError::invalid("to.broadcast must be true when given"));
+        }
+        (None, None, Some(_), None) | (None, None, None, Some(_)) => {
+            return Err(ApiError::invalid(
+                "targeting by alias or tags is not available yet; use device_id or broadcast",
+            ));
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "to must have exactly one of device_id, broadcast",
+            ));
+        }
+    };
+    let ttl_s = req.ttl_s.unwrap_or(cfg.default_ttl_s);
+    if ttl_s == 0 || ttl_s > cfg.max_ttl_s {
+        return Err(ApiError::invalid(format!(
+            "ttl_s must be between 1 and {}",
+            cfg.max_ttl_s
+        )));
+    }
+    let collapse_key = req.collapse_key.unwrap_or_default();
+    if collapse_key.len() > 128 {
+        return Err(ApiError::invalid("collapse_key must be at most 128 bytes"));
+    }
+    let data = serde_json::to_vec(&req.data)
+        .map_err(|e| ApiError::invalid(format!("data is not serializable: {e}")))?;
+    if data.len() > cfg.max_data_bytes {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "data_too_large",
+            format!(
+                "data is {} bytes; the limit is {} bytes",
+                data.len(),
+                cfg.max_data_bytes
+            ),
+        ));
+    }
+    let key = match &to {
+        To::DeviceId(device_id) => {
+            // Another app's device is answered exactly like a device that does not exist.
+            match ingest.store.device(device_id)? {
+                Some(d) if d.app_id == app_id => device_id.clone(),
+                _ => return Err(ApiError::not_found("device")),
+            }
+        }
+        To::Broadcast(_) => String::new(),
+    };
+    let message_id = Uuid::now_v7().to_string();
+    let sealed = ingest
+        .keyring
+        .seal(random_bytes::<12>()?, &message_id, &data)
+        .map_err(|e| {
+            tracing::error!(error = %e, "cannot seal a payload");
+            ApiError::unavailable("cannot seal the payload")
+        })?;
+    let event = Event::new(
+        now_ms(),
+        Kind::PushAccepted(PushAccepted {
+            message_id: message_id.clone(),
+            app_id,
+            target: Some(Target { to: Some(to) }),
+            payload: Some(sealed),
+            ttl_s,
+            priority: matches!(req.priority, Some(Priority::High)) as u32,
+            collapse_key,
+        }),
+    );
+    // A unicast is keyed by its device (one partition per device, in order); a
+    // multi-target push by its message id.
+    let key = if key.is_empty() { message_id.clone() } else { key };
+    ingest.append(vec![record(&key, &event)]).await?;
+    Ok((StatusCode::ACCEPTED, Json(PushResponse { message_id })))
+}
+
+/// A message's delivery status.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct MessageStatusResponse {
+    /// The message id.
+    pub message_id: String,
+    /// `pending` (some targets have not confirmed), `delivered` (all have), `expired`
+    /// (its TTL passed before all confirmed), or `no_targets`.
+    pub state: String,
+    /// Devices it was put in the inbox of.
+    pub targeted: u64,
+    /// Devices that confirmed receipt (MQTT PUBACK).
+    pub delivered: u64,
+    /// Devices that acknowledged it. A stock MQTT client acknowledges with its PUBACK,
+    /// and the herald SDK sends the PUBACK only after the app's handler returns, so
+    /// this equals `delivered` today.
+    pub acked: u64,
+    /// Targets that had not confirmed when it expired.
+    pub expired: u64,
+    /// When it was accepted (ms since the Unix epoch).
+    pub accepted_at_ms: u64,
+    /// When it expires (ms since the Unix epoch).
+    pub expires_at_ms: u64,
+}
+
+/// A message's status.
+#[utoipa::path(get, path = "/v1/messages/{id}",
+    params(("id" = String, Path, description = "The message id")),
+    responses(
+        (status = 200, description = "The status", body = MessageStatusResponse),
+        (status = 401, description = "Missing, expired or forged token", body = ErrorBody),
+        (status = 404, description = "No such message for this app", body = ErrorBody)),
+    security(("app_token" = [])))]
+async fn message_status(
+    State(ingest): State<Arc<Ingest>>,
+    AppAuth(app_id): AppAuth,
+    Path(id): Path<String>,
+) -> Result<Json<MessageStatusResponse>, ApiError> {
+    let mut status = ingest.store.message(&id)?;
+    if status.is_none() {
+        // It may have been accepted a moment ago and not be applied yet.
+        ingest.catch_up().await;
+        status = ingest.store.message(&id)?;
+    }
+    let m = match status {
+        Some(m) if m.app_id == app_id => m,
+        _ => return Err(ApiError::not_found("message")),
+    };
+    let now = now_ms();
+    let unconfirmed = m.targeted - m.acked.min(m.targeted);
+    let expired_now = now >= m.expires_at_ms;
+    let state = if m.targeted == 0 {
+        "no_targets"
+    } else if unconfirmed == 0 {
+        "delivered"
+    } else if expired_now {
+        "expired"
+    } else {
+        "pending"
+    };
+    Ok(Json(MessageStatusResponse {
+        message_id: m.message_id,
+        state: state.into(),
+        targeted: m.targeted,
+        delivered: m.acked,
+        acked: m.acked,
+        expired: if expired_now { unconfirmed } else { 0 },
+        accepted_at_ms: m.ts_ms,
+        expires_at_ms: m.expires_at_ms,
+    }))
+}
+
+// ---------------------------------------------------------------------------- misc
+
+/// Liveness.
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "Serving")))]
+async fn healthz() -> impl IntoResponse {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("route")
+}
+
+struct SecuritySchemes;
+
+impl Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "admin_token",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+        components.add_security_scheme(
+            "app_token",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}
+
+/// The OpenAPI description of the API, generated from the handlers above.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "herald", description = "Durable, real-time push-message delivery."),
+    paths(create_app, oauth_token, register_device, push, message_status, healthz),
+    modifiers(&SecuritySchemes)
+)]
+pub struct ApiDoc;
+
+async fn openapi_json() -> impl IntoResponse {
+    Json(ApiDoc::openapi())
+}
+
+pub(crate) fn router(ingest: Arc<Ingest>) -> Router {
+    let limit = ingest.config.max_body_bytes;
+    Router::new()
+        .route("/v1/apps", post(create_app))
+        .route("/oauth/token", post(oauth_token))
+        .route("/v1/devices", post(register_device))
+        .route("/v1/messages", post(push))
+        .route("/v1/messages/{id}", get(message_status))
+        .route("/healthz", get(healthz))
+        .route("/openapi.json", get(openapi_json))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(ingest)
+}

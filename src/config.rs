@@ -1,0 +1,234 @@
+//! herald's one typed configuration: defaults, then the config file, then `HERALD_*`
+//! environment variables and command-line flags (flags win). Validated at start-up with
+//! errors that name the key. `herald.example.toml` documents every key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+/// The settings file, every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    /// Where the log and projections live.
+    pub data_dir: Option<PathBuf>,
+    /// REST API listen address.
+    pub http_addr: Option<SocketAddr>,
+    /// MQTT listen address.
+    pub mqtt_addr: Option<SocketAddr>,
+    /// The admin bearer token.
+    pub admin_token: Option<String>,
+    /// The payload key, 32 bytes in base64.
+    pub payload_key: Option<String>,
+    /// The MQTT address devices are told to use.
+    pub advertised_mqtt: Option<String>,
+    /// The WebSocket address devices are told to use.
+    pub advertised_ws: Option<String>,
+    /// This gateway's id in events.
+    pub gateway_id: Option<String>,
+    /// Lifetime of app tokens.
+    pub token_ttl_s: Option<u64>,
+    /// Largest push `data`, in bytes.
+    pub max_data_bytes: Option<usize>,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: Option<usize>,
+    /// TTL of a push that names none.
+    pub default_ttl_s: Option<u32>,
+    /// Largest TTL a push may ask for.
+    pub max_ttl_s: Option<u32>,
+    /// Unacknowledged PUBLISHes per device.
+    pub max_inflight: Option<usize>,
+    /// Entries queued per session beyond the in-flight window.
+    pub max_pending: Option<usize>,
+    /// Largest MQTT packet a device may send.
+    pub max_packet_bytes: Option<usize>,
+    /// Seconds a new connection may take to send CONNECT.
+    pub connect_timeout_s: Option<u64>,
+    /// Most device connections held at once.
+    pub max_connections: Option<usize>,
+}
+
+impl FileConfig {
+    /// Reads a TOML config file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+}
+
+/// The resolved settings of `herald serve`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the log and projections live.
+    pub data_dir: PathBuf,
+    /// REST API listen address.
+    pub http_addr: SocketAddr,
+    /// MQTT listen address.
+    pub mqtt_addr: SocketAddr,
+    /// The admin token, if configured (else generated into the data dir).
+    pub admin_token: Option<String>,
+    /// The payload key, if configured (else generated into the data dir).
+    pub payload_key: Option<String>,
+    /// The MQTT address devices are told to use.
+    pub advertised_mqtt: String,
+    /// The WebSocket address devices are told to use.
+    pub advertised_ws: String,
+    /// This gateway's id.
+    pub gateway_id: String,
+    /// Lifetime of app tokens.
+    pub token_ttl_s: u64,
+    /// Largest push `data`.
+    pub max_data_bytes: usize,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// Default push TTL.
+    pub default_ttl_s: u32,
+    /// Largest push TTL.
+    pub max_ttl_s: u32,
+    /// In-flight window per device.
+    pub max_inflight: usize,
+    /// Session queue per device.
+    pub max_pending: usize,
+    /// Largest inbound MQTT packet.
+    pub max_packet_bytes: usize,
+    /// CONNECT timeout.
+    pub connect_timeout_s: u64,
+    /// Connection limit.
+    pub max_connections: usize,
+}
+
+/// Values from flags and environment variables (clap reads both).
+#[derive(Debug, Default)]
+pub struct Overrides {
+    /// `--data-dir` / `HERALD_DATA_DIR`.
+    pub data_dir: Option<PathBuf>,
+    /// `--http-addr` / `HERALD_HTTP_ADDR`.
+    pub http_addr: Option<SocketAddr>,
+    /// `--mqtt-addr` / `HERALD_MQTT_ADDR`.
+    pub mqtt_addr: Option<SocketAddr>,
+    /// `HERALD_ADMIN_TOKEN`.
+    pub admin_token: Option<String>,
+    /// `HERALD_PAYLOAD_KEY`.
+    pub payload_key: Option<String>,
+    /// `HERALD_TOKEN_TTL_S`.
+    pub token_ttl_s: Option<u64>,
+    /// `HERALD_MAX_DATA_BYTES`.
+    pub max_data_bytes: Option<usize>,
+}
+
+fn advertised(scheme: &str, addr: SocketAddr, path: &str) -> String {
+    let host = if addr.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        addr.ip().to_string()
+    };
+    format!("{scheme}://{host}:{}{path}", addr.port())
+}
+
+impl Config {
+    /// Merges defaults, the file and the overrides, and validates the result.
+    pub fn resolve(file: FileConfig, o: Overrides) -> anyhow::Result<Self> {
+        let mqtt_addr = o
+            .mqtt_addr
+            .or(file.mqtt_addr)
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 9493)));
+        let c = Config {
+            data_dir: o
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("herald-data")),
+            http_addr: o
+                .http_addr
+                .or(file.http_addr)
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080))),
+            mqtt_addr,
+            admin_token: o.admin_token.or(file.admin_token).filter(|t| !t.is_empty()),
+            payload_key: o.payload_key.or(file.payload_key).filter(|k| !k.is_empty()),
+            advertised_mqtt: file
+                .advertised_mqtt
+                .unwrap_or_else(|| advertised("mqtt", mqtt_addr, "")),
+            advertised_ws: file
+                .advertised_ws
+                .unwrap_or_else(|| "ws://127.0.0.1:8083/mqtt".into()),
+            gateway_id: file.gateway_id.unwrap_or_else(|| "gateway-1".into()),
+            token_ttl_s: o.token_ttl_s.or(file.token_ttl_s).unwrap_or(3600),
+            max_data_bytes: o.max_data_bytes.or(file.max_data_bytes).unwrap_or(4096),
+            max_body_bytes: file.max_body_bytes.unwrap_or(64 * 1024),
+            default_ttl_s: file.default_ttl_s.unwrap_or(24 * 3600),
+            max_ttl_s: file.max_ttl_s.unwrap_or(28 * 24 * 3600),
+            max_inflight: file.max_inflight.unwrap_or(32),
+            max_pending: file.max_pending.unwrap_or(256),
+            max_packet_bytes: file.max_packet_bytes.unwrap_or(64 * 1024),
+            connect_timeout_s: file.connect_timeout_s.unwrap_or(10),
+            max_connections: file.max_connections.unwrap_or(100_000),
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.token_ttl_s == 0 {
+            bail!("token_ttl_s must be at least 1");
+        }
+        if self.max_data_bytes == 0 || self.max_data_bytes > 256 * 1024 {
+            bail!("max_data_bytes must be between 1 and 262144");
+        }
+        if self.max_body_bytes < self.max_data_bytes + 1024 {
+            bail!("max_body_bytes must be at least max_data_bytes + 1024");
+        }
+        if self.default_ttl_s == 0 || self.default_ttl_s > self.max_ttl_s {
+            bail!("default_ttl_s must be between 1 and max_ttl_s");
+        }
+        if !(1..=65_535).contains(&self.max_inflight) {
+            bail!("max_inflight must be between 1 and 65535");
+        }
+        if self.max_pending < 2 {
+            bail!("max_pending must be at least 2");
+        }
+        if self.max_packet_bytes < 128 {
+            bail!("max_packet_bytes must be at least 128");
+        }
+        if self.connect_timeout_s == 0 {
+            bail!("connect_timeout_s must be at least 1");
+        }
+        if self.max_connections == 0 {
+            bail!("max_connections must be at least 1");
+        }
+        if let Some(t) = &self.admin_token {
+            if t.len() < 16 {
+                bail!("admin_token (HERALD_ADMIN_TOKEN) must be at least 16 characters");
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn flags_win_over_file_and_errors_name_the_key() {
+        let file: FileConfig = toml::from_str("http_addr = \"127.0.0.1:1\"\nmax_inflight = 8").unwrap();
+        let c = Config::resolve(
+            file,
+            Overrides {
+                http_addr: Some("127.0.0.1:2".parse().unwrap()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.http_addr.port(), 2);
+        assert_eq!(c.max_inflight, 8);
+        assert_eq!(c.advertised_mqtt, "mqtt://127.0.0.1:9493");
+
+        let bad: FileConfig = toml::from_str("max_inflight = 0").unwrap();
+        let e = Config::resolve(bad, Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("max_inflight"));
+        assert!(toml::from_str::<FileConfig>("no_such_key = 1").is_err());
+    }
+}

@@ -1,0 +1,210 @@
+//! `herald serve`: every role in one process, on one embedded fjall database.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use base64::Engine;
+use herald_delivery::directory::StoreDirectory;
+use herald_delivery::worker::Worker;
+use herald_eventlog::EventLog;
+use herald_eventlog::embedded::{EmbeddedLog, open_database};
+use herald_gateway::{Gateway, GatewayConfig, Hub, SessionLimits};
+use herald_ingest::{Ingest, IngestConfig};
+use herald_projections::embedded::EmbeddedStore;
+use herald_projections::view::Store;
+use herald_schemas::seal::{KEY_BYTES, Keyring};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::Config;
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// Reads a secret file from the data dir, or generates one with `make` and writes it
+/// (mode 0600) on first start.
+fn secret_file(path: &Path, make: impl FnOnce() -> anyhow::Result<String>) -> anyhow::Result<(String, bool)> {
+    if path.exists() {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        return Ok((text.trim().to_owned(), false));
+    }
+    let value = make()?;
+    let tmp = path.with_extension("tmp");
+    {
+        use std::io::Write;
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        let mut f = opts
+            .open(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(value.as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    Ok((value, true))
+}
+
+fn random_b64(n: usize) -> anyhow::Result<String> {
+    let mut b = vec![0u8; n];
+    getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("OS random number generator failed: {e}"))?;
+    Ok(B64.encode(b))
+}
+
+fn decode_key(text: &str, what: &str) -> anyhow::Result<[u8; KEY_BYTES]> {
+    let bytes = B64
+        .decode(text.trim())
+        .with_context(|| format!("{what} is not base64"))?;
+    bytes
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("{what} must be {KEY_BYTES} bytes"))
+}
+
+/// Runs until Ctrl-C or SIGTERM.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    let dir = &config.data_dir;
+
+    let admin_token = match &config.admin_token {
+        Some(t) => t.clone(),
+        None => {
+            let (t, fresh) = secret_file(&dir.join("admin-token"), || random_b64(24))?;
+            if fresh {
+                println!("herald: generated admin token (stored in {}): {t}", dir.join("admin-token").display());
+            } else {
+                println!("herald: admin token from {}: {t}", dir.join("admin-token").display());
+            }
+            t
+        }
+    };
+    let payload_key = match &config.payload_key {
+        Some(k) => decode_key(k, "payload_key (HERALD_PAYLOAD_KEY)")?,
+        None => {
+            let (k, _) = secret_file(&dir.join("payload.key"), || random_b64(KEY_BYTES))?;
+            decode_key(&k, "payload.key in the data dir")?
+        }
+    };
+    let keyring = Keyring::new(1, &payload_key);
+    let (jwt_secret, _) = secret_file(&dir.join("jwt.key"), || random_b64(32))?;
+
+    let db = open_database(&dir.join("store")).context("cannot open the embedded database")?;
+    let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open(db.clone())?);
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(db.clone(), "")?);
+
+    let hub = Arc::new(Hub::default());
+    let worker = Worker::new(log.clone(), store.clone(), hub.clone(), keyring.clone())?;
+    let applied = worker.applied();
+
+    let (shutdown_tx, shutdown) = watch::channel(false);
+
+    let ingest = Ingest::new(
+        IngestConfig {
+            admin_token,
+            token_ttl_s: config.token_ttl_s,
+            max_data_bytes: config.max_data_bytes,
+            max_body_bytes: config.max_body_bytes,
+            default_ttl_s: config.default_ttl_s,
+            max_ttl_s: config.max_ttl_s,
+            gateway_mqtt: config.advertised_mqtt.clone(),
+            gateway_ws: config.advertised_ws.clone(),
+        },
+        log.clone(),
+        store.clone(),
+        applied,
+        keyring.clone(),
+        jwt_secret.as_bytes(),
+    );
+    let gateway = Gateway::new(
+        GatewayConfig {
+            gateway_id: config.gateway_id.clone(),
+            max_packet_bytes: config.max_packet_bytes,
+            connect_timeout: Duration::from_secs(config.connect_timeout_s),
+            max_connections: config.max_connections,
+            limits: SessionLimits {
+                max_inflight: config.max_inflight,
+                max_pending: config.max_pending,
+            },
+        },
+        hub,
+        Arc::new(StoreDirectory::new(store.clone(), keyring)),
+        log.clone(),
+    );
+
+    let http = TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("cannot listen on {} (http_addr)", config.http_addr))?;
+    let mqtt = TcpListener::bind(config.mqtt_addr)
+        .await
+        .with_context(|| format!("cannot listen on {} (mqtt_addr)", config.mqtt_addr))?;
+    tracing::info!(
+        http = %http.local_addr()?, mqtt = %mqtt.local_addr()?,
+        data_dir = %dir.display(), checkpoint = store.checkpoint()?,
+        durable_end = *log.durable_end().borrow(),
+        "herald serving"
+    );
+
+    let worker_task = tokio::spawn(worker.run(shutdown.clone()));
+    let gateway_task = tokio::spawn(gateway.serve(mqtt, shutdown.clone()));
+    let mut http_shutdown = shutdown.clone();
+    let http_task = tokio::spawn(async move {
+        axum::serve(http, herald_ingest::router(ingest))
+            .with_graceful_shutdown(async move {
+                let _ = http_shutdown.wait_for(|s| *s).await;
+            })
+            .await
+    });
+
+    let mut worker_task = worker_task;
+    tokio::select! {
+        _ = shutdown_signal() => tracing::info!("shutting down"),
+        r = &mut worker_task => {
+            match r {
+                Ok(Ok(())) => bail!("delivery worker stopped unexpectedly"),
+                Ok(Err(e)) => bail!("delivery worker failed: {e}"),
+                Err(e) => bail!("delivery worker panicked: {e}"),
+            }
+        }
+    }
+    let _ = shutdown_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        let _ = http_task.await;
+        let _ = gateway_task.await;
+        let _ = worker_task.await;
+    })
+    .await;
+    // Give connections a moment to write their last events.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    db.persist(fjall::PersistMode::SyncAll)
+        .context("final sync of the embedded database failed")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
