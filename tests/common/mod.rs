@@ -1,0 +1,273 @@
+//! Helpers for the end-to-end tests: start the built `herald` binary on free loopback
+//! ports, talk to its REST API, and connect devices with stock MQTT clients.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use herald_client::{ConnectOptions, Connection, DeviceCredentials, Envelope};
+use serde_json::{Value, json};
+
+pub const ADMIN: &str = "e2e-admin-token-0123456789";
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `herald serve`.
+pub struct Server {
+    pub child: Option<Child>,
+    pub data_dir: PathBuf,
+    pub http_port: u16,
+    pub mqtt_port: u16,
+    pub env: Vec<(String, String)>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    pub async fn start() -> Server {
+        Self::start_with(&[]).await
+    }
+
+    pub async fn start_with(env: &[(&str, &str)]) -> Server {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = Server {
+            child: None,
+            data_dir: tmp.path().join("data"),
+            http_port: free_port(),
+            mqtt_port: free_port(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            _tmp: Some(tmp),
+        };
+        s.spawn().await;
+        s
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data_dir.with_extension("log"))
+            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--http-addr")
+            .arg(format!("127.0.0.1:{}", self.http_port))
+            .arg("--mqtt-addr")
+            .arg(format!("127.0.0.1:{}", self.mqtt_port))
+            .env("HERALD_ADMIN_TOKEN", ADMIN)
+            .env("HERALD_LOG", "info,herald_gateway=debug,fjall=warn,lsm_tree=warn")
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let http = reqwest::Client::new();
+        loop {
+            if let Ok(r) = http.get(format!("{}/healthz", self.base())).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "herald did not start: {}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default()
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// SIGKILL, no warning.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.kill9();
+        self.spawn().await;
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// An app with a token.
+#[derive(Clone)]
+pub struct App {
+    pub base: String,
+    pub app_id: String,
+    pub app_key: String,
+    pub client_id: String,
+    pub client_secret: String,
+    pub token: String,
+    pub http: reqwest::Client,
+}
+
+pub async fn create_app(server: &Server) -> App {
+    let http = reqwest::Client::new();
+    let base = server.base();
+    let r = http
+        .post(format!("{base}/v1/apps"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": "e2e"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let a: Value = r.json().await.unwrap();
+    let mut app = App {
+        base,
+        app_id: a["app_id"].as_str().unwrap().into(),
+        app_key: a["app_key"].as_str().unwrap().into(),
+        client_id: a["client_id"].as_str().unwrap().into(),
+        client_secret: a["client_secret"].as_str().unwrap().into(),
+        token: String::new(),
+        http,
+    };
+    app.token = app.new_token().await;
+    app
+}
+
+impl App {
+    pub async fn new_token(&self) -> String {
+        let r = self
+            .http
+            .post(format!("{}/oauth/token", self.base))
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", &self.client_id),
+                ("client_secret", &self.client_secret),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let t: Value = r.json().await.unwrap();
+        assert_eq!(t["token_type"], "Bearer");
+        t["access_token"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn register(&self) -> DeviceCredentials {
+        herald_client::register(&self.http, &self.base, &self.app_key)
+            .await
+            .unwrap()
+    }
+
+    /// POST /v1/messages; returns (status, body).
+    pub async fn push_raw(&self, body: Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}/v1/messages", self.base))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Pushes `data` to one device; asserts 202; returns the message id.
+    pub async fn push(&self, device_id: &str, data: Value) -> String {
+        let (status, body) = self
+            .push_raw(json!({"to": {"device_id": device_id}, "data": data}))
+            .await;
+        assert_eq!(status, 202, "{body}");
+        body["message_id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn broadcast(&self, data: Value) -> String {
+        let (status, body) = self
+            .push_raw(json!({"to": {"broadcast": true}, "data": data}))
+            .await;
+        assert_eq!(status, 202, "{body}");
+        body["message_id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn status(&self, message_id: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(format!("{}/v1/messages/{message_id}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Waits until the message's status has `acked == n`.
+    pub async fn wait_acked(&self, message_id: &str, n: u64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (code, s) = self.status(message_id).await;
+            if code == 200 && s["acked"] == n {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "not acked by {n}: {s}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+pub async fn connect(creds: &DeviceCredentials) -> Connection {
+    herald_client::connect(creds, ConnectOptions::default())
+        .await
+        .unwrap()
+}
+
+/// Receives exactly `n` messages (with a generous deadline).
+pub async fn recv_n(conn: &mut Connection, n: usize) -> Vec<Envelope> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        match tokio::time::timeout(Duration::from_secs(30), conn.messages.recv()).await {
+            Ok(Some(m)) => out.push(m),
+            Ok(None) => panic!("connection ended after {} of {n} messages", out.len()),
+            Err(_) => panic!("timed out after {} of {n} messages", out.len()),
+        }
+    }
+    out
+}
+
+/// Where a stock tool is, or why the test that needs it is skipped. With
+/// HERALD_REQUIRE_TOOLS=1 (set by scripts/test) a missing tool fails the test instead.
+pub fn tool(name: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(name))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        if std::env::var("HERALD_REQUIRE_TOOLS").is_ok_and(|v| v == "1") {
+            panic!("{name} is required (HERALD_REQUIRE_TOOLS=1) but not on PATH");
+        }
+        eprintln!("SKIPPED: {name} is not installed (scripts/test installs it)");
+    }
+    found
+}
