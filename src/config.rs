@@ -197,10 +197,10 @@ impl Config {
         if self.max_connections == 0 {
             bail!("max_connections must be at least 1");
         }
-        if let Some(t) = &self.admin_token {
-            if t.len() < 16 {
-                bail!("admin_token (HERALD_ADMIN_TOKEN) must be at least 16 characters");
-            }
+        if let Some(t) = &self.admin_token
+            && t.len() < 16
+        {
+            bail!("admin_token (HERALD_ADMIN_TOKEN) must be at least 16 characters");
         }
         Ok(())
     }
@@ -213,7 +213,8 @@ mod tests {
 
     #[test]
     fn flags_win_over_file_and_errors_name_the_key() {
-        let file: FileConfig = toml::from_str("http_addr = \"127.0.0.1:1\"\nmax_inflight = 8").unwrap();
+        let file: FileConfig =
+            toml::from_str("http_addr = \"127.0.0.1:1\"\nmax_inflight = 8").unwrap();
         let c = Config::resolve(
             file,
             Overrides {

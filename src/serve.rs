@@ -24,7 +24,10 @@ const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STA
 
 /// Reads a secret file from the data dir, or generates one with `make` and writes it
 /// (mode 0600) on first start.
-fn secret_file(path: &Path, make: impl FnOnce() -> anyhow::Result<String>) -> anyhow::Result<(String, bool)> {
+fn secret_file(
+    path: &Path,
+    make: impl FnOnce() -> anyhow::Result<String>,
+) -> anyhow::Result<(String, bool)> {
     if path.exists() {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
@@ -53,7 +56,8 @@ fn secret_file(path: &Path, make: impl FnOnce() -> anyhow::Result<String>) -> an
 
 fn random_b64(n: usize) -> anyhow::Result<String> {
     let mut b = vec![0u8; n];
-    getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("OS random number generator failed: {e}"))?;
+    getrandom::fill(&mut b)
+        .map_err(|e| anyhow::anyhow!("OS random number generator failed: {e}"))?;
     Ok(B64.encode(b))
 }
 
@@ -77,9 +81,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         None => {
             let (t, fresh) = secret_file(&dir.join("admin-token"), || random_b64(24))?;
             if fresh {
-                println!("herald: generated admin token (stored in {}): {t}", dir.join("admin-token").display());
+                println!(
+                    "herald: generated admin token (stored in {}): {t}",
+                    dir.join("admin-token").display()
+                );
             } else {
-                println!("herald: admin token from {}: {t}", dir.join("admin-token").display());
+                println!(
+                    "herald: admin token from {}: {t}",
+                    dir.join("admin-token").display()
+                );
             }
             t
         }

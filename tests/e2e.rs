@@ -27,7 +27,14 @@ async fn mosquitto_sub_receives_pushes_and_status_reports_acked() {
 
     let mut sub = Command::new(mosquitto_sub)
         .args(["-h", "127.0.0.1", "-p", &server.mqtt_port.to_string()])
-        .args(["-i", &dev.device_id, "-u", &dev.device_id, "-P", &dev.device_token])
+        .args([
+            "-i",
+            &dev.device_id,
+            "-u",
+            &dev.device_id,
+            "-P",
+            &dev.device_token,
+        ])
         .args(["-t", "inbox", "-q", "1", "-c", "-C", "2"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -81,13 +88,19 @@ async fn offline_backlog_of_1000_arrives_once_in_order() {
     let mut sent = Vec::new();
     // Sixteen publishers at a time: the log decides the order, seq follows it.
     for chunk in (0..1000).collect::<Vec<_>>().chunks(16) {
-        let futs = chunk.iter().map(|i| app.push(&dev.device_id, json!({ "n": i })));
+        let futs = chunk
+            .iter()
+            .map(|i| app.push(&dev.device_id, json!({ "n": i })));
         sent.extend(futures::future::join_all(futs).await);
     }
     let mut conn = connect(&dev).await;
     let got = recv_n(&mut conn, 1000).await;
     let seqs: Vec<u64> = got.iter().map(|e| e.seq).collect();
-    assert_eq!(seqs, (1..=1000).collect::<Vec<u64>>(), "in seq order, dense");
+    assert_eq!(
+        seqs,
+        (1..=1000).collect::<Vec<u64>>(),
+        "in seq order, dense"
+    );
     let ids: HashSet<&str> = got.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(ids.len(), 1000, "each message once");
     assert_eq!(ids, sent.iter().map(String::as_str).collect::<HashSet<_>>());
@@ -113,7 +126,10 @@ async fn accepted_pushes_survive_sigkill_and_acked_ones_are_not_resent() {
         acked.push(app.push(&online.device_id, json!({ "acked": i })).await);
     }
     let got = recv_n(&mut conn, 50).await;
-    assert_eq!(got.iter().map(|e| &e.id).collect::<Vec<_>>(), acked.iter().collect::<Vec<_>>());
+    assert_eq!(
+        got.iter().map(|e| &e.id).collect::<Vec<_>>(),
+        acked.iter().collect::<Vec<_>>()
+    );
     for m in &acked {
         app.wait_acked(m, 1).await;
     }
@@ -123,7 +139,9 @@ async fn accepted_pushes_survive_sigkill_and_acked_ones_are_not_resent() {
     // last 202.
     let mut accepted = Vec::new();
     for chunk in (0..200).collect::<Vec<_>>().chunks(20) {
-        let futs = chunk.iter().map(|i| app.push(&offline.device_id, json!({ "n": i })));
+        let futs = chunk
+            .iter()
+            .map(|i| app.push(&offline.device_id, json!({ "n": i })));
         accepted.extend(futures::future::join_all(futs).await);
     }
     server.kill9();
@@ -132,8 +150,14 @@ async fn accepted_pushes_survive_sigkill_and_acked_ones_are_not_resent() {
     let mut conn = connect(&offline).await;
     let got = recv_n(&mut conn, 200).await;
     let ids: HashSet<&str> = got.iter().map(|e| e.id.as_str()).collect();
-    assert_eq!(ids, accepted.iter().map(String::as_str).collect::<HashSet<_>>());
-    assert_eq!(got.iter().map(|e| e.seq).collect::<Vec<_>>(), (1..=200).collect::<Vec<u64>>());
+    assert_eq!(
+        ids,
+        accepted.iter().map(String::as_str).collect::<HashSet<_>>()
+    );
+    assert_eq!(
+        got.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=200).collect::<Vec<u64>>()
+    );
 
     // The online device had acked all of its 50: after the crash it gets none of them
     // again; the first thing it sees is a new push.
@@ -199,12 +223,18 @@ async fn second_connection_takes_over() {
         .await
         .expect("the first connection was not closed")
         .unwrap();
-    assert!(matches!(closed, herald_client::Closed::Lost(_)), "{closed:?}");
+    assert!(
+        matches!(closed, herald_client::Closed::Lost(_)),
+        "{closed:?}"
+    );
 
     let m2 = app.push(&dev.device_id, json!(2)).await;
     let got = recv_n(&mut second, 1).await;
     assert_eq!(got[0].id, m2);
-    assert!(first.messages.recv().await.is_none(), "the old connection received");
+    assert!(
+        first.messages.recv().await.is_none(),
+        "the old connection received"
+    );
 }
 
 /// Item 6: bad input gets a clear error, and the server keeps delivering.
@@ -222,7 +252,11 @@ async fn bad_input_is_refused_clearly_and_service_continues() {
         move |(s, body): (u16, Value)| {
             assert_eq!(s, status, "{body}");
             assert_eq!(body["error"]["code"], code, "{body}");
-            assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| !m.is_empty())
+            );
         }
     };
     async fn send(rb: reqwest::RequestBuilder) -> (u16, Value) {
@@ -241,7 +275,9 @@ async fn bad_input_is_refused_clearly_and_service_continues() {
         .await,
     );
     // Missing token, forged token (another key), alg none: 401.
-    expect_error(401, "missing_token")(send(http.post(format!("{base}/v1/messages")).json(&json!({}))).await);
+    expect_error(401, "missing_token")(
+        send(http.post(format!("{base}/v1/messages")).json(&json!({}))).await,
+    );
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -255,7 +291,12 @@ async fn bad_input_is_refused_clearly_and_service_continues() {
     .unwrap();
     let push_body = json!({"to": {"device_id": dev.device_id}, "data": 1});
     expect_error(401, "invalid_token")(
-        send(http.post(format!("{base}/v1/messages")).bearer_auth(&forged).json(&push_body)).await,
+        send(
+            http.post(format!("{base}/v1/messages"))
+                .bearer_auth(&forged)
+                .json(&push_body),
+        )
+        .await,
     );
     use base64::Engine;
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -265,10 +306,17 @@ async fn bad_input_is_refused_clearly_and_service_continues() {
         b64.encode(claims.to_string())
     );
     expect_error(401, "invalid_token")(
-        send(http.post(format!("{base}/v1/messages")).bearer_auth(&none).json(&push_body)).await,
+        send(
+            http.post(format!("{base}/v1/messages"))
+                .bearer_auth(&none)
+                .json(&push_body),
+        )
+        .await,
     );
     // Wrong admin token and wrong client secret: 401.
-    expect_error(401, "invalid_token")(send(http.post(format!("{base}/v1/apps")).bearer_auth("nope")).await);
+    expect_error(401, "invalid_token")(
+        send(http.post(format!("{base}/v1/apps")).bearer_auth("nope")).await,
+    );
     expect_error(401, "invalid_client")(
         send(http.post(format!("{base}/oauth/token")).form(&[
             ("grant_type", "client_credentials"),
@@ -278,27 +326,40 @@ async fn bad_input_is_refused_clearly_and_service_continues() {
         .await,
     );
     // Another app's device: 404, exactly like a device that does not exist.
-    expect_error(404, "not_found")(app.push_raw(json!({"to": {"device_id": foreign.device_id}, "data": 1})).await);
-    expect_error(404, "not_found")(app.push_raw(json!({"to": {"device_id": "no-such-device"}, "data": 1})).await);
+    expect_error(404, "not_found")(
+        app.push_raw(json!({"to": {"device_id": foreign.device_id}, "data": 1}))
+            .await,
+    );
+    expect_error(404, "not_found")(
+        app.push_raw(json!({"to": {"device_id": "no-such-device"}, "data": 1}))
+            .await,
+    );
     // Another app's message: 404.
     let theirs = other.push(&foreign.device_id, json!(1)).await;
     expect_error(404, "not_found")(app.status(&theirs).await);
     // Oversized data (4 KiB default) and oversized body: 413.
     expect_error(413, "data_too_large")(
-        app.push_raw(json!({"to": {"device_id": dev.device_id}, "data": "x".repeat(5000)})).await,
+        app.push_raw(json!({"to": {"device_id": dev.device_id}, "data": "x".repeat(5000)}))
+            .await,
     );
     expect_error(413, "body_too_large")(
-        app.push_raw(json!({"to": {"device_id": dev.device_id}, "data": "x".repeat(100_000)})).await,
+        app.push_raw(json!({"to": {"device_id": dev.device_id}, "data": "x".repeat(100_000)}))
+            .await,
     );
     // Invalid fields: 422.
     expect_error(422, "invalid_request")(app.push_raw(json!({"to": {}, "data": 1})).await);
     expect_error(422, "invalid_request")(
-        app.push_raw(json!({"to": {"device_id": dev.device_id}, "data": 1, "ttl_s": 0})).await,
+        app.push_raw(json!({"to": {"device_id": dev.device_id}, "data": 1, "ttl_s": 0}))
+            .await,
     );
 
     // A garbage CONNECT and a CONNECT with a lying length: the server closes that
     // connection only.
-    for garbage in [&b"\x10\x05hello"[..], &b"\x10\xff\xff\xff\xff\x7fxx"[..], &b"GET / HTTP/1.1\r\n\r\n"[..]] {
+    for garbage in [
+        &b"\x10\x05hello"[..],
+        &b"\x10\xff\xff\xff\xff\x7fxx"[..],
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+    ] {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", server.mqtt_port)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         s.write_all(garbage).unwrap();
@@ -322,7 +383,10 @@ async fn bad_input_is_refused_clearly_and_service_continues() {
 
     // An expired token: 401 (tokens here live 2 s).
     tokio::time::sleep(Duration::from_millis(3100)).await;
-    expect_error(401, "invalid_token")(app.push_raw(json!({"to": {"device_id": dev.device_id}, "data": 1})).await);
+    expect_error(401, "invalid_token")(
+        app.push_raw(json!({"to": {"device_id": dev.device_id}, "data": 1}))
+            .await,
+    );
 }
 
 /// `/openapi.json` describes the routes, generated from the code.
@@ -335,9 +399,40 @@ async fn openapi_describes_the_routes() {
         .json()
         .await
         .unwrap();
-    for path in ["/v1/apps", "/oauth/token", "/v1/devices", "/v1/messages", "/v1/messages/{id}"] {
+    for path in [
+        "/v1/apps",
+        "/oauth/token",
+        "/v1/devices",
+        "/v1/messages",
+        "/v1/messages/{id}",
+    ] {
         assert!(doc["paths"][path].is_object(), "{path} missing");
     }
-    let r = reqwest::get(format!("{}/v1/nope", server.base())).await.unwrap();
+    let r = reqwest::get(format!("{}/v1/nope", server.base()))
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
+}
+
+/// SIGTERM stops the server cleanly; a restart resumes from its checkpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_cleanly_and_restart_resumes() {
+    let mut server = Server::start().await;
+    let app = create_app(&server).await;
+    let dev = app.register().await;
+    let mut sent = Vec::new();
+    for i in 0..5 {
+        sent.push(app.push(&dev.device_id, json!(i)).await);
+    }
+    let status = server.terminate();
+    assert!(status.success(), "exit status {status}: {}", server.log());
+    assert!(server.log().contains("stopped"), "{}", server.log());
+    server.start_again().await;
+    // The app, its token and the device are all still there.
+    let mut conn = connect(&dev).await;
+    let got = recv_n(&mut conn, 5).await;
+    assert_eq!(got.iter().map(|e| e.id.clone()).collect::<Vec<_>>(), sent);
+    let m = app.push(&dev.device_id, json!("after restart")).await;
+    let next = recv_n(&mut conn, 1).await;
+    assert_eq!((next[0].id.as_str(), next[0].seq), (m.as_str(), 6));
 }

@@ -143,7 +143,10 @@ impl Connection {
 /// Connects, subscribes to `inbox` at QoS 1 and resolves once the subscription is
 /// acknowledged. The connection does not reconnect by itself: when it ends, `closed`
 /// says why.
-pub async fn connect(creds: &DeviceCredentials, opts: ConnectOptions) -> anyhow::Result<Connection> {
+pub async fn connect(
+    creds: &DeviceCredentials,
+    opts: ConnectOptions,
+) -> anyhow::Result<Connection> {
     let mut mqtt = MqttOptions::new(&creds.device_id, &creds.mqtt_host, creds.mqtt_port);
     mqtt.set_credentials(&creds.device_id, &creds.device_token)
         .set_keep_alive(opts.keep_alive)

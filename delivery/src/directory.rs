@@ -7,10 +7,10 @@ use futures::future::BoxFuture;
 use herald_gateway::{DeviceDirectory, DirectoryError};
 use herald_projections::model::InboxEntry;
 use herald_projections::view::Store;
+use herald_schemas::envelope;
 use herald_schemas::events::SealedPayload;
 use herald_schemas::link::{BacklogPage, Delivery};
 use herald_schemas::seal::Keyring;
-use herald_schemas::envelope;
 use sha2::{Digest, Sha256};
 
 /// Reads devices and backlogs from a [`Store`], and opens payloads for the wire.
@@ -144,11 +144,7 @@ impl DeviceDirectory for StoreDirectory {
             .store
             .device(device_id)
             .map_err(|e| DirectoryError(e.to_string()))
-            .map(|d| {
-                d.is_some_and(|d| {
-                    constant_time_eq(&Sha256::digest(token), &d.token_sha256)
-                })
-            });
+            .map(|d| d.is_some_and(|d| constant_time_eq(&Sha256::digest(token), &d.token_sha256)));
         Box::pin(async move { result })
     }
 

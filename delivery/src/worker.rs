@@ -83,11 +83,10 @@ impl Worker {
                 continue;
             }
             let store = self.store.clone();
-            let (next, new_entries) = tokio::task::spawn_blocking(move || {
-                fold_batch(&*store, from, &records)
-            })
-            .await
-            .map_err(|e| WorkerError::Task(e.to_string()))??;
+            let (next, new_entries) =
+                tokio::task::spawn_blocking(move || fold_batch(&*store, from, &records))
+                    .await
+                    .map_err(|e| WorkerError::Task(e.to_string()))??;
             self.applied.send_replace(next);
             self.forward(new_entries)?;
         }
@@ -104,7 +103,9 @@ impl Worker {
             match envelopes.delivery(&device_id, &n.entry) {
                 Ok(Some(d)) => batch.push(d),
                 Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, "cannot prepare a live entry; it waits in the inbox"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot prepare a live entry; it waits in the inbox")
+                }
             }
         }
         if !batch.is_empty() {
@@ -140,7 +141,9 @@ pub fn fold_batch(
         tracing::debug!(rejected = tx.rejected, "events refused by the folds");
     }
     let Tx {
-        writes, new_entries, ..
+        writes,
+        new_entries,
+        ..
     } = tx;
     store.commit(&writes, next)?;
     Ok((next, new_entries))

@@ -85,7 +85,10 @@ impl Hub {
     /// Removes a connection, unless a newer one of the same device replaced it.
     pub fn unregister(&self, device_id: &str, conn_id: u64) {
         let mut sessions = self.lock();
-        if sessions.get(device_id).is_some_and(|h| h.conn_id == conn_id) {
+        if sessions
+            .get(device_id)
+            .is_some_and(|h| h.conn_id == conn_id)
+        {
             sessions.remove(device_id);
         }
     }
@@ -109,10 +112,10 @@ impl Hub {
         }
         let sessions = self.lock();
         for (device, entries) in by_device {
-            if let Some(h) = sessions.get(&device) {
-                if h.tx.try_send(entries).is_err() {
-                    h.overflow.notify_one();
-                }
+            if let Some(h) = sessions.get(&device)
+                && h.tx.try_send(entries).is_err()
+            {
+                h.overflow.notify_one();
             }
         }
     }

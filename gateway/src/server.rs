@@ -124,7 +124,11 @@ impl Gateway {
     }
 
     /// Accepts connections until `shutdown` turns true.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let permits = Arc::new(Semaphore::new(self.config.max_connections));
         loop {
             let accepted = tokio::select! {
@@ -214,7 +218,10 @@ impl Gateway {
         }
 
         let mut reg = self.hub.register(device_id.clone());
-        if send_connack(&mut stream, codec::CONNACK_ACCEPTED).await.is_err() {
+        if send_connack(&mut stream, codec::CONNACK_ACCEPTED)
+            .await
+            .is_err()
+        {
             self.hub.unregister(&device_id, reg.conn_id);
             return;
         }
@@ -281,7 +288,9 @@ impl Gateway {
             let deadline = session.poll_timeout();
             let sleep = async move {
                 match deadline {
-                    Some(d) => tokio::time::sleep(Duration::from_millis(d.saturating_sub(now_ms()))).await,
+                    Some(d) => {
+                        tokio::time::sleep(Duration::from_millis(d.saturating_sub(now_ms()))).await
+                    }
                     None => std::future::pending().await,
                 }
             };

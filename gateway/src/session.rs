@@ -170,13 +170,13 @@ impl Session {
                 codec::encode(&Packet::UnsubAck(unsub.pkid), &mut self.transmit);
             }
             Packet::PubAck(pkid) => {
-                if let Some(i) = self.inflight.iter().position(|f| f.pkid == pkid) {
-                    if let Some(done) = self.inflight.remove(i) {
-                        self.events.push_back(SessionEvent::Acked {
-                            seq: done.seq,
-                            message_id: done.message_id,
-                        });
-                    }
+                if let Some(i) = self.inflight.iter().position(|f| f.pkid == pkid)
+                    && let Some(done) = self.inflight.remove(i)
+                {
+                    self.events.push_back(SessionEvent::Acked {
+                        seq: done.seq,
+                        message_id: done.message_id,
+                    });
                 }
             }
             Packet::PingReq => codec::encode(&Packet::PingResp, &mut self.transmit),
@@ -249,10 +249,10 @@ impl Session {
 
     /// Time passed; checks the keep-alive.
     pub fn handle_timeout(&mut self, now_ms: u64) {
-        if let Some(deadline) = self.poll_timeout() {
-            if now_ms >= deadline {
-                self.close(CloseReason::KeepAliveTimeout);
-            }
+        if let Some(deadline) = self.poll_timeout()
+            && now_ms >= deadline
+        {
+            self.close(CloseReason::KeepAliveTimeout);
         }
     }
 

@@ -63,12 +63,10 @@ impl Tokens {
             iat: now_s,
             exp: now_s + self.ttl_s,
         };
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding).map_err(
-            |e| {
-                tracing::error!(error = %e, "cannot sign a token");
-                ApiError::unavailable("cannot issue a token now")
-            },
-        )
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding).map_err(|e| {
+            tracing::error!(error = %e, "cannot sign a token");
+            ApiError::unavailable("cannot issue a token now")
+        })
     }
 
     /// The app id a valid token was issued to.
@@ -99,16 +97,18 @@ pub fn sha256(secret: &[u8]) -> Vec<u8> {
 }
 
 fn bearer(parts: &Parts) -> Result<&str, ApiError> {
-    let value = parts
-        .headers
-        .get(AUTHORIZATION)
-        .ok_or_else(|| ApiError::unauthorized("missing_token", "an Authorization: Bearer token is required"))?;
-    let value = value
-        .to_str()
-        .map_err(|_| ApiError::unauthorized("invalid_token", "the Authorization header is not text"))?;
-    let (scheme, token) = value
-        .split_once(' ')
-        .ok_or_else(|| ApiError::unauthorized("invalid_token", "expected Authorization: Bearer <token>"))?;
+    let value = parts.headers.get(AUTHORIZATION).ok_or_else(|| {
+        ApiError::unauthorized(
+            "missing_token",
+            "an Authorization: Bearer token is required",
+        )
+    })?;
+    let value = value.to_str().map_err(|_| {
+        ApiError::unauthorized("invalid_token", "the Authorization header is not text")
+    })?;
+    let (scheme, token) = value.split_once(' ').ok_or_else(|| {
+        ApiError::unauthorized("invalid_token", "expected Authorization: Bearer <token>")
+    })?;
     if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
         return Err(ApiError::unauthorized(
             "invalid_token",
@@ -129,7 +129,10 @@ impl FromRequestParts<Arc<Ingest>> for Admin {
         if constant_time_eq(token.as_bytes(), state.config.admin_token.as_bytes()) {
             Ok(Admin)
         } else {
-            Err(ApiError::unauthorized("invalid_token", "the admin token is not valid"))
+            Err(ApiError::unauthorized(
+                "invalid_token",
+                "the admin token is not valid",
+            ))
         }
     }
 }
@@ -143,7 +146,10 @@ impl FromRequestParts<Arc<Ingest>> for AppAuth {
     async fn from_request_parts(parts: &mut Parts, state: &Arc<Ingest>) -> Result<Self, ApiError> {
         let app_id = state.tokens.verify(bearer(parts)?)?;
         if state.store.app(&app_id)?.is_none() {
-            return Err(ApiError::unauthorized("invalid_token", "the token's app does not exist"));
+            return Err(ApiError::unauthorized(
+                "invalid_token",
+                "the token's app does not exist",
+            ));
         }
         Ok(AppAuth(app_id))
     }
@@ -186,13 +192,24 @@ mod tests {
         use base64::Engine;
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let header = b64.encode(br#"{"alg":"none","typ":"JWT"}"#);
-        let claims = b64.encode(format!(r#"{{"iss":"herald","sub":"app","iat":{now},"exp":{}}}"#, now + 60));
-        assert!(t.verify(&format!("{header}.{claims}.")).is_err(), "alg none");
+        let claims = b64.encode(format!(
+            r#"{{"iss":"herald","sub":"app","iat":{now},"exp":{}}}"#,
+            now + 60
+        ));
+        assert!(
+            t.verify(&format!("{header}.{claims}.")).is_err(),
+            "alg none"
+        );
 
         // HS512 with the same key: the algorithm is not on the list.
         let hs512 = jsonwebtoken::encode(
             &Header::new(Algorithm::HS512),
-            &Claims { iss: ISSUER.into(), sub: "app".into(), iat: now, exp: now + 60 },
+            &Claims {
+                iss: ISSUER.into(),
+                sub: "app".into(),
+                iat: now,
+                exp: now + 60,
+            },
             &EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef"),
         )
         .unwrap();
@@ -200,10 +217,16 @@ mod tests {
 
         // No exp claim.
         #[derive(Serialize)]
-        struct NoExp { iss: String, sub: String }
+        struct NoExp {
+            iss: String,
+            sub: String,
+        }
         let noexp = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
-            &NoExp { iss: ISSUER.into(), sub: "app".into() },
+            &NoExp {
+                iss: ISSUER.into(),
+                sub: "app".into(),
+            },
             &EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef"),
         )
         .unwrap();

@@ -54,7 +54,11 @@ impl ApiError {
     }
     /// 404.
     pub fn not_found(what: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", format!("{what} not found"))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{what} not found"),
+        )
     }
     /// 422.
     pub fn invalid(message: impl Into<String>) -> Self {
@@ -110,14 +114,14 @@ impl From<herald_projections::StoreError> for ApiError {
 impl From<herald_eventlog::Error> for ApiError {
     fn from(e: herald_eventlog::Error) -> Self {
         match e {
-            herald_eventlog::Error::RecordTooLarge { .. } => ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                e.to_string(),
-            ),
+            herald_eventlog::Error::RecordTooLarge { .. } => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.to_string())
+            }
             e => {
                 tracing::error!(error = %e, "event log append failed");
-                ApiError::unavailable("the event log is unavailable; nothing was accepted; retry later")
+                ApiError::unavailable(
+                    "the event log is unavailable; nothing was accepted; retry later",
+                )
             }
         }
     }

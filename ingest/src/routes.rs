@@ -12,7 +12,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
 use herald_eventlog::Record;
-use herald_schemas::events::{self, AppCreated, DeviceRegistered, Event, Kind, PushAccepted, Target, To};
+use herald_schemas::events::{
+    self, AppCreated, DeviceRegistered, Event, Kind, PushAccepted, Target, To,
+};
 use serde::{Deserialize, Serialize};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
@@ -191,7 +193,11 @@ async fn oauth_token(
             "grant_type must be client_credentials",
         ));
     }
-    let (client_id, secret) = match (basic_credentials(&headers), form.client_id, form.client_secret) {
+    let (client_id, secret) = match (
+        basic_credentials(&headers),
+        form.client_id,
+        form.client_secret,
+    ) {
         (Some(basic), _, _) => basic,
         (None, Some(id), Some(secret)) => (id, secret),
         _ => {
@@ -202,7 +208,10 @@ async fn oauth_token(
         }
     };
     let invalid = || ApiError::unauthorized("invalid_client", "unknown client or wrong secret");
-    let app_id = ingest.store.app_id_by_client(&client_id)?.ok_or_else(invalid)?;
+    let app_id = ingest
+        .store
+        .app_id_by_client(&client_id)?
+        .ok_or_else(invalid)?;
     let app = ingest.store.app(&app_id)?.ok_or_else(invalid)?;
     if !constant_time_eq(&sha256(secret.as_bytes()), &app.client_secret_sha256) {
         return Err(invalid());
@@ -382,7 +391,12 @@ async fn push(
     ApiJson(req): ApiJson<PushRequest>,
 ) -> Result<(StatusCode, Json<PushResponse>), ApiError> {
     let cfg = &ingest.config;
-    let to = match (&req.to.device_id, req.to.broadcast, &req.to.alias, &req.to.tags) {
+    let to = match (
+        &req.to.device_id,
+        req.to.broadcast,
+        &req.to.alias,
+        &req.to.tags,
+    ) {
         (Some(d), None, None, None) => To::DeviceId(d.clone()),
         (None, Some(true), None, None) => To::Broadcast(true),
         (None, Some(false), None, None) => {
@@ -455,7 +469,11 @@ async fn push(
     );
     // A unicast is keyed by its device (one partition per device, in order); a
     // multi-target push by its message id.
-    let key = if key.is_empty() { message_id.clone() } else { key };
+    let key = if key.is_empty() {
+        message_id.clone()
+    } else {
+        key
+    };
     ingest.append(vec![record(&key, &event)]).await?;
     Ok((StatusCode::ACCEPTED, Json(PushResponse { message_id })))
 }

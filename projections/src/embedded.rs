@@ -260,7 +260,11 @@ impl Store for EmbeddedStore {
         for (k, v) in &w.presence {
             b.insert(&self.presence, k.as_bytes(), encode(v));
         }
-        b.insert(&self.meta, CHECKPOINT_KEY, next_offset.to_be_bytes().to_vec());
+        b.insert(
+            &self.meta,
+            CHECKPOINT_KEY,
+            next_offset.to_be_bytes().to_vec(),
+        );
         b.commit().map_err(storage)
     }
 

@@ -24,7 +24,8 @@ pub fn apply(tx: &mut Tx<'_>, event: &Event) -> Result<(), StoreError> {
                 false
             } else {
                 let w = &mut tx.writes;
-                w.app_by_client.insert(e.client_id.clone(), e.app_id.clone());
+                w.app_by_client
+                    .insert(e.client_id.clone(), e.app_id.clone());
                 w.app_by_key.insert(e.app_key.clone(), e.app_id.clone());
                 w.apps.insert(
                     e.app_id.clone(),
@@ -94,9 +95,7 @@ pub fn apply(tx: &mut Tx<'_>, event: &Event) -> Result<(), StoreError> {
         }
         Some(Kind::DeviceAcked(e)) => match tx.inbox_entry(&e.device_id, e.seq)? {
             Some(entry) if entry.message_id == e.message_id => {
-                tx.writes
-                    .entries
-                    .insert((e.device_id.clone(), e.seq), None);
+                tx.writes.entries.insert((e.device_id.clone(), e.seq), None);
                 if let Some(mut m) = tx.message(&e.message_id)? {
                     m.acked += 1;
                     debug_assert!(m.acked <= m.targeted, "acked at most once per target");

@@ -82,10 +82,19 @@ impl View for MemStore {
             .collect())
     }
     fn inbox_head(&self, device_id: &str) -> Result<InboxHead, StoreError> {
-        Ok(self.lock().heads.get(device_id).copied().unwrap_or_default())
+        Ok(self
+            .lock()
+            .heads
+            .get(device_id)
+            .copied()
+            .unwrap_or_default())
     }
     fn inbox_entry(&self, device_id: &str, seq: u64) -> Result<Option<InboxEntry>, StoreError> {
-        Ok(self.lock().entries.get(&(device_id.to_owned(), seq)).cloned())
+        Ok(self
+            .lock()
+            .entries
+            .get(&(device_id.to_owned(), seq))
+            .cloned())
     }
     fn message(&self, message_id: &str) -> Result<Option<MessageStatus>, StoreError> {
         Ok(self.lock().messages.get(message_id).cloned())

@@ -102,6 +102,9 @@ mod tests {
             decode(&encode(&newer)),
             Err(DecodeError::TooNew { .. })
         ));
-        assert!(matches!(decode(&[0xff, 0xff]), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            decode(&[0xff, 0xff]),
+            Err(DecodeError::Malformed(_))
+        ));
     }
 }

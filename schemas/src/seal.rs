@@ -119,9 +119,14 @@ mod tests {
     #[test]
     fn seal_open_and_refusals() {
         let ring = Keyring::new(1, &[7u8; KEY_BYTES]);
-        let sealed = ring.seal([1u8; NONCE_BYTES], "m1", b"{\"a\":1}").expect("seals");
+        let sealed = ring
+            .seal([1u8; NONCE_BYTES], "m1", b"{\"a\":1}")
+            .expect("seals");
         assert_ne!(sealed.ciphertext, b"{\"a\":1}".to_vec());
-        assert_eq!(ring.open(&sealed, "m1").expect("opens"), b"{\"a\":1}".to_vec());
+        assert_eq!(
+            ring.open(&sealed, "m1").expect("opens"),
+            b"{\"a\":1}".to_vec()
+        );
         // Moved to another message: refused.
         assert_eq!(ring.open(&sealed, "m2"), Err(SealError::Unauthentic));
         // Tampered: refused.

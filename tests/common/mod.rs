@@ -44,7 +44,10 @@ impl Server {
             data_dir: tmp.path().join("data"),
             http_port: free_port(),
             mqtt_port: free_port(),
-            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             _tmp: Some(tmp),
         };
         s.spawn().await;
@@ -66,7 +69,10 @@ impl Server {
             .arg("--mqtt-addr")
             .arg(format!("127.0.0.1:{}", self.mqtt_port))
             .env("HERALD_ADMIN_TOKEN", ADMIN)
-            .env("HERALD_LOG", "info,herald_gateway=debug,fjall=warn,lsm_tree=warn")
+            .env(
+                "HERALD_LOG",
+                "info,herald_gateway=debug,fjall=warn,lsm_tree=warn",
+            )
             .stdout(Stdio::null())
             .stderr(log);
         for (k, v) in &self.env {
@@ -76,12 +82,16 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(30);
         let http = reqwest::Client::new();
         loop {
-            if let Ok(r) = http.get(format!("{}/healthz", self.base())).send().await {
-                if r.status().is_success() {
-                    return;
-                }
+            if let Ok(r) = http.get(format!("{}/healthz", self.base())).send().await
+                && r.status().is_success()
+            {
+                return;
             }
-            assert!(Instant::now() < deadline, "herald did not start: {}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "herald did not start: {}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -104,6 +114,30 @@ impl Server {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// SIGTERM, then waits for the process to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("server running");
+        let ok = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "herald did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the server again on the same data dir and ports.
+    pub async fn start_again(&mut self) {
+        assert!(self.child.is_none());
+        self.spawn().await;
     }
 
     pub async fn restart(&mut self) {
