@@ -232,4 +232,11 @@ mod tests {
         assert!(e.to_string().contains("max_inflight"));
         assert!(toml::from_str::<FileConfig>("no_such_key = 1").is_err());
     }
+
+    #[test]
+    fn the_example_file_is_valid() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/herald.example.toml"));
+        let file = FileConfig::load(path).unwrap();
+        Config::resolve(file, Overrides::default()).unwrap();
+    }
 }

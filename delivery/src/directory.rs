@@ -10,7 +10,7 @@ use herald_projections::view::Store;
 use herald_schemas::envelope;
 use herald_schemas::events::SealedPayload;
 use herald_schemas::link::{BacklogPage, Delivery};
-use herald_schemas::seal::Keyring;
+use herald_schemas::seal::{Keyring, constant_time_eq};
 use sha2::{Digest, Sha256};
 
 /// Reads devices and backlogs from a [`Store`], and opens payloads for the wire.
@@ -24,11 +24,6 @@ impl StoreDirectory {
     pub fn new(store: Arc<dyn Store>, keyring: Keyring) -> Self {
         StoreDirectory { store, keyring }
     }
-}
-
-/// Compares two byte strings in time independent of where they differ.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Builds wire-ready deliveries for inbox entries, opening each message's payload once.

@@ -12,6 +12,7 @@ use axum::http::request::Parts;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use herald_schemas::seal::constant_time_eq;
 use sha2::{Digest, Sha256};
 
 use crate::Ingest;
@@ -84,11 +85,6 @@ impl Tokens {
             })?;
         Ok(data.claims.sub)
     }
-}
-
-/// Compares two byte strings in time independent of where they differ.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// SHA-256 of a secret, as kept in events.

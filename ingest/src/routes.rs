@@ -21,7 +21,8 @@ use utoipa::{Modify, OpenApi, ToSchema};
 use uuid::Uuid;
 
 use crate::Ingest;
-use crate::auth::{Admin, ApiJson, AppAuth, constant_time_eq, sha256};
+use crate::auth::{Admin, ApiJson, AppAuth, sha256};
+use herald_schemas::seal::constant_time_eq;
 use crate::error::{ApiError, ErrorBody};
 
 fn now_ms() -> u64 {

@@ -112,6 +112,12 @@ impl Keyring {
     }
 }
 
+/// Compares two byte strings (secrets, their hashes) in time that does not depend on
+/// where they differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,5 +145,12 @@ mod tests {
         let mut unknown = sealed;
         unknown.key_id = 9;
         assert_eq!(ring.open(&unknown, "m1"), Err(SealError::UnknownKey(9)));
+    }
+
+    #[test]
+    fn constant_time_eq_compares() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
     }
 }
