@@ -40,7 +40,9 @@ fn parse_args() -> anyhow::Result<Args> {
             "--messages" => a.messages = value()?.parse()?,
             "--concurrency" => a.concurrency = value()?.parse()?,
             "-h" | "--help" => {
-                println!("push_load --api URL --admin-token TOKEN [--devices N] [--messages N] [--concurrency N]");
+                println!(
+                    "push_load --api URL --admin-token TOKEN [--devices N] [--messages N] [--concurrency N]"
+                );
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other}"),
@@ -73,14 +75,20 @@ async fn main() -> anyhow::Result<()> {
         .form(&[
             ("grant_type", "client_credentials"),
             ("client_id", app["client_id"].as_str().unwrap_or_default()),
-            ("client_secret", app["client_secret"].as_str().unwrap_or_default()),
+            (
+                "client_secret",
+                app["client_secret"].as_str().unwrap_or_default(),
+            ),
         ])
         .send()
         .await?
         .error_for_status()?
         .json()
         .await?;
-    let token = token["access_token"].as_str().unwrap_or_default().to_owned();
+    let token = token["access_token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
     let app_key = app["app_key"].as_str().unwrap_or_default().to_owned();
 
     let per_device = args.messages / args.devices;
@@ -91,7 +99,8 @@ async fn main() -> anyhow::Result<()> {
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
     for _ in 0..args.devices {
         let creds = herald_client::register(&http, &args.api, &app_key).await?;
-        let mut conn = herald_client::connect(&creds, herald_client::ConnectOptions::default()).await?;
+        let mut conn =
+            herald_client::connect(&creds, herald_client::ConnectOptions::default()).await?;
         device_ids.push(creds.device_id.clone());
         let received = received.clone();
         let done_tx = done_tx.clone();
@@ -107,7 +116,10 @@ async fn main() -> anyhow::Result<()> {
         });
     }
 
-    eprintln!("pushing {total} messages ({per_device} per device, {} at a time)", args.concurrency);
+    eprintln!(
+        "pushing {total} messages ({per_device} per device, {} at a time)",
+        args.concurrency
+    );
     let start = Instant::now();
     let next = Arc::new(AtomicUsize::new(0));
     let ids = Arc::new(device_ids);

@@ -9,10 +9,10 @@ use std::sync::Arc;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
+use herald_schemas::seal::constant_time_eq;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use herald_schemas::seal::constant_time_eq;
 use sha2::{Digest, Sha256};
 
 use crate::Ingest;

@@ -22,8 +22,8 @@ use uuid::Uuid;
 
 use crate::Ingest;
 use crate::auth::{Admin, ApiJson, AppAuth, sha256};
-use herald_schemas::seal::constant_time_eq;
 use crate::error::{ApiError, ErrorBody};
+use herald_schemas::seal::constant_time_eq;
 
 fn now_ms() -> u64 {
     SystemTime::now()
