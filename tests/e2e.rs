@@ -436,3 +436,79 @@ async fn sigterm_stops_cleanly_and_restart_resumes() {
     let next = recv_n(&mut conn, 1).await;
     assert_eq!((next[0].id.as_str(), next[0].seq), (m.as_str(), 6));
 }
+
+/// An entry sent but never acknowledged is sent again, with the same seq, on the next
+/// connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacked_entry_is_resent_on_the_next_connection() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let server = Server::start().await;
+    let app = create_app(&server).await;
+    let dev = app.register().await;
+    let m = app.push(&dev.device_id, json!("ack me later")).await;
+
+    // A stock client that does not acknowledge (manual acks, never sent).
+    let mut opts = MqttOptions::new(&dev.device_id, "127.0.0.1", server.mqtt_port);
+    opts.set_credentials(&dev.device_id, &dev.device_token)
+        .set_manual_acks(true);
+    let (client, mut el) = AsyncClient::new(opts, 10);
+    client.subscribe("inbox", QoS::AtLeastOnce).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Event::Incoming(Packet::Publish(p)) = el.poll().await.unwrap() {
+                return herald_schemas::envelope::decode(&p.payload).unwrap();
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!((first.id.as_str(), first.seq), (m.as_str(), 1));
+    drop(client);
+    drop(el);
+
+    let mut conn = connect(&dev).await;
+    let again = recv_n(&mut conn, 1).await;
+    assert_eq!((again[0].id.as_str(), again[0].seq), (m.as_str(), 1));
+    app.wait_acked(&m, 1).await;
+}
+
+/// A connection silent for 1.5 x its keep-alive is closed by the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connection_is_closed_after_one_and_a_half_keep_alives() {
+    let server = Server::start().await;
+    let app = create_app(&server).await;
+    let dev = app.register().await;
+    // CONNECT with keep-alive 1 s, written by hand so nothing pings.
+    let mut body = Vec::new();
+    body.extend_from_slice(b"\x00\x04MQTT\x04\xc2\x00\x01");
+    for field in [&dev.device_id, &dev.device_id, &dev.device_token] {
+        body.extend_from_slice(&(field.len() as u16).to_be_bytes());
+        body.extend_from_slice(field.as_bytes());
+    }
+    assert!(body.len() < 16_384);
+    let mut packet = vec![0x10];
+    if body.len() < 128 {
+        packet.push(body.len() as u8);
+    } else {
+        packet.extend_from_slice(&[(body.len() % 128) as u8 | 0x80, (body.len() / 128) as u8]);
+    }
+    packet.extend_from_slice(&body);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", server.mqtt_port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&packet).unwrap();
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack).unwrap();
+    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 8];
+    assert_eq!(
+        s.read(&mut buf).unwrap_or(0),
+        0,
+        "expected the server to close"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1400) && waited < Duration::from_secs(5),
+        "closed after {waited:?}"
+    );
+}
