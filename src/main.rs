@@ -2,6 +2,7 @@
 //! thin; every role lives in its own crate.
 
 mod config;
+mod replay;
 mod serve;
 
 use std::net::SocketAddr;
@@ -41,6 +42,8 @@ enum Command {
     /// data dir and printed. Stop with Ctrl-C or SIGTERM; a restart resumes where it
     /// stopped.
     Serve(ServeArgs),
+    /// Stream the event log as JSON lines, from a running server or a stopped data dir.
+    Replay(replay::ReplayArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -103,5 +106,6 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             runtime.block_on(serve::run(config))
         }
+        Command::Replay(args) => replay::run(args),
     }
 }

@@ -15,6 +15,7 @@
 //! - An app sees and targets only its own devices and messages: another app's ids are
 //!   answered exactly like ids that do not exist (404).
 
+pub mod admin;
 pub mod auth;
 pub mod error;
 pub mod routes;

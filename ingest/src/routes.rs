@@ -601,6 +601,7 @@ pub(crate) fn router(ingest: Arc<Ingest>) -> Router {
         .route("/v1/messages/{id}", get(message_status))
         .route("/healthz", get(healthz))
         .route("/openapi.json", get(openapi_json))
+        .merge(crate::admin::routes())
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(ingest)
