@@ -14,7 +14,7 @@ pub use event::Kind;
 pub use target::To;
 
 /// The revision of `events.proto` this build writes.
-pub const CURRENT_SCHEMA_VERSION: u32 = 1;
+pub const CURRENT_SCHEMA_VERSION: u32 = 2;
 
 /// Why bytes could not be read as an event.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +53,8 @@ impl Event {
             Some(Kind::DeviceConnected(_)) => "DeviceConnected",
             Some(Kind::DeviceDisconnected(_)) => "DeviceDisconnected",
             Some(Kind::DeviceAcked(_)) => "DeviceAcked",
+            Some(Kind::MessageRecalled(_)) => "MessageRecalled",
+            Some(Kind::DeviceReceived(_)) => "DeviceReceived",
             None => "Empty",
         }
     }

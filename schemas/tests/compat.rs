@@ -82,8 +82,30 @@ fn samples() -> Vec<(&'static str, Event)> {
 }
 
 /// Samples of kinds and fields added after version 1.
-fn newer_samples(_ts: u64) -> Vec<(&'static str, Event)> {
-    Vec::new()
+fn newer_samples(ts: u64) -> Vec<(&'static str, Event)> {
+    vec![
+        ("push_idempotent", Event::new(ts, Kind::PushAccepted(PushAccepted {
+            message_id: "msg-3".into(),
+            app_id: "app-1".into(),
+            target: Some(Target { to: Some(To::DeviceId("dev-1".into())) }),
+            payload: Some(sealed()),
+            ttl_s: 3600,
+            idempotency_key: "order-42".into(),
+            request_sha256: vec![3; 32],
+            idempotency_window_s: 86_400,
+            ..Default::default()
+        }))),
+        ("message_recalled", Event::new(ts, Kind::MessageRecalled(MessageRecalled {
+            message_id: "msg-1".into(),
+            app_id: "app-1".into(),
+        }))),
+        ("device_received", Event::new(ts, Kind::DeviceReceived(DeviceReceived {
+            device_id: "dev-1".into(),
+            seq: 2,
+            message_id: "msg-2".into(),
+            gateway_id: "gw-1".into(),
+        }))),
+    ]
 }
 
 #[test]
