@@ -11,7 +11,9 @@ use serde::de::DeserializeOwned;
 
 use crate::StoreError;
 use crate::memory::MemState;
-use crate::model::{App, Device, InboxEntry, InboxHead, MessageStatus, Payload, Presence};
+use crate::model::{
+    App, Device, IdempotencyRecord, InboxEntry, InboxHead, MessageStatus, Payload, Presence,
+};
 use crate::view::{Store, View, Writes};
 
 const CHECKPOINT_KEY: &[u8] = b"checkpoint";
@@ -30,6 +32,8 @@ pub struct EmbeddedStore {
     messages: Keyspace,
     payloads: Keyspace,
     presence: Keyspace,
+    idempotency: Keyspace,
+    collapse: Keyspace,
     meta: Keyspace,
 }
 
@@ -90,6 +94,8 @@ impl EmbeddedStore {
             messages: ks("messages")?,
             payloads: ks("payloads")?,
             presence: ks("presence")?,
+            idempotency: ks("idempotency")?,
+            collapse: ks("collapse")?,
             meta: ks("meta")?,
             db,
         })
@@ -158,6 +164,16 @@ impl EmbeddedStore {
         for (k, v) in all::<Presence>(&self.presence, "presence")? {
             s.presence.insert(text(&k), v);
         }
+        for (k, v) in all::<IdempotencyRecord>(&self.idempotency, "idempotency")? {
+            if let Some((a, key)) = text(&k).split_once('\0') {
+                s.idempotency.insert((a.to_owned(), key.to_owned()), v);
+            }
+        }
+        for (k, v) in all::<u64>(&self.collapse, "collapse")? {
+            if let Some((d, key)) = text(&k).split_once('\0') {
+                s.collapse.insert((d.to_owned(), key.to_owned()), v);
+            }
+        }
         s.checkpoint = self.checkpoint()?;
         Ok(s)
     }
@@ -217,6 +233,16 @@ impl View for EmbeddedStore {
     fn presence(&self, device_id: &str) -> Result<Option<Presence>, StoreError> {
         Self::get(&self.presence, "presence", device_id.as_bytes())
     }
+    fn idempotency(
+        &self,
+        app_id: &str,
+        key: &str,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        Self::get(&self.idempotency, "idempotency", &pair_key(app_id, key))
+    }
+    fn collapse(&self, device_id: &str, collapse_key: &str) -> Result<Option<u64>, StoreError> {
+        Self::get(&self.collapse, "collapse", &pair_key(device_id, collapse_key))
+    }
 }
 
 impl Store for EmbeddedStore {
@@ -259,6 +285,12 @@ impl Store for EmbeddedStore {
         }
         for (k, v) in &w.presence {
             b.insert(&self.presence, k.as_bytes(), encode(v));
+        }
+        for ((a, k), v) in &w.idempotency {
+            b.insert(&self.idempotency, pair_key(a, k), encode(v));
+        }
+        for ((d, k), v) in &w.collapse {
+            b.insert(&self.collapse, pair_key(d, k), encode(v));
         }
         b.insert(
             &self.meta,

@@ -4,7 +4,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
 use crate::StoreError;
-use crate::model::{App, Device, InboxEntry, InboxHead, MessageStatus, Payload, Presence};
+use crate::model::{
+    App, Device, IdempotencyRecord, InboxEntry, InboxHead, MessageStatus, Payload, Presence,
+};
 use crate::view::{Store, View, Writes};
 
 /// All state in ordered maps, so two stores compare equal when their states are equal.
@@ -30,6 +32,10 @@ pub struct MemState {
     pub payloads: BTreeMap<String, Payload>,
     /// Presence.
     pub presence: BTreeMap<String, Presence>,
+    /// Idempotency records.
+    pub idempotency: BTreeMap<(String, String), IdempotencyRecord>,
+    /// Collapse keys.
+    pub collapse: BTreeMap<(String, String), u64>,
     /// The checkpoint.
     pub checkpoint: u64,
 }
@@ -102,6 +108,24 @@ impl View for MemStore {
     fn presence(&self, device_id: &str) -> Result<Option<Presence>, StoreError> {
         Ok(self.lock().presence.get(device_id).cloned())
     }
+    fn idempotency(
+        &self,
+        app_id: &str,
+        key: &str,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        Ok(self
+            .lock()
+            .idempotency
+            .get(&(app_id.to_owned(), key.to_owned()))
+            .cloned())
+    }
+    fn collapse(&self, device_id: &str, collapse_key: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .lock()
+            .collapse
+            .get(&(device_id.to_owned(), collapse_key.to_owned()))
+            .copied())
+    }
 }
 
 impl Store for MemStore {
@@ -122,6 +146,8 @@ impl Store for MemStore {
         s.messages.extend(w.messages.clone());
         s.payloads.extend(w.payloads.clone());
         s.presence.extend(w.presence.clone());
+        s.idempotency.extend(w.idempotency.clone());
+        s.collapse.extend(w.collapse.clone());
         assert!(next_offset >= s.checkpoint, "checkpoints never go back");
         s.checkpoint = next_offset;
         Ok(())

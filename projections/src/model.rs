@@ -48,6 +48,9 @@ pub struct InboxEntry {
     pub ts_ms: u64,
     /// After this instant it is never sent.
     pub expires_at_ms: u64,
+    /// The device confirmed receipt at QoS 2 (PUBREC): only the PUBREL is ever sent again.
+    #[serde(default)]
+    pub received: bool,
 }
 
 /// Per-device inbox bookkeeping.
@@ -80,6 +83,48 @@ pub struct MessageStatus {
     pub targeted: u64,
     /// How many of them confirmed receipt.
     pub acked: u64,
+    /// Whether the app recalled it.
+    #[serde(default)]
+    pub recalled: bool,
+    /// Targets that had not confirmed receipt when it was recalled (an in-flight entry
+    /// acknowledged after the recall moves from here to `acked`).
+    #[serde(default)]
+    pub recalled_targets: u64,
+    /// Targets where a newer push with the same collapse key replaced it before receipt.
+    #[serde(default)]
+    pub replaced: u64,
+    /// The device of a unicast message.
+    #[serde(default)]
+    pub unicast_device: Option<String>,
+}
+
+impl MessageStatus {
+    /// Targets that have neither confirmed receipt nor lost it to a replacement or a
+    /// recall.
+    pub fn outstanding(&self) -> u64 {
+        self.targeted
+            .saturating_sub(self.acked + self.replaced + self.recalled_targets)
+    }
+}
+
+/// What an Idempotency-Key of an app stands for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdempotencyRecord {
+    /// The message the key produced.
+    pub message_id: String,
+    /// SHA-256 of the canonical request it came with.
+    pub request_sha256: Vec<u8>,
+    /// When that message was accepted (ms since the Unix epoch).
+    pub ts_ms: u64,
+    /// How long the key holds, in seconds from `ts_ms`.
+    pub window_s: u32,
+}
+
+impl IdempotencyRecord {
+    /// Whether the key still holds at `ts_ms`.
+    pub fn holds_at(&self, ts_ms: u64) -> bool {
+        ts_ms < self.ts_ms.saturating_add(u64::from(self.window_s) * 1000)
+    }
 }
 
 /// Where a device is connected, as reported by gateways.

@@ -7,7 +7,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::StoreError;
-use crate::model::{App, Device, InboxEntry, InboxHead, MessageStatus, Payload, Presence};
+use crate::model::{
+    App, Device, IdempotencyRecord, InboxEntry, InboxHead, MessageStatus, Payload, Presence,
+};
 
 /// Read access to committed projection state.
 pub trait View {
@@ -34,6 +36,11 @@ pub trait View {
     fn message(&self, message_id: &str) -> Result<Option<MessageStatus>, StoreError>;
     /// A device's presence.
     fn presence(&self, device_id: &str) -> Result<Option<Presence>, StoreError>;
+    /// What an app's Idempotency-Key stands for.
+    fn idempotency(&self, app_id: &str, key: &str)
+    -> Result<Option<IdempotencyRecord>, StoreError>;
+    /// The seq of the newest entry of a device with this collapse key.
+    fn collapse(&self, device_id: &str, collapse_key: &str) -> Result<Option<u64>, StoreError>;
 }
 
 /// The writes of one batch, ready to be committed atomically.
@@ -59,6 +66,10 @@ pub struct Writes {
     pub payloads: BTreeMap<String, Payload>,
     /// Presence changed.
     pub presence: BTreeMap<String, Presence>,
+    /// (app id, key) -> idempotency record.
+    pub idempotency: BTreeMap<(String, String), IdempotencyRecord>,
+    /// (device id, collapse key) -> seq of the newest entry with that key.
+    pub collapse: BTreeMap<(String, String), u64>,
 }
 
 /// A new inbox entry made by a batch, for the delivery worker to forward live.
@@ -70,6 +81,16 @@ pub struct NewEntry {
     pub entry: InboxEntry,
 }
 
+/// An entry taken back by a batch (replaced by a newer push with the same collapse key,
+/// or recalled), for the worker to tell gateways that may hold it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Withdrawn {
+    /// The device, or `None` for every device (a recalled broadcast).
+    pub device_id: Option<String>,
+    /// The message.
+    pub message_id: String,
+}
+
 /// A batch in progress: committed state underneath, this batch's writes on top.
 pub struct Tx<'a> {
     base: &'a dyn View,
@@ -77,6 +98,8 @@ pub struct Tx<'a> {
     pub writes: Writes,
     /// Entries created by this batch, in the order they were created.
     pub new_entries: Vec<NewEntry>,
+    /// Entries taken back by this batch.
+    pub withdrawn: Vec<Withdrawn>,
     /// Events a fold refused (duplicates, unknown ids); counted, not fatal.
     pub rejected: u64,
 }
@@ -88,6 +111,7 @@ impl<'a> Tx<'a> {
             base,
             writes: Writes::default(),
             new_entries: Vec::new(),
+            withdrawn: Vec::new(),
             rejected: 0,
         }
     }
@@ -184,6 +208,32 @@ impl View for Tx<'_> {
         match self.writes.presence.get(device_id) {
             Some(p) => Ok(Some(p.clone())),
             None => self.base.presence(device_id),
+        }
+    }
+
+    fn idempotency(
+        &self,
+        app_id: &str,
+        key: &str,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        match self
+            .writes
+            .idempotency
+            .get(&(app_id.to_owned(), key.to_owned()))
+        {
+            Some(r) => Ok(Some(r.clone())),
+            None => self.base.idempotency(app_id, key),
+        }
+    }
+
+    fn collapse(&self, device_id: &str, collapse_key: &str) -> Result<Option<u64>, StoreError> {
+        match self
+            .writes
+            .collapse
+            .get(&(device_id.to_owned(), collapse_key.to_owned()))
+        {
+            Some(s) => Ok(Some(*s)),
+            None => self.base.collapse(device_id, collapse_key),
         }
     }
 }

@@ -19,6 +19,9 @@ enum Op {
     Ack(u8, u8, u8),
     Connect(u8, u8),
     Disconnect(u8, u8),
+    Recall(u8, u8),
+    Received(u8, u8, u8),
+    Keyed(u8, u8, u8, u8, u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -30,11 +33,15 @@ fn op() -> impl Strategy<Value = Op> {
         (0..6u8, 1..8u8, 0..50u8).prop_map(|(d, s, m)| Op::Ack(d, s, m)),
         (0..6u8, 0..2u8).prop_map(|(d, g)| Op::Connect(d, g)),
         (0..6u8, 0..2u8).prop_map(|(d, g)| Op::Disconnect(d, g)),
+        (0..3u8, 0..50u8).prop_map(|(a, m)| Op::Recall(a, m)),
+        (0..6u8, 1..8u8, 0..50u8).prop_map(|(d, s, m)| Op::Received(d, s, m)),
+        (0..3u8, 0..6u8, 0..50u8, 0..3u8, 0..3u8).prop_map(|(a, d, m, k, c)| Op::Keyed(a, d, m, k, c)),
     ]
 }
 
 fn event(i: usize, op: &Op) -> Event {
-    let ts = 1_000 + i as u64;
+    // One second apart: idempotency windows (20 s) open and close within a run.
+    let ts = 1_000 + 1_000 * i as u64;
     let kind = match op {
         Op::App(a) => Kind::AppCreated(AppCreated {
             app_id: format!("a{a}"),
@@ -68,6 +75,7 @@ fn event(i: usize, op: &Op) -> Event {
             ttl_s: 60,
             priority: 0,
             collapse_key: String::new(),
+            ..Default::default()
         }),
         Op::Ack(d, s, m) => Kind::DeviceAcked(DeviceAcked {
             device_id: format!("d{d}"),
@@ -84,6 +92,35 @@ fn event(i: usize, op: &Op) -> Event {
             device_id: format!("d{d}"),
             gateway_id: format!("g{g}"),
             reason: "r".into(),
+        }),
+        Op::Recall(a, m) => Kind::MessageRecalled(MessageRecalled {
+            message_id: format!("m{m}"),
+            app_id: format!("a{a}"),
+        }),
+        Op::Received(d, s, m) => Kind::DeviceReceived(DeviceReceived {
+            device_id: format!("d{d}"),
+            seq: u64::from(*s),
+            message_id: format!("m{m}"),
+            gateway_id: "g".into(),
+        }),
+        // An idempotent push with a collapse key; message ids of these start at 100.
+        Op::Keyed(a, d, m, k, c) => Kind::PushAccepted(PushAccepted {
+            message_id: format!("m{}", 100 + u32::from(*m)),
+            app_id: format!("a{a}"),
+            target: Some(Target {
+                to: Some(To::DeviceId(format!("d{d}"))),
+            }),
+            payload: Some(SealedPayload {
+                key_id: 1,
+                nonce: vec![0; 12],
+                ciphertext: vec![*m],
+            }),
+            ttl_s: 60,
+            priority: 0,
+            collapse_key: if *c == 0 { String::new() } else { format!("c{c}") },
+            idempotency_key: format!("k{k}"),
+            request_sha256: vec![*m],
+            idempotency_window_s: 20,
         }),
     };
     Event::new(ts, kind)
