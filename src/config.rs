@@ -38,6 +38,8 @@ pub struct FileConfig {
     pub default_ttl_s: Option<u32>,
     /// Largest TTL a push may ask for.
     pub max_ttl_s: Option<u32>,
+    /// How long an Idempotency-Key holds.
+    pub idempotency_window_s: Option<u32>,
     /// Unacknowledged PUBLISHes per device.
     pub max_inflight: Option<usize>,
     /// Entries queued per session beyond the in-flight window.
@@ -88,6 +90,8 @@ pub struct Config {
     pub default_ttl_s: u32,
     /// Largest push TTL.
     pub max_ttl_s: u32,
+    /// How long an Idempotency-Key holds.
+    pub idempotency_window_s: u32,
     /// In-flight window per device.
     pub max_inflight: usize,
     /// Session queue per device.
@@ -117,6 +121,8 @@ pub struct Overrides {
     pub token_ttl_s: Option<u64>,
     /// `HERALD_MAX_DATA_BYTES`.
     pub max_data_bytes: Option<usize>,
+    /// `HERALD_IDEMPOTENCY_WINDOW_S`.
+    pub idempotency_window_s: Option<u32>,
 }
 
 fn advertised(scheme: &str, addr: SocketAddr, path: &str) -> String {
@@ -159,6 +165,10 @@ impl Config {
             max_body_bytes: file.max_body_bytes.unwrap_or(64 * 1024),
             default_ttl_s: file.default_ttl_s.unwrap_or(24 * 3600),
             max_ttl_s: file.max_ttl_s.unwrap_or(28 * 24 * 3600),
+            idempotency_window_s: o
+                .idempotency_window_s
+                .or(file.idempotency_window_s)
+                .unwrap_or(24 * 3600),
             max_inflight: file.max_inflight.unwrap_or(32),
             max_pending: file.max_pending.unwrap_or(256),
             max_packet_bytes: file.max_packet_bytes.unwrap_or(64 * 1024),
@@ -181,6 +191,9 @@ impl Config {
         }
         if self.default_ttl_s == 0 || self.default_ttl_s > self.max_ttl_s {
             bail!("default_ttl_s must be between 1 and max_ttl_s");
+        }
+        if self.idempotency_window_s == 0 || self.idempotency_window_s > 7 * 24 * 3600 {
+            bail!("idempotency_window_s must be between 1 and 604800 (7 days)");
         }
         if !(1..=65_535).contains(&self.max_inflight) {
             bail!("max_inflight must be between 1 and 65535");

@@ -2,6 +2,7 @@
 //! thin; every role lives in its own crate.
 
 mod config;
+mod rebuild;
 mod replay;
 mod serve;
 
@@ -44,6 +45,12 @@ enum Command {
     Serve(ServeArgs),
     /// Stream the event log as JSON lines, from a running server or a stopped data dir.
     Replay(replay::ReplayArgs),
+    /// Fold the whole log again into a fresh store and print a digest of each projection
+    /// (on a stopped data dir).
+    Rebuild(rebuild::RebuildArgs),
+    /// Rebuild, then compare with the live projections; exits 1 if they differ (on a
+    /// stopped data dir).
+    Verify(rebuild::RebuildArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -66,6 +73,9 @@ struct ServeArgs {
     /// Largest push `data`, in bytes of compact JSON [default: 4096].
     #[arg(long, env = "HERALD_MAX_DATA_BYTES")]
     max_data_bytes: Option<usize>,
+    /// How long an Idempotency-Key holds, in seconds [default: 86400].
+    #[arg(long, env = "HERALD_IDEMPOTENCY_WINDOW_S")]
+    idempotency_window_s: Option<u32>,
 }
 
 fn init_tracing(format: LogFormat) {
@@ -99,6 +109,7 @@ fn main() -> anyhow::Result<()> {
                 payload_key: std::env::var("HERALD_PAYLOAD_KEY").ok(),
                 token_ttl_s: args.token_ttl_s,
                 max_data_bytes: args.max_data_bytes,
+                idempotency_window_s: args.idempotency_window_s,
             };
             let config = config::Config::resolve(file, overrides)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -107,5 +118,7 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(serve::run(config))
         }
         Command::Replay(args) => replay::run(args),
+        Command::Rebuild(args) => rebuild::run(args, false),
+        Command::Verify(args) => rebuild::run(args, true),
     }
 }

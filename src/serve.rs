@@ -9,10 +9,10 @@ use base64::Engine;
 use herald_delivery::directory::StoreDirectory;
 use herald_delivery::worker::Worker;
 use herald_eventlog::EventLog;
-use herald_eventlog::embedded::{EmbeddedLog, open_database};
+use herald_eventlog::embedded::EmbeddedLog;
 use herald_gateway::{Gateway, GatewayConfig, Hub, SessionLimits};
 use herald_ingest::{Ingest, IngestConfig};
-use herald_projections::embedded::EmbeddedStore;
+use herald_projections::embedded::{EmbeddedStore, open_database};
 use herald_projections::view::Store;
 use herald_schemas::seal::{KEY_BYTES, Keyring};
 use tokio::net::TcpListener;
@@ -104,13 +104,28 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let keyring = Keyring::new(1, &payload_key);
     let (jwt_secret, _) = secret_file(&dir.join("jwt.key"), || random_b64(32))?;
 
-    let db = open_database(&dir.join("store")).context("cannot open the embedded database")?;
-    let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open(db.clone())?);
-    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(db.clone(), "")?);
+    let log: Arc<dyn EventLog> =
+        Arc::new(EmbeddedLog::open(&dir.join("log")).context("cannot open the event log")?);
+    let db = open_database(&dir.join("store"))?;
+    let mut embedded = EmbeddedStore::open(db.clone(), "")?;
+    let log_end = *log.durable_end().borrow();
+    if embedded.checkpoint()? > log_end {
+        // The projections hold events the log no longer has (it lost a tail that had
+        // been synced: a disk fault). The log is the record: fold it again from the start.
+        tracing::error!(
+            checkpoint = embedded.checkpoint()?,
+            log_end,
+            "the projections are ahead of the event log; rebuilding them from the log"
+        );
+        embedded.destroy()?;
+        embedded = EmbeddedStore::open(db.clone(), "")?;
+    }
+    let store: Arc<dyn Store> = Arc::new(embedded);
 
     let hub = Arc::new(Hub::default());
     let worker = Worker::new(log.clone(), store.clone(), hub.clone(), keyring.clone())?;
     let applied = worker.applied();
+    let worker_applied = worker.applied();
 
     let (shutdown_tx, shutdown) = watch::channel(false);
 
@@ -124,6 +139,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             max_ttl_s: config.max_ttl_s,
             gateway_mqtt: config.advertised_mqtt.clone(),
             gateway_ws: config.advertised_ws.clone(),
+            idempotency_window_s: config.idempotency_window_s,
         },
         log.clone(),
         store.clone(),
@@ -143,7 +159,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             },
         },
         hub,
-        Arc::new(StoreDirectory::new(store.clone(), keyring)),
+        Arc::new(
+            StoreDirectory::new(store.clone(), keyring)
+                .with_freshness(log.durable_end(), worker_applied),
+        ),
         log.clone(),
     );
 

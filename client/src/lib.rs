@@ -1,29 +1,101 @@
 //! herald's Rust device SDK (an API boundary): register a device, connect to its
-//! gateway over MQTT, and receive its pushes once each, in order.
+//! gateway over MQTT 3.1.1, and receive its pushes once each, in order, across
+//! reconnects and restarts.
 //!
-//! This first version covers what a device needs to receive pushes: registration over
-//! REST, an MQTT connection with the device's credentials, the `inbox` subscription at
-//! QoS 1, and duplicate removal by `seq` (a resent entry is never shown twice). Resume
-//! across process restarts and the adaptive heartbeat come later.
+//! A [`Device`] keeps one connection to the gateway (client id = user name = device id,
+//! password = device token, subscribed to `inbox`) and reconnects by itself with a
+//! jittered exponential backoff when it breaks; it stops only when the gateway refuses
+//! the credentials. Each entry arrives as an [`Envelope`] `{"id","seq","ts","data"}`.
+//! The device removes duplicates by `seq` and by recent message id, remembers the last
+//! `seq` shown (optionally in a state file, so a restarted app resumes there), and
+//! acknowledges an entry only once the app is done with it.
 //!
 //! ```no_run
-//! # async fn demo() -> anyhow::Result<()> {
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use herald_client::{Device, DeviceOptions};
+//!
 //! let http = reqwest::Client::new();
 //! let creds = herald_client::register(&http, "http://127.0.0.1:8080", "APP_KEY").await?;
-//! let mut conn = herald_client::connect(&creds, herald_client::ConnectOptions::default()).await?;
-//! while let Some(msg) = conn.messages.recv().await {
-//!     println!("{} {}", msg.seq, msg.data);
-//! }
+//! let mut opts = DeviceOptions::default();
+//! opts.state_file = Some("herald-state.json".into());
+//! let device = Device::start(&creds, opts).await?;
+//!
+//! // Handler style: each entry is acknowledged when the handler returns.
+//! device
+//!     .run(|msg| async move { println!("{} {} {}", msg.seq, msg.id, msg.data) })
+//!     .await?;
 //! # Ok(()) }
 //! ```
+//!
+//! Pull style, for apps that hand work on:
+//!
+//! ```no_run
+//! # async fn demo(creds: herald_client::DeviceCredentials) -> Result<(), herald_client::Error> {
+//! let mut device = herald_client::Device::start(&creds, Default::default()).await?;
+//! let mut events = device.events();
+//! tokio::spawn(async move {
+//!     while let Ok(event) = events.recv().await {
+//!         eprintln!("herald: {event:?}");
+//!     }
+//! });
+//! while let Some(msg) = device.next().await {
+//!     println!("{} {}", msg.seq, msg.data);
+//!     msg.ack(); // or drop it: dropping acknowledges too
+//! }
+//! device.close().await
+//! # }
+//! ```
+//!
+//! # Delivery guarantee: at most once to the app
+//!
+//! An entry's `seq` is recorded as seen (and, with a state file, saved) at the moment
+//! [`Device::next`] returns it, before the app handles it; its acknowledgement (PUBACK,
+//! or PUBREC at QoS 2) is sent only after the app acknowledges or drops the
+//! [`Message`] (in [`Device::run`]: after the handler returns). So:
+//!
+//! - The app never sees a message twice, even across restarts with a state file: a
+//!   resend (same `seq`) or a repeat (same id) is acknowledged at once and not shown.
+//! - If the connection breaks while the app handles a message, the gateway resends it;
+//!   the device removes it as a duplicate and acknowledges it on the new connection.
+//! - If the process dies while the app handles a message, that message is lost to the
+//!   app: with a state file the restarted device treats it as seen (without one, a
+//!   restarted device starts from nothing and shows whatever the gateway still holds).
+//!   herald's status for the message stays "not acknowledged" until the restarted
+//!   device acknowledges the resend, so the app server can tell.
+//!
+//! Acknowledgements go out in arrival order: one waits for every earlier entry of the
+//! same connection to be acknowledged. An entry is only ever acknowledged on the
+//! connection that delivered it.
+//!
+//! # Layout
+//!
+//! - [`Device`], [`DeviceHandle`], [`Message`], [`DeviceEvent`] (`device.rs`): the
+//!   reconnecting device: a driver task per device runs the connection loop; the app
+//!   side removes duplicates, saves state and hands out messages.
+//! - [`Resume`] (`resume.rs`): the duplicate and resume logic and the state file, pure.
+//! - `backoff.rs`, `acks.rs`: the reconnect schedule and the acknowledgement order, pure.
+//! - [`connect`] (`connection.rs`): a single connection without reconnect, acknowledged
+//!   on receipt, used by tests and `examples/push_load.rs`.
+//! - [`register`] (here): device registration over REST.
 
-use std::time::Duration;
+mod acks;
+mod backoff;
+mod connection;
+mod device;
+mod error;
+mod resume;
 
 use anyhow::{Context, anyhow, bail};
 pub use herald_schemas::envelope::Envelope;
-use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Packet, QoS};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+
+pub use backoff::BackoffOptions;
+pub use connection::{Closed, ConnectOptions, Connection, connect};
+pub use device::{
+    Ack, Device, DeviceEvent, DeviceHandle, DeviceOptions, DisconnectReason, Message, Qos, Status,
+};
+pub use error::Error;
+pub use resume::{Resume, Verdict};
 
 /// A registered device's identity and where to connect.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -87,121 +159,4 @@ pub async fn register(
         mqtt_host,
         mqtt_port,
     })
-}
-
-/// How to connect.
-#[derive(Debug, Clone)]
-pub struct ConnectOptions {
-    /// MQTT keep-alive.
-    pub keep_alive: Duration,
-    /// Most unacknowledged messages the client accepts at once.
-    pub inflight: u16,
-    /// Ask the gateway to keep the session (herald keeps the inbox either way).
-    pub clean_session: bool,
-    /// Messages buffered for the app before the connection stops reading.
-    pub buffer: usize,
-}
-
-impl Default for ConnectOptions {
-    fn default() -> Self {
-        ConnectOptions {
-            keep_alive: Duration::from_secs(60),
-            inflight: 64,
-            clean_session: false,
-            buffer: 1024,
-        }
-    }
-}
-
-/// How a connection ended.
-#[derive(Debug)]
-pub enum Closed {
-    /// The gateway refused the credentials.
-    Refused(String),
-    /// The connection broke or was closed by the gateway (for example, taken over).
-    Lost(String),
-    /// The app dropped the connection.
-    Dropped,
-}
-
-/// A live connection.
-pub struct Connection {
-    /// The device's messages, each once, in `seq` order.
-    pub messages: mpsc::Receiver<Envelope>,
-    /// Resolves when the connection ends.
-    pub closed: oneshot::Receiver<Closed>,
-    client: AsyncClient,
-}
-
-impl Connection {
-    /// Disconnects cleanly.
-    pub async fn disconnect(&self) {
-        let _ = self.client.disconnect().await;
-    }
-}
-
-/// Connects, subscribes to `inbox` at QoS 1 and resolves once the subscription is
-/// acknowledged. The connection does not reconnect by itself: when it ends, `closed`
-/// says why.
-pub async fn connect(
-    creds: &DeviceCredentials,
-    opts: ConnectOptions,
-) -> anyhow::Result<Connection> {
-    let mut mqtt = MqttOptions::new(&creds.device_id, &creds.mqtt_host, creds.mqtt_port);
-    mqtt.set_credentials(&creds.device_id, &creds.device_token)
-        .set_keep_alive(opts.keep_alive)
-        .set_clean_session(opts.clean_session)
-        .set_inflight(opts.inflight)
-        .set_max_packet_size(256 * 1024, 64 * 1024);
-    let (client, mut eventloop) = AsyncClient::new(mqtt, 16);
-    client.subscribe("inbox", QoS::AtLeastOnce).await?;
-    let (tx, messages) = mpsc::channel(opts.buffer);
-    let (ready_tx, ready_rx) = oneshot::channel::<Result<(), String>>();
-    let (closed_tx, closed) = oneshot::channel();
-    tokio::spawn(async move {
-        let mut ready = Some(ready_tx);
-        let mut last_seq = 0u64;
-        let end = loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    if let Some(r) = ready.take() {
-                        let _ = r.send(Ok(()));
-                    }
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let env = match herald_schemas::envelope::decode(&p.payload) {
-                        Ok(e) => e,
-                        Err(_) => continue,
-                    };
-                    // Entries arrive in seq order; a resend after a reconnect repeats
-                    // seqs already shown.
-                    if env.seq <= last_seq {
-                        continue;
-                    }
-                    last_seq = env.seq;
-                    if tx.send(env).await.is_err() {
-                        break Closed::Dropped;
-                    }
-                }
-                Ok(_) => {}
-                Err(ConnectionError::ConnectionRefused(code)) => {
-                    break Closed::Refused(format!("{code:?}"));
-                }
-                Err(e) => break Closed::Lost(e.to_string()),
-            }
-        };
-        if let Some(r) = ready.take() {
-            let _ = r.send(Err(format!("{end:?}")));
-        }
-        let _ = closed_tx.send(end);
-    });
-    match ready_rx.await {
-        Ok(Ok(())) => Ok(Connection {
-            messages,
-            closed,
-            client,
-        }),
-        Ok(Err(e)) => bail!("connection failed: {e}"),
-        Err(_) => bail!("connection task ended"),
-    }
 }

@@ -17,12 +17,40 @@ use sha2::{Digest, Sha256};
 pub struct StoreDirectory {
     store: Arc<dyn Store>,
     keyring: Keyring,
+    freshness: Option<Freshness>,
 }
+
+/// Where the log ends and how far the projections have applied it.
+struct Freshness {
+    log_end: tokio::sync::watch::Receiver<u64>,
+    applied: tokio::sync::watch::Receiver<u64>,
+}
+
+/// How long a backlog read waits for the projections to catch up with the log.
+const FRESHNESS_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl StoreDirectory {
     /// A directory over `store`, opening payloads with `keyring`.
     pub fn new(store: Arc<dyn Store>, keyring: Keyring) -> Self {
-        StoreDirectory { store, keyring }
+        StoreDirectory {
+            store,
+            keyring,
+            freshness: None,
+        }
+    }
+
+    /// Makes every backlog read wait until the projections have applied everything that
+    /// was durable in the log when the read was asked for. Without this, a device that
+    /// reconnects right after a restart (or right after acknowledging on another
+    /// connection) could be sent entries whose acknowledgement or QoS 2 receipt is in the
+    /// log but not yet applied.
+    pub fn with_freshness(
+        mut self,
+        log_end: tokio::sync::watch::Receiver<u64>,
+        applied: tokio::sync::watch::Receiver<u64>,
+    ) -> Self {
+        self.freshness = Some(Freshness { log_end, applied });
+        self
     }
 }
 
@@ -31,6 +59,7 @@ pub struct Envelopes<'a> {
     store: &'a dyn Store,
     keyring: &'a Keyring,
     opened: HashMap<String, Option<Arc<[u8]>>>,
+    recalled: HashMap<String, bool>,
 }
 
 impl<'a> Envelopes<'a> {
@@ -40,7 +69,22 @@ impl<'a> Envelopes<'a> {
             store,
             keyring,
             opened: HashMap::new(),
+            recalled: HashMap::new(),
         }
+    }
+
+    /// Whether the entry's message was recalled (looked up once per message).
+    pub fn is_recalled(&mut self, message_id: &str) -> Result<bool, DirectoryError> {
+        if let Some(r) = self.recalled.get(message_id) {
+            return Ok(*r);
+        }
+        let r = self
+            .store
+            .message(message_id)
+            .map_err(|e| DirectoryError(e.to_string()))?
+            .is_some_and(|m| m.recalled);
+        self.recalled.insert(message_id.to_owned(), r);
+        Ok(r)
     }
 
     /// The delivery for one entry, or `None` if its payload is missing or cannot be
@@ -86,6 +130,7 @@ impl<'a> Envelopes<'a> {
             message_id: entry.message_id.as_str().into(),
             expires_at_ms: entry.expires_at_ms,
             envelope: envelope::encode(&entry.message_id, entry.seq, entry.ts_ms, data).into(),
+            released: entry.received,
         }))
     }
 }
@@ -115,7 +160,8 @@ impl StoreDirectory {
         let mut envelopes = Envelopes::new(&*self.store, &self.keyring);
         for e in &entries {
             page.covered_through = page.covered_through.max(e.seq);
-            if e.expires_at_ms <= now {
+            // Expired and recalled entries are never sent again.
+            if e.expires_at_ms <= now || envelopes.is_recalled(&e.message_id)? {
                 continue;
             }
             if let Some(d) = envelopes.delivery(device_id, e)? {
@@ -149,7 +195,26 @@ impl DeviceDirectory for StoreDirectory {
         after_seq: u64,
         limit: usize,
     ) -> BoxFuture<'static, Result<BacklogPage, DirectoryError>> {
-        let result = self.read_backlog(&device_id, after_seq, limit);
-        Box::pin(async move { result })
+        let Some(f) = &self.freshness else {
+            let result = self.read_backlog(&device_id, after_seq, limit);
+            return Box::pin(async move { result });
+        };
+        let target = *f.log_end.borrow();
+        let mut applied = f.applied.clone();
+        let this = StoreDirectory {
+            store: self.store.clone(),
+            keyring: self.keyring.clone(),
+            freshness: None,
+        };
+        Box::pin(async move {
+            let caught_up =
+                tokio::time::timeout(FRESHNESS_WAIT, applied.wait_for(|a| *a >= target)).await;
+            if !matches!(caught_up, Ok(Ok(_))) {
+                return Err(DirectoryError(format!(
+                    "the projections have not caught up with the log (offset {target})"
+                )));
+            }
+            this.read_backlog(&device_id, after_seq, limit)
+        })
     }
 }

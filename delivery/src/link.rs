@@ -1,7 +1,7 @@
 //! The link from delivery workers to gateways.
 
 use herald_gateway::Hub;
-use herald_schemas::link::Delivery;
+use herald_schemas::link::{Delivery, Withdrawal};
 
 /// Where a worker sends new entries. An API boundary: in-process in `herald serve`, QUIC
 /// between processes later.
@@ -12,6 +12,8 @@ pub trait Link: Send + Sync + 'static {
     /// Hands entries to the gateways of their devices. Never blocks; an entry the
     /// gateway cannot take is read from the inbox later.
     fn deliver(&self, batch: Vec<Delivery>);
+    /// Tells gateways to drop entries they hold unsent (recalled or replaced).
+    fn withdraw(&self, withdrawals: Vec<Withdrawal>);
 }
 
 /// The in-process link: the gateway's hub lives in the same process.
@@ -21,5 +23,8 @@ impl Link for Hub {
     }
     fn deliver(&self, batch: Vec<Delivery>) {
         Hub::deliver(self, batch);
+    }
+    fn withdraw(&self, withdrawals: Vec<Withdrawal>) {
+        Hub::withdraw(self, withdrawals);
     }
 }

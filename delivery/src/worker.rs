@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use herald_eventlog::{EventLog, Offset};
 use herald_projections::fold;
-use herald_projections::view::{NewEntry, Store, Tx};
+use herald_projections::view::{NewEntry, Store, Tx, Withdrawn};
 use herald_schemas::events;
-use herald_schemas::link::Delivery;
+use herald_schemas::link::{Delivery, Withdrawal};
 use herald_schemas::seal::Keyring;
 use tokio::sync::watch;
 
@@ -83,11 +83,35 @@ impl Worker {
                 continue;
             }
             let store = self.store.clone();
-            let (next, new_entries) =
+            let (next, new_entries, withdrawn) =
                 tokio::task::spawn_blocking(move || fold_batch(&*store, from, &records))
                     .await
                     .map_err(|e| WorkerError::Task(e.to_string()))??;
             self.applied.send_replace(next);
+            // An entry created and taken back in the same batch is not forwarded.
+            let taken_back: std::collections::HashSet<(Option<&str>, &str)> = withdrawn
+                .iter()
+                .map(|w| (w.device_id.as_deref(), w.message_id.as_str()))
+                .collect();
+            let new_entries: Vec<NewEntry> = new_entries
+                .into_iter()
+                .filter(|n| {
+                    !taken_back.contains(&(None, n.entry.message_id.as_str()))
+                        && !taken_back
+                            .contains(&(Some(n.device_id.as_str()), n.entry.message_id.as_str()))
+                })
+                .collect();
+            if !withdrawn.is_empty() {
+                self.link.withdraw(
+                    withdrawn
+                        .into_iter()
+                        .map(|w| Withdrawal {
+                            device_id: w.device_id.map(|d| d.as_str().into()),
+                            message_id: w.message_id.as_str().into(),
+                        })
+                        .collect(),
+                );
+            }
             self.forward(new_entries)?;
         }
     }
@@ -115,13 +139,16 @@ impl Worker {
     }
 }
 
+/// What a committed batch produced.
+pub type Folded = (Offset, Vec<NewEntry>, Vec<Withdrawn>);
+
 /// Folds one batch of records and commits it with its checkpoint. Returns the new
-/// checkpoint and the entries the batch created.
+/// checkpoint, the entries the batch created and the entries it took back.
 pub fn fold_batch(
     store: &dyn Store,
     from: Offset,
     records: &[herald_eventlog::Stored],
-) -> Result<(Offset, Vec<NewEntry>), WorkerError> {
+) -> Result<Folded, WorkerError> {
     let mut tx = Tx::new(store);
     let mut next = from;
     for r in records {
@@ -143,8 +170,9 @@ pub fn fold_batch(
     let Tx {
         writes,
         new_entries,
+        withdrawn,
         ..
     } = tx;
     store.commit(&writes, next)?;
-    Ok((next, new_entries))
+    Ok((next, new_entries, withdrawn))
 }

@@ -1,47 +1,107 @@
-//! The embedded event log: one fjall keyspace, keyed by big-endian offset, with group
-//! commit.
+//! The embedded event log: append-only segment files with a checksum on every record,
+//! and group commit.
+//!
+//! # Format
+//! `<dir>/<base offset, 20 digits>.seg` files, each a run of records:
+//!
+//! ```text
+//! [body length: u32 LE][CRC-32 of body: u32 LE][body: offset u64 LE | key length u32 LE | key | value]
+//! ```
+//!
+//! A segment is closed when it passes [`SEGMENT_BYTES`]; the next one starts at the next
+//! offset. Every record names its own offset, so a misplaced or repeated record is caught
+//! like a damaged one.
 //!
 //! # Durability
-//! An append is durable when its future resolves `Ok`: its records were written to the
-//! journal and the journal was fsync'd (`PersistMode::SyncAll`). One committer thread
-//! takes every append that is waiting, writes them in one batch and syncs once, so N
-//! concurrent appends cost one fsync, not N. The projections share the same fjall
-//! database (see `herald-projections`), so this fsync also makes every projection batch
-//! written before it durable.
+//! An append is durable when its future resolves `Ok`: its records were written and the
+//! segment was `fdatasync`'d (a new segment's directory entry is synced too). One
+//! committer thread takes every append that is waiting, writes them with one `write` and
+//! syncs once, so N concurrent appends cost one sync, not N. A failed write or sync
+//! poisons the log: every later append fails with [`Error::Poisoned`], because after a
+//! failed fsync the kernel may have dropped the dirty pages and a retry that "succeeds"
+//! would lie.
 //!
-//! A failed write or sync poisons the log (fjall does the same internally): every
-//! append after it fails with [`Error::Poisoned`].
+//! # Recovery
+//! Opening the log reads every record and checks its checksum and offset. A damaged
+//! record with no intact record after it in the last segment is a torn tail — the
+//! unsynced end of a write cut short by a crash, never acknowledged — and is truncated
+//! and logged. A damaged record anywhere else is corruption: opening fails with an error
+//! that names the offset, file and byte position. Nothing is ever skipped silently.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, RwLock};
 
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use futures::future::BoxFuture;
 use tokio::sync::{oneshot, watch};
 
 use crate::{Error, EventLog, Offset, Record, Stored};
 
-/// The largest record the embedded log accepts.
+/// The largest record (key + value) the log accepts.
 pub const MAX_RECORD_BYTES: usize = 1 << 20;
 /// The most records one group commit writes before syncing.
 pub const MAX_BATCH_RECORDS: usize = 8192;
+/// A segment is closed once it holds this many bytes.
+pub const SEGMENT_BYTES: u64 = 64 << 20;
 
-const KEYSPACE: &str = "log";
+const HEADER: usize = 8;
+const BODY_FIXED: usize = 12;
+
+/// What opening the log found and repaired.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// A torn tail that was cut off: the offset of its first damaged record and how many
+    /// bytes were removed.
+    pub truncated_tail: Option<(Offset, u64)>,
+}
+
+struct Segment {
+    base: Offset,
+    path: PathBuf,
+    file: File,
+    /// Byte position of each record; the record `base + i` starts at `positions[i]`.
+    positions: Vec<u64>,
+    /// Bytes of intact records.
+    len: u64,
+}
+
+impl Segment {
+    fn end(&self) -> Offset {
+        self.base + self.positions.len() as u64
+    }
+}
+
+struct Shared {
+    segments: RwLock<Vec<Segment>>,
+}
+
+impl Shared {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Segment>> {
+        self.segments.read().unwrap_or_else(|e| e.into_inner())
+    }
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Segment>> {
+        self.segments.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 struct AppendRequest {
     records: Vec<Record>,
     reply: oneshot::Sender<Result<Vec<Offset>, Error>>,
 }
 
-/// The embedded log. Cheap to clone handles are not offered; share it in an `Arc`.
+/// The embedded log. Share it in an `Arc`.
 pub struct EmbeddedLog {
-    keyspace: Keyspace,
-    requests: std_mpsc::SyncSender<AppendRequest>,
+    shared: Arc<Shared>,
+    requests: Option<std_mpsc::SyncSender<AppendRequest>>,
     end: watch::Receiver<Offset>,
     poisoned: Arc<AtomicBool>,
     fsyncs: Arc<AtomicU64>,
+    recovery: Recovery,
+    _lock: Option<File>,
 }
 
 impl std::fmt::Debug for EmbeddedLog {
@@ -52,35 +112,243 @@ impl std::fmt::Debug for EmbeddedLog {
     }
 }
 
-/// Opens the fjall database herald keeps in `dir`, configured for the log: journal
-/// writes are persisted only by the log's explicit syncs (group commit).
-pub fn open_database(dir: &Path) -> Result<Database, Error> {
-    Database::builder(dir)
-        .manual_journal_persist(true)
-        .open()
-        .map_err(storage)
+fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
+    Error::Storage(format!("{what} {}: {e}", path.display()))
 }
 
-fn storage(e: impl std::fmt::Display) -> Error {
-    Error::Storage(e.to_string())
+fn segment_name(base: Offset) -> String {
+    format!("{base:020}.seg")
+}
+
+/// Encodes one record, appending it to `out`.
+fn encode_record(out: &mut Vec<u8>, offset: Offset, record: &Record) {
+    let body_len = BODY_FIXED + record.key.len() + record.value.len();
+    let start = out.len();
+    out.extend_from_slice(&(body_len as u32).to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&offset.to_le_bytes());
+    out.extend_from_slice(&(record.key.len() as u32).to_le_bytes());
+    out.extend_from_slice(&record.key);
+    out.extend_from_slice(&record.value);
+    let crc = crc32fast::hash(&out[start + HEADER..]);
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Why the bytes at a position are not an intact record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Damage {
+    /// The file ends inside the header or the body.
+    Truncated,
+    /// The length field is impossible.
+    BadLength,
+    /// The checksum does not match.
+    Checksum,
+    /// The record names another offset than its place says.
+    WrongOffset,
+}
+
+impl Damage {
+    fn describe(self) -> &'static str {
+        match self {
+            Damage::Truncated => "record is cut short",
+            Damage::BadLength => "record length is impossible",
+            Damage::Checksum => "checksum mismatch",
+            Damage::WrongOffset => "record holds the wrong offset",
+        }
+    }
+}
+
+/// Parses the record at `buf[pos..]`, expected to hold `offset`. Returns the record's
+/// total length and its key and value.
+fn parse_at(
+    buf: &[u8],
+    pos: usize,
+    offset: Option<Offset>,
+) -> Result<(usize, &[u8], &[u8]), Damage> {
+    let header = buf.get(pos..pos + HEADER).ok_or(Damage::Truncated)?;
+    let body_len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    if !(BODY_FIXED..=BODY_FIXED + MAX_RECORD_BYTES).contains(&body_len) {
+        return Err(Damage::BadLength);
+    }
+    let body = buf
+        .get(pos + HEADER..pos + HEADER + body_len)
+        .ok_or(Damage::Truncated)?;
+    if crc32fast::hash(body) != crc {
+        return Err(Damage::Checksum);
+    }
+    let mut off = [0u8; 8];
+    off.copy_from_slice(&body[..8]);
+    let found = u64::from_le_bytes(off);
+    if offset.is_some_and(|o| o != found) {
+        return Err(Damage::WrongOffset);
+    }
+    let key_len = u32::from_le_bytes([body[8], body[9], body[10], body[11]]) as usize;
+    if BODY_FIXED + key_len > body_len {
+        return Err(Damage::BadLength);
+    }
+    let key = &body[BODY_FIXED..BODY_FIXED + key_len];
+    let value = &body[BODY_FIXED + key_len..];
+    Ok((HEADER + body_len, key, value))
+}
+
+/// Whether any intact record (any offset) starts after `pos`.
+fn intact_record_after(buf: &[u8], pos: usize) -> bool {
+    (pos + 1..buf.len().saturating_sub(HEADER + BODY_FIXED - 1))
+        .any(|p| parse_at(buf, p, None).is_ok())
+}
+
+/// Opens or creates the log directory, reads every segment, and returns them with what
+/// recovery did. With `repair`, a torn tail is truncated; without, it is just left out.
+fn scan(dir: &Path, repair: bool) -> Result<(Vec<Segment>, Recovery), Error> {
+    std::fs::create_dir_all(dir).map_err(|e| io("cannot create", dir, e))?;
+    let mut bases: Vec<(Offset, PathBuf)> = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| io("cannot list", dir, e))? {
+        let path = entry.map_err(|e| io("cannot list", dir, e))?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if let Some(base) = name.strip_suffix(".seg") {
+            let base: Offset = base.parse().map_err(|_| Error::Corrupt {
+                offset: 0,
+                reason: format!("unexpected segment file name {name}"),
+            })?;
+            bases.push((base, path));
+        }
+    }
+    bases.sort();
+    let mut segments = Vec::new();
+    let mut recovery = Recovery::default();
+    let mut expected: Offset = 0;
+    let count = bases.len();
+    for (i, (base, path)) in bases.into_iter().enumerate() {
+        if base != expected {
+            return Err(Error::Corrupt {
+                offset: expected,
+                reason: format!(
+                    "segment {} starts at offset {base}, but the log before it ends at {expected}: a segment is missing",
+                    path.display()
+                ),
+            });
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(repair)
+            .open(&path)
+            .map_err(|e| io("cannot open", &path, e))?;
+        let mut buf = Vec::new();
+        file.read_to_end(&mut buf)
+            .map_err(|e| io("cannot read", &path, e))?;
+        let mut positions = Vec::new();
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            match parse_at(&buf, pos, Some(expected)) {
+                Ok((n, _, _)) => {
+                    positions.push(pos as u64);
+                    pos += n;
+                    expected += 1;
+                }
+                Err(damage) => {
+                    let last = i + 1 == count;
+                    if !last || intact_record_after(&buf, pos) {
+                        return Err(Error::Corrupt {
+                            offset: expected,
+                            reason: format!(
+                                "{} in {} at byte {pos}, with intact records after it; refusing to start (restore the data dir from a backup, or move this segment aside to serve only what precedes it)",
+                                damage.describe(),
+                                path.display()
+                            ),
+                        });
+                    }
+                    let cut = (buf.len() - pos) as u64;
+                    tracing::warn!(
+                        offset = expected,
+                        bytes = cut,
+                        file = %path.display(),
+                        reason = damage.describe(),
+                        "torn tail in the event log (a write cut short by a crash, never acknowledged); truncating it"
+                    );
+                    recovery.truncated_tail = Some((expected, cut));
+                    if repair {
+                        file.set_len(pos as u64)
+                            .map_err(|e| io("cannot truncate", &path, e))?;
+                        file.sync_all().map_err(|e| io("cannot sync", &path, e))?;
+                    }
+                    break;
+                }
+            }
+        }
+        let len = positions
+            .last()
+            .map(|&p| {
+                let n = parse_at(&buf, p as usize, None)
+                    .map(|(n, _, _)| n)
+                    .unwrap_or(0);
+                p + n as u64
+            })
+            .unwrap_or(0);
+        segments.push(Segment {
+            base,
+            path,
+            file,
+            positions,
+            len,
+        });
+    }
+    Ok((segments, recovery))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), Error> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io("cannot sync directory", dir, e))
+}
+
+fn new_segment(dir: &Path, base: Offset) -> Result<Segment, Error> {
+    let path = dir.join(segment_name(base));
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| io("cannot create", &path, e))?;
+    sync_dir(dir)?;
+    Ok(Segment {
+        base,
+        path,
+        file,
+        positions: Vec::new(),
+        len: 0,
+    })
 }
 
 impl EmbeddedLog {
-    /// Opens (or creates) the log in `db` and starts its committer thread.
-    pub fn open(db: Database) -> Result<Self, Error> {
-        let keyspace = db
-            .keyspace(KEYSPACE, KeyspaceCreateOptions::default)
-            .map_err(storage)?;
-        let next = match keyspace.last_key_value() {
-            None => 0,
-            Some(guard) => {
-                let key = guard.key().map_err(storage)?;
-                decode_offset(&key).ok_or(Error::Corrupt {
-                    offset: 0,
-                    reason: "log key is not an 8-byte offset",
-                })? + 1
-            }
-        };
+    /// Opens (or creates) the log in `dir` for reading and appending, recovers it (see
+    /// the module docs) and starts its committer thread. One process at a time: the
+    /// directory is locked.
+    pub fn open(dir: &Path) -> Result<Self, Error> {
+        std::fs::create_dir_all(dir).map_err(|e| io("cannot create", dir, e))?;
+        let lock_path = dir.join("lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| io("cannot open", &lock_path, e))?;
+        lock.try_lock().map_err(|_| {
+            Error::Storage(format!(
+                "the event log in {} is in use by another process (is herald serve running?)",
+                dir.display()
+            ))
+        })?;
+        let (mut segments, recovery) = scan(dir, true)?;
+        if segments.is_empty() {
+            segments.push(new_segment(dir, 0)?);
+        }
+        let next = segments.last().map(Segment::end).unwrap_or(0);
+        let shared = Arc::new(Shared {
+            segments: RwLock::new(segments),
+        });
         let (end_tx, end) = watch::channel(next);
         // Bounded: when the disk cannot keep up, appenders wait here instead of queueing
         // without limit.
@@ -88,23 +356,50 @@ impl EmbeddedLog {
         let poisoned = Arc::new(AtomicBool::new(false));
         let fsyncs = Arc::new(AtomicU64::new(0));
         let committer = Committer {
-            fsyncs: fsyncs.clone(),
-            db,
-            keyspace: keyspace.clone(),
+            dir: dir.to_owned(),
+            shared: shared.clone(),
             next,
             end: end_tx,
             poisoned: poisoned.clone(),
+            fsyncs: fsyncs.clone(),
+            buf: Vec::new(),
         };
         std::thread::Builder::new()
             .name("herald-log-commit".into())
             .spawn(move || committer.run(rx))
-            .map_err(storage)?;
+            .map_err(|e| Error::Storage(e.to_string()))?;
         Ok(EmbeddedLog {
-            keyspace,
-            requests,
+            shared,
+            requests: Some(requests),
             end,
             poisoned,
             fsyncs,
+            recovery,
+            _lock: Some(lock),
+        })
+    }
+
+    /// Opens the log in `dir` for reading only, without a lock, so a running server's
+    /// log can be read (by `herald replay`). Sees the records intact when it was opened;
+    /// an incomplete record at the very end (a write in progress) is left out, not
+    /// repaired. Appends fail with [`Error::Closed`].
+    pub fn open_read_only(dir: &Path) -> Result<Self, Error> {
+        if !dir.is_dir() {
+            return Err(Error::Storage(format!("no event log in {}", dir.display())));
+        }
+        let (segments, recovery) = scan(dir, false)?;
+        let next = segments.last().map(Segment::end).unwrap_or(0);
+        let (_end_tx, end) = watch::channel(next);
+        Ok(EmbeddedLog {
+            shared: Arc::new(Shared {
+                segments: RwLock::new(segments),
+            }),
+            requests: None,
+            end,
+            poisoned: Arc::new(AtomicBool::new(false)),
+            fsyncs: Arc::new(AtomicU64::new(0)),
+            recovery,
+            _lock: None,
         })
     }
 
@@ -113,6 +408,65 @@ impl EmbeddedLog {
     pub fn fsyncs(&self) -> u64 {
         self.fsyncs.load(Ordering::Relaxed)
     }
+
+    /// What opening the log found and repaired.
+    pub fn recovery(&self) -> &Recovery {
+        &self.recovery
+    }
+
+    /// Reads records `[from, to)`, checking each one's checksum and offset again.
+    pub fn read_blocking(&self, from: Offset, to: Offset) -> Result<Vec<Stored>, Error> {
+        self.shared.read_range(from, to)
+    }
+}
+
+impl Shared {
+    fn read_range(&self, from: Offset, to: Offset) -> Result<Vec<Stored>, Error> {
+        let segments = self.read();
+        let mut out = Vec::with_capacity(to.saturating_sub(from) as usize);
+        let mut at = from;
+        while at < to {
+            let i = segments.partition_point(|s| s.base <= at);
+            let Some(seg) = i.checked_sub(1).and_then(|i| segments.get(i)) else {
+                break;
+            };
+            if at >= seg.end() {
+                break;
+            }
+            let last = to.min(seg.end());
+            let start = seg.positions[(at - seg.base) as usize];
+            let stop = if last == seg.end() {
+                seg.len
+            } else {
+                seg.positions[(last - seg.base) as usize]
+            };
+            let mut buf = vec![0u8; (stop - start) as usize];
+            seg.file
+                .read_exact_at(&mut buf, start)
+                .map_err(|e| io("cannot read", &seg.path, e))?;
+            let mut pos = 0;
+            while at < last {
+                let (n, key, value) =
+                    parse_at(&buf, pos, Some(at)).map_err(|d| Error::Corrupt {
+                        offset: at,
+                        reason: format!(
+                            "{} in {} at byte {} on read-back",
+                            d.describe(),
+                            seg.path.display(),
+                            start + pos as u64
+                        ),
+                    })?;
+                out.push(Stored {
+                    offset: at,
+                    key: key.to_vec(),
+                    value: value.to_vec(),
+                });
+                pos += n;
+                at += 1;
+            }
+        }
+        Ok(out)
+    }
 }
 
 impl EventLog for EmbeddedLog {
@@ -120,11 +474,14 @@ impl EventLog for EmbeddedLog {
         if self.poisoned.load(Ordering::Acquire) {
             return Box::pin(async { Err(Error::Poisoned) });
         }
+        let Some(requests) = self.requests.clone() else {
+            return Box::pin(async { Err(Error::Closed) });
+        };
         if let Some(big) = records
             .iter()
-            .find(|r| r.key.len() + r.value.len() + 4 > MAX_RECORD_BYTES)
+            .find(|r| r.key.len() + r.value.len() > MAX_RECORD_BYTES)
         {
-            let size = big.key.len() + big.value.len() + 4;
+            let size = big.key.len() + big.value.len();
             return Box::pin(async move {
                 Err(Error::RecordTooLarge {
                     size,
@@ -133,29 +490,35 @@ impl EventLog for EmbeddedLog {
             });
         }
         let (reply, rx) = oneshot::channel();
-        let requests = self.requests.clone();
         Box::pin(async move {
             if records.is_empty() {
                 return Ok(Vec::new());
             }
             // The queue is bounded; waiting for room must not block the runtime.
-            tokio::task::spawn_blocking(move || requests.send(AppendRequest { records, reply }))
-                .await
-                .map_err(|_| Error::Closed)?
-                .map_err(|_| Error::Closed)?;
+            let req = AppendRequest { records, reply };
+            match requests.try_send(req) {
+                Ok(()) => {}
+                Err(std_mpsc::TrySendError::Full(req)) => {
+                    tokio::task::spawn_blocking(move || requests.send(req))
+                        .await
+                        .map_err(|_| Error::Closed)?
+                        .map_err(|_| Error::Closed)?;
+                }
+                Err(std_mpsc::TrySendError::Disconnected(_)) => return Err(Error::Closed),
+            }
             rx.await.map_err(|_| Error::Closed)?
         })
     }
 
     fn read(&self, from: Offset, max: usize) -> BoxFuture<'_, Result<Vec<Stored>, Error>> {
         let end = *self.end.borrow();
-        let keyspace = self.keyspace.clone();
         Box::pin(async move {
             if from >= end || max == 0 {
                 return Ok(Vec::new());
             }
             let to = end.min(from.saturating_add(max as u64));
-            tokio::task::spawn_blocking(move || read_range(&keyspace, from, to))
+            let shared = self.shared.clone();
+            tokio::task::spawn_blocking(move || shared.read_range(from, to))
                 .await
                 .map_err(|_| Error::Closed)?
         })
@@ -166,69 +529,14 @@ impl EventLog for EmbeddedLog {
     }
 }
 
-fn read_range(keyspace: &Keyspace, from: Offset, to: Offset) -> Result<Vec<Stored>, Error> {
-    let mut out = Vec::with_capacity((to - from) as usize);
-    let mut expected = from;
-    for guard in keyspace.range(from.to_be_bytes()..to.to_be_bytes()) {
-        let (key, value) = guard.into_inner().map_err(storage)?;
-        let offset = decode_offset(&key).ok_or(Error::Corrupt {
-            offset: expected,
-            reason: "log key is not an 8-byte offset",
-        })?;
-        // Offsets are dense: a hole below the durable end means lost data.
-        if offset != expected {
-            return Err(Error::Corrupt {
-                offset: expected,
-                reason: "missing record below the durable end",
-            });
-        }
-        let (rkey, rvalue) = split_value(&value).ok_or(Error::Corrupt {
-            offset,
-            reason: "record framing is invalid",
-        })?;
-        out.push(Stored {
-            offset,
-            key: rkey.to_vec(),
-            value: rvalue.to_vec(),
-        });
-        expected += 1;
-    }
-    if expected != to {
-        return Err(Error::Corrupt {
-            offset: expected,
-            reason: "missing record below the durable end",
-        });
-    }
-    Ok(out)
-}
-
-fn decode_offset(key: &[u8]) -> Option<Offset> {
-    Some(u64::from_be_bytes(key.try_into().ok()?))
-}
-
-/// A stored value is `[key length: u32 BE][key][value]`.
-fn frame_value(record: &Record) -> Vec<u8> {
-    let mut v = Vec::with_capacity(4 + record.key.len() + record.value.len());
-    v.extend_from_slice(&(record.key.len() as u32).to_be_bytes());
-    v.extend_from_slice(&record.key);
-    v.extend_from_slice(&record.value);
-    v
-}
-
-fn split_value(v: &[u8]) -> Option<(&[u8], &[u8])> {
-    let len = u32::from_be_bytes(v.get(..4)?.try_into().ok()?) as usize;
-    let key = v.get(4..4usize.checked_add(len)?)?;
-    let value = v.get(4 + len..)?;
-    Some((key, value))
-}
-
 struct Committer {
-    db: Database,
-    keyspace: Keyspace,
+    dir: PathBuf,
+    shared: Arc<Shared>,
     next: Offset,
     end: watch::Sender<Offset>,
     poisoned: Arc<AtomicBool>,
     fsyncs: Arc<AtomicU64>,
+    buf: Vec<u8>,
 }
 
 impl Committer {
@@ -256,6 +564,9 @@ impl Committer {
             let start = self.next;
             match self.commit(&group) {
                 Ok(()) => {
+                    // Readers see the records before their appenders hear back, so a
+                    // reader started after an answer always finds the record.
+                    self.end.send_replace(self.next);
                     let mut offset = start;
                     for req in group {
                         let n = req.records.len() as u64;
@@ -263,7 +574,6 @@ impl Committer {
                         offset += n;
                     }
                     assert_eq!(offset, self.next, "group commit assigned offsets densely");
-                    self.end.send_replace(self.next);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "event log write failed; poisoning the log");
@@ -277,26 +587,71 @@ impl Committer {
     }
 
     fn commit(&mut self, group: &[AppendRequest]) -> Result<(), Error> {
-        let mut batch = self.db.batch();
+        // Close the active segment once it is full.
+        let full = self
+            .shared
+            .read()
+            .last()
+            .is_none_or(|s| s.len >= SEGMENT_BYTES);
+        if full {
+            let seg = new_segment(&self.dir, self.next)?;
+            self.shared.write().push(seg);
+        }
+        self.buf.clear();
+        let mut positions = Vec::with_capacity(group.iter().map(|r| r.records.len()).sum());
         let mut offset = self.next;
         for req in group {
             for record in &req.records {
-                batch.insert(&self.keyspace, offset.to_be_bytes(), frame_value(record));
+                positions.push(self.buf.len() as u64);
+                encode_record(&mut self.buf, offset, record);
                 offset += 1;
             }
         }
-        batch.commit().map_err(storage)?;
-        self.db.persist(PersistMode::SyncAll).map_err(storage)?;
+        let (file, at, path) = {
+            let segs = self.shared.read();
+            let seg = segs.last().ok_or(Error::Closed)?;
+            (
+                seg.file
+                    .try_clone()
+                    .map_err(|e| io("cannot use", &seg.path, e))?,
+                seg.len,
+                seg.path.clone(),
+            )
+        };
+        file.write_all_at(&self.buf, at)
+            .map_err(|e| io("cannot write", &path, e))?;
+        file.sync_data().map_err(|e| io("cannot sync", &path, e))?;
         self.fsyncs.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut segs = self.shared.write();
+            let seg = segs.last_mut().ok_or(Error::Closed)?;
+            seg.positions.extend(positions.iter().map(|p| p + at));
+            seg.len = at + self.buf.len() as u64;
+            assert_eq!(
+                seg.end(),
+                offset,
+                "segment index matches the offsets written"
+            );
+        }
         self.next = offset;
         Ok(())
     }
+}
+
+/// Appends records to a file the way the log does, for tests that damage a log on
+/// purpose.
+#[doc(hidden)]
+pub fn encode_for_tests(offset: Offset, record: &Record) -> Vec<u8> {
+    let mut v = Vec::new();
+    encode_record(&mut v, offset, record);
+    v
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use std::io::Write;
 
     fn rec(i: u32) -> Record {
         Record {
@@ -305,11 +660,11 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn append_read_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let log = EmbeddedLog::open(open_database(dir.path()).unwrap()).unwrap();
+            let log = EmbeddedLog::open(dir.path()).unwrap();
             assert_eq!(log.append(vec![rec(0), rec(1)]).await.unwrap(), vec![0, 1]);
             assert_eq!(log.append(vec![rec(2)]).await.unwrap(), vec![2]);
             let got = log.read(1, 10).await.unwrap();
@@ -318,9 +673,15 @@ mod tests {
             assert_eq!(got[0].key, b"k1");
             assert_eq!(got[1].value, 2u32.to_be_bytes());
             assert!(log.read(3, 10).await.unwrap().is_empty());
+            // A second writer is refused while the first holds the log.
+            assert!(EmbeddedLog::open(dir.path()).is_err());
+            // A reader is not.
+            let ro = EmbeddedLog::open_read_only(dir.path()).unwrap();
+            assert_eq!(ro.read(0, 10).await.unwrap().len(), 3);
         }
-        let log = EmbeddedLog::open(open_database(dir.path()).unwrap()).unwrap();
+        let log = EmbeddedLog::open(dir.path()).unwrap();
         assert_eq!(*log.durable_end().borrow(), 3);
+        assert_eq!(log.recovery(), &Recovery::default());
         assert_eq!(log.append(vec![rec(3)]).await.unwrap(), vec![3]);
         assert_eq!(log.read(0, 100).await.unwrap().len(), 4);
     }
@@ -328,7 +689,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_appends_get_dense_distinct_offsets() {
         let dir = tempfile::tempdir().unwrap();
-        let log = Arc::new(EmbeddedLog::open(open_database(dir.path()).unwrap()).unwrap());
+        let log = Arc::new(EmbeddedLog::open(dir.path()).unwrap());
         let mut tasks = Vec::new();
         for i in 0..200u32 {
             let log = log.clone();
@@ -343,20 +704,111 @@ mod tests {
         assert_eq!(*log.durable_end().borrow(), 200);
         // Group commit: 200 concurrent appends shared far fewer than 200 fsyncs.
         assert!(log.fsyncs() < 200, "fsyncs: {}", log.fsyncs());
+        assert_eq!(log.read(0, 500).await.unwrap().len(), 200);
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn oversized_record_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let log = EmbeddedLog::open(open_database(dir.path()).unwrap()).unwrap();
+        let log = EmbeddedLog::open(dir.path()).unwrap();
         let big = Record {
             key: vec![],
-            value: vec![0; MAX_RECORD_BYTES],
+            value: vec![0; MAX_RECORD_BYTES + 1],
         };
         assert!(matches!(
             log.append(vec![big]).await,
             Err(Error::RecordTooLarge { .. })
         ));
         assert_eq!(log.append(vec![rec(0)]).await.unwrap(), vec![0]);
+    }
+
+    async fn log_with(dir: &Path, n: u32) {
+        let log = EmbeddedLog::open(dir).unwrap();
+        for i in 0..n {
+            log.append(vec![rec(i)]).await.unwrap();
+        }
+    }
+
+    fn segment(dir: &Path) -> PathBuf {
+        dir.join(segment_name(0))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn torn_tail_is_truncated_and_reported() {
+        for cut in [1usize, 5, 9, 17] {
+            let dir = tempfile::tempdir().unwrap();
+            log_with(dir.path(), 10).await;
+            let path = segment(dir.path());
+            let len = std::fs::metadata(&path).unwrap().len();
+            // A crash cut the last record short...
+            let f = OpenOptions::new().write(true).open(&path).unwrap();
+            f.set_len(len - cut as u64).unwrap();
+            drop(f);
+            let log = EmbeddedLog::open(dir.path()).unwrap();
+            assert_eq!(*log.durable_end().borrow(), 9, "cut {cut}");
+            assert_eq!(log.recovery().truncated_tail.map(|t| t.0), Some(9));
+            // ...and the log goes on after it.
+            assert_eq!(log.append(vec![rec(9)]).await.unwrap(), vec![9]);
+            assert_eq!(log.read(0, 100).await.unwrap().len(), 10);
+        }
+        // Garbage after the last record (a torn write of a new one) is cut too.
+        let dir = tempfile::tempdir().unwrap();
+        log_with(dir.path(), 3).await;
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(segment(dir.path()))
+            .unwrap();
+        f.write_all(&[0x55; 11]).unwrap();
+        drop(f);
+        let log = EmbeddedLog::open(dir.path()).unwrap();
+        assert_eq!(log.recovery().truncated_tail, Some((3, 11)));
+        assert_eq!(*log.durable_end().borrow(), 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn corruption_before_the_tail_stops_start_up_naming_the_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        log_with(dir.path(), 10).await;
+        let path = segment(dir.path());
+        let mut bytes = std::fs::read(&path).unwrap();
+        // Flip one byte inside record 4.
+        let each = bytes.len() / 10;
+        bytes[4 * each + HEADER + 3] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = EmbeddedLog::open(dir.path()).unwrap_err();
+        match &err {
+            Error::Corrupt { offset, reason } => {
+                assert_eq!(*offset, 4);
+                assert!(reason.contains("checksum"), "{reason}");
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        assert!(err.to_string().contains("offset 4"), "{err}");
+        // The bytes were left as they were: nothing was truncated.
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
+
+        // A record cut out of the middle is corruption too, not a tail.
+        let dir = tempfile::tempdir().unwrap();
+        log_with(dir.path(), 10).await;
+        let path = segment(dir.path());
+        let mut bytes = std::fs::read(&path).unwrap();
+        let each = bytes.len() / 10;
+        bytes.drain(2 * each + 3..2 * each + 9);
+        std::fs::write(&path, &bytes).unwrap();
+        match EmbeddedLog::open(dir.path()).unwrap_err() {
+            Error::Corrupt { offset, .. } => assert_eq!(offset, 2),
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_missing_segment_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        log_with(dir.path(), 2).await;
+        std::fs::rename(segment(dir.path()), dir.path().join(segment_name(5))).unwrap();
+        assert!(matches!(
+            EmbeddedLog::open(dir.path()),
+            Err(Error::Corrupt { offset: 0, .. })
+        ));
     }
 }

@@ -7,7 +7,7 @@
 //! # Layout
 //! - [`EventLog`]: the API boundary every role codes against (an append that resolves only
 //!   once the records are durable, reads from an offset, and a watch on the durable end).
-//! - [`embedded`]: the single-binary backend on fjall, with group commit.
+//! - [`embedded`]: the single-binary backend: checksummed segment files, group commit.
 //!
 //! # Invariants
 //! - Offsets are dense and strictly increasing; an append's records get consecutive offsets
@@ -67,13 +67,13 @@ pub enum Error {
         /// The limit.
         max: usize,
     },
-    /// A stored record failed its read-back check: the log is corrupt.
-    #[error("corrupt record at offset {offset}: {reason}")]
+    /// A stored record failed its checksum or offset check: the log is corrupt.
+    #[error("the event log is corrupt at offset {offset}: {reason}")]
     Corrupt {
-        /// Where.
+        /// The offset of the first damaged record.
         offset: Offset,
-        /// What was wrong.
-        reason: &'static str,
+        /// What was wrong, and where in which file.
+        reason: String,
     },
 }
 

@@ -11,15 +11,24 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use herald_schemas::link::Delivery;
+use herald_schemas::link::{Delivery, Withdrawal};
 use tokio::sync::{Notify, mpsc};
 
 /// How many delivery batches a connection's queue holds.
 pub const CONN_QUEUE_BATCHES: usize = 64;
 
+/// What the hub sends a connection.
+#[derive(Debug)]
+pub enum Command {
+    /// New entries.
+    Deliver(Vec<Delivery>),
+    /// Drop these messages' entries if still unsent.
+    Withdraw(Vec<Arc<str>>),
+}
+
 struct Handle {
     conn_id: u64,
-    tx: mpsc::Sender<Vec<Delivery>>,
+    tx: mpsc::Sender<Command>,
     overflow: Arc<Notify>,
     kick: Arc<Notify>,
 }
@@ -28,8 +37,8 @@ struct Handle {
 pub struct Registration {
     /// Identifies this connection among the device's connections over time.
     pub conn_id: u64,
-    /// Live deliveries for the device.
-    pub deliveries: mpsc::Receiver<Vec<Delivery>>,
+    /// Live deliveries and withdrawals for the device.
+    pub deliveries: mpsc::Receiver<Command>,
     /// Notified when deliveries were dropped because the queue was full.
     pub overflow: Arc<Notify>,
     /// Notified when a newer connection of the same device takes over.
@@ -113,9 +122,39 @@ impl Hub {
         let sessions = self.lock();
         for (device, entries) in by_device {
             if let Some(h) = sessions.get(&device)
-                && h.tx.try_send(entries).is_err()
+                && h.tx.try_send(Command::Deliver(entries)).is_err()
             {
                 h.overflow.notify_one();
+            }
+        }
+    }
+
+    /// Tells sessions to drop entries of withdrawn messages that they still hold unsent.
+    /// A withdrawal for every device goes to every session; a session that misses one
+    /// (its queue is full) rereads the store, where the entry is skipped.
+    pub fn withdraw(&self, withdrawals: Vec<Withdrawal>) {
+        let mut everyone: Vec<Arc<str>> = Vec::new();
+        let mut by_device: HashMap<Arc<str>, Vec<Arc<str>>> = HashMap::new();
+        for w in withdrawals {
+            match w.device_id {
+                Some(d) => by_device.entry(d).or_default().push(w.message_id),
+                None => everyone.push(w.message_id),
+            }
+        }
+        let sessions = self.lock();
+        let send = |h: &Handle, ids: Vec<Arc<str>>| {
+            if h.tx.try_send(Command::Withdraw(ids)).is_err() {
+                h.overflow.notify_one();
+            }
+        };
+        if !everyone.is_empty() {
+            for h in sessions.values() {
+                send(h, everyone.clone());
+            }
+        }
+        for (device, ids) in by_device {
+            if let Some(h) = sessions.get(&device) {
+                send(h, ids);
             }
         }
     }

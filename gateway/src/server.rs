@@ -7,14 +7,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::BytesMut;
 use futures::future::BoxFuture;
 use herald_eventlog::{EventLog, Record};
-use herald_schemas::events::{self, DeviceAcked, DeviceConnected, DeviceDisconnected, Event, Kind};
+use herald_schemas::events::{
+    self, DeviceAcked, DeviceConnected, DeviceDisconnected, DeviceReceived, Event, Kind,
+};
 use herald_schemas::link::BacklogPage;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::codec::{self, CodecError, ConnAck, Packet};
-use crate::hub::Hub;
+use crate::hub::{Command, Hub};
 use crate::session::{Session, SessionEvent, SessionLimits};
 
 /// Why the directory could not answer.
@@ -75,6 +77,15 @@ pub struct Gateway {
     hub: Arc<Hub>,
     directory: Arc<dyn DeviceDirectory>,
     events: mpsc::Sender<Event>,
+    log: Arc<dyn EventLog>,
+}
+
+/// What background work hands back to a connection task.
+enum ConnInput {
+    /// A backlog page (or why it could not be read).
+    Page(Result<BacklogPage, DirectoryError>),
+    /// The QoS 2 receipt of this seq is durable.
+    ReceivedDurable(u64),
 }
 
 /// How many events the gateway queues for the log before connections wait.
@@ -114,12 +125,13 @@ impl Gateway {
         log: Arc<dyn EventLog>,
     ) -> Arc<Self> {
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
-        tokio::spawn(append_events(rx, log));
+        tokio::spawn(append_events(rx, log.clone()));
         Arc::new(Gateway {
             config,
             hub,
             directory,
             events: tx,
+            log,
         })
     }
 
@@ -238,7 +250,10 @@ impl Gateway {
 
         let mut session = Session::new(connect.keep_alive_s, now_ms(), self.config.limits);
         // Bytes that arrived after CONNECT in the same read belong to the session.
-        let (page_tx, mut page_rx) = mpsc::channel::<Result<BacklogPage, DirectoryError>>(1);
+        // Backlog pages and durable QoS 2 receipts come back here; at most one page and
+        // one receipt per in-flight entry are outstanding, so this stays small.
+        let (input_tx, mut input_rx) =
+            mpsc::channel::<ConnInput>(self.config.limits.max_inflight + 2);
         let mut out = Vec::new();
         let mut closing: Option<&'static str> = drain_frames(&mut buf, max, &mut session);
         let reason = loop {
@@ -256,16 +271,41 @@ impl Gateway {
                         ))
                         .await;
                     }
+                    SessionEvent::Received { seq, message_id } => {
+                        let event = Event::new(
+                            now_ms(),
+                            Kind::DeviceReceived(DeviceReceived {
+                                device_id: device_id.to_string(),
+                                seq,
+                                message_id: message_id.to_string(),
+                                gateway_id: self.config.gateway_id.clone(),
+                            }),
+                        );
+                        let append = self.log.append(vec![device_record(&device_id, &event)]);
+                        let tx = input_tx.clone();
+                        tokio::spawn(async move {
+                            match append.await {
+                                Ok(_) => {
+                                    let _ = tx.send(ConnInput::ReceivedDurable(seq)).await;
+                                }
+                                // No PUBREL without a durable receipt; the device will get
+                                // the PUBLISH again (same packet id) on its next connection.
+                                Err(e) => {
+                                    tracing::error!(error = %e, "cannot record a QoS 2 receipt")
+                                }
+                            }
+                        });
+                    }
                     SessionEvent::FetchBacklog { after_seq, limit } => {
                         let fetch = self.directory.backlog(device_id.clone(), after_seq, limit);
-                        let tx = page_tx.clone();
+                        let tx = input_tx.clone();
                         tokio::spawn(async move {
                             let page = fetch.await;
                             if page.is_err() {
                                 // Do not spin on a failing store.
                                 tokio::time::sleep(Duration::from_secs(1)).await;
                             }
-                            let _ = tx.send(page).await;
+                            let _ = tx.send(ConnInput::Page(page)).await;
                         });
                     }
                     SessionEvent::Close(r) => closing = Some(r.as_str()),
@@ -300,14 +340,18 @@ impl Gateway {
                     Ok(_) => closing = drain_frames(&mut buf, max, &mut session),
                     Err(_) => break "read_failed",
                 },
-                Some(batch) = reg.deliveries.recv() => session.handle_deliveries(batch, now_ms()),
+                Some(cmd) = reg.deliveries.recv() => match cmd {
+                    Command::Deliver(batch) => session.handle_deliveries(batch, now_ms()),
+                    Command::Withdraw(ids) => session.handle_withdraw(&ids, now_ms()),
+                },
                 _ = reg.overflow.notified() => session.handle_overflow(now_ms()),
-                Some(page) = page_rx.recv() => match page {
-                    Ok(p) => session.handle_backlog(p, now_ms()),
-                    Err(e) => {
+                Some(input) = input_rx.recv() => match input {
+                    ConnInput::Page(Ok(p)) => session.handle_backlog(p, now_ms()),
+                    ConnInput::Page(Err(e)) => {
                         tracing::warn!(error = %e, "backlog read failed; retrying");
                         session.handle_backlog_failed(now_ms());
                     }
+                    ConnInput::ReceivedDurable(seq) => session.handle_received_durable(seq, now_ms()),
                 },
                 _ = reg.kick.notified() => break "taken_over",
                 _ = sleep => session.handle_timeout(now_ms()),

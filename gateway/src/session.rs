@@ -69,7 +69,16 @@ impl CloseReason {
 /// What a session asks of the rest of herald.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionEvent {
-    /// The device confirmed an entry (PUBACK, or sent at QoS 0).
+    /// The device received a QoS 2 entry (PUBREC). Make this durable (a
+    /// `DeviceReceived` event), then call [`Session::handle_received_durable`]: only then
+    /// is the PUBREL sent, so that after a crash the entry is never published again.
+    Received {
+        /// The entry's seq.
+        seq: u64,
+        /// Its message.
+        message_id: Arc<str>,
+    },
+    /// The device confirmed an entry (PUBACK, PUBCOMP, or sent at QoS 0).
     Acked {
         /// The entry's seq.
         seq: u64,
@@ -88,11 +97,34 @@ pub enum SessionEvent {
     Close(CloseReason),
 }
 
+/// Where an entry in flight is in its exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// QoS 1 PUBLISH sent.
+    AwaitPubAck,
+    /// QoS 2 PUBLISH sent.
+    AwaitPubRec,
+    /// PUBREC arrived; waiting for the receipt to be durable before PUBREL.
+    AwaitDurable,
+    /// The receipt is durable; the PUBREL waits for those of earlier entries, so that
+    /// a receiver that hands messages to its app on PUBREL does so in seq order.
+    Durable,
+    /// PUBREL sent.
+    AwaitPubComp,
+}
+
 #[derive(Debug)]
 struct Inflight {
     pkid: u16,
     seq: u64,
     message_id: Arc<str>,
+    stage: Stage,
+}
+
+/// The packet id of an entry: derived from its seq, so a PUBLISH sent again after a crash
+/// or a reconnect carries the same id and a QoS 2 receiver recognises it as a duplicate.
+pub fn pkid_for(seq: u64) -> u16 {
+    ((seq.saturating_sub(1) % 65_535) + 1) as u16
 }
 
 /// One device's session.
@@ -107,7 +139,6 @@ pub struct Session {
     complete: bool,
     fetching: bool,
     live_hint: u64,
-    next_pkid: u16,
     keep_alive_ms: u64,
     last_rx_ms: u64,
     closed: bool,
@@ -127,7 +158,6 @@ impl Session {
             complete: false,
             fetching: false,
             live_hint: 0,
-            next_pkid: 1,
             keep_alive_ms: u64::from(keep_alive_s) * 1000,
             last_rx_ms: now_ms,
             closed: false,
@@ -147,8 +177,7 @@ impl Session {
                 let mut codes = Vec::with_capacity(sub.filters.len());
                 for (filter, qos) in &sub.filters {
                     if filter == INBOX_TOPIC {
-                        // QoS 2 is granted as 1 until exactly-once delivery lands.
-                        let granted = (*qos).min(1);
+                        let granted = (*qos).min(2);
                         self.granted_qos = Some(granted);
                         codes.push(granted);
                     } else {
@@ -169,14 +198,24 @@ impl Session {
                 }
                 codec::encode(&Packet::UnsubAck(unsub.pkid), &mut self.transmit);
             }
-            Packet::PubAck(pkid) => {
-                if let Some(i) = self.inflight.iter().position(|f| f.pkid == pkid)
-                    && let Some(done) = self.inflight.remove(i)
-                {
-                    self.events.push_back(SessionEvent::Acked {
-                        seq: done.seq,
-                        message_id: done.message_id,
-                    });
+            Packet::PubAck(pkid) => self.complete_inflight(pkid, Stage::AwaitPubAck),
+            Packet::PubComp(pkid) => self.complete_inflight(pkid, Stage::AwaitPubComp),
+            Packet::PubRec(pkid) => {
+                if let Some(f) = self.inflight.iter_mut().find(|f| f.pkid == pkid) {
+                    match f.stage {
+                        Stage::AwaitPubRec => {
+                            f.stage = Stage::AwaitDurable;
+                            self.events.push_back(SessionEvent::Received {
+                                seq: f.seq,
+                                message_id: f.message_id.clone(),
+                            });
+                        }
+                        // A repeated PUBREC: repeat the PUBREL.
+                        Stage::AwaitPubComp => {
+                            codec::encode(&Packet::PubRel(pkid), &mut self.transmit)
+                        }
+                        Stage::AwaitDurable | Stage::Durable | Stage::AwaitPubAck => {}
+                    }
                 }
             }
             Packet::PingReq => codec::encode(&Packet::PingResp, &mut self.transmit),
@@ -188,7 +227,6 @@ impl Session {
                 _ => {}
             },
             Packet::PubRel(pkid) => codec::encode(&Packet::PubComp(pkid), &mut self.transmit),
-            Packet::PubRec(_) | Packet::PubComp(_) => {}
             Packet::Disconnect => self.close(CloseReason::ClientDisconnect),
             Packet::Connect(_)
             | Packet::ConnAck(_)
@@ -216,6 +254,38 @@ impl Session {
                 self.complete = false;
             }
         }
+        self.pump(now_ms);
+    }
+
+    /// The receipt of a QoS 2 entry (see [`SessionEvent::Received`]) is durable: send
+    /// its PUBREL.
+    pub fn handle_received_durable(&mut self, seq: u64, now_ms: u64) {
+        if let Some(f) = self
+            .inflight
+            .iter_mut()
+            .find(|f| f.seq == seq && f.stage == Stage::AwaitDurable)
+        {
+            f.stage = Stage::Durable;
+        }
+        // Release in seq order: up to the first entry whose receipt is not durable yet.
+        for f in self.inflight.iter_mut() {
+            match f.stage {
+                Stage::Durable => {
+                    f.stage = Stage::AwaitPubComp;
+                    codec::encode(&Packet::PubRel(f.pkid), &mut self.transmit);
+                }
+                Stage::AwaitPubComp | Stage::AwaitPubAck => {}
+                Stage::AwaitPubRec | Stage::AwaitDurable => break,
+            }
+        }
+        self.pump(now_ms);
+    }
+
+    /// Messages were recalled or replaced: drop their entries not yet sent. Entries
+    /// already on the wire cannot be taken back.
+    pub fn handle_withdraw(&mut self, message_ids: &[Arc<str>], now_ms: u64) {
+        self.pending
+            .retain(|d| !message_ids.contains(&d.message_id));
         self.pump(now_ms);
     }
 
@@ -284,6 +354,20 @@ impl Session {
         self.inflight.len()
     }
 
+    fn complete_inflight(&mut self, pkid: u16, stage: Stage) {
+        if let Some(i) = self
+            .inflight
+            .iter()
+            .position(|f| f.pkid == pkid && f.stage == stage)
+            && let Some(done) = self.inflight.remove(i)
+        {
+            self.events.push_back(SessionEvent::Acked {
+                seq: done.seq,
+                message_id: done.message_id,
+            });
+        }
+    }
+
     fn close(&mut self, reason: CloseReason) {
         if !self.closed {
             self.closed = true;
@@ -299,9 +383,28 @@ impl Session {
             return;
         };
         while self.inflight.len() < self.limits.max_inflight {
+            let Some(front) = self.pending.front() else {
+                break;
+            };
+            let pkid = pkid_for(front.seq);
+            // Ids repeat every 65,535 seqs; wait for an old holder of this id to finish.
+            if self.inflight.iter().any(|f| f.pkid == pkid) {
+                break;
+            }
             let Some(d) = self.pending.pop_front() else {
                 break;
             };
+            if d.released {
+                // Received at QoS 2 on an earlier connection: finish with PUBREL only.
+                codec::encode(&Packet::PubRel(pkid), &mut self.transmit);
+                self.inflight.push_back(Inflight {
+                    pkid,
+                    seq: d.seq,
+                    message_id: d.message_id,
+                    stage: Stage::AwaitPubComp,
+                });
+                continue;
+            }
             if d.expires_at_ms <= now_ms {
                 continue;
             }
@@ -313,12 +416,23 @@ impl Session {
                 });
                 continue;
             }
-            let pkid = self.alloc_pkid();
-            codec::encode_publish(&mut self.transmit, INBOX_TOPIC, 1, pkid, false, &d.envelope);
+            codec::encode_publish(
+                &mut self.transmit,
+                INBOX_TOPIC,
+                qos,
+                pkid,
+                false,
+                &d.envelope,
+            );
             self.inflight.push_back(Inflight {
                 pkid,
                 seq: d.seq,
                 message_id: d.message_id,
+                stage: if qos == 2 {
+                    Stage::AwaitPubRec
+                } else {
+                    Stage::AwaitPubAck
+                },
             });
         }
         assert!(self.inflight.len() <= self.limits.max_inflight);
@@ -328,16 +442,6 @@ impl Session {
                 after_seq: self.covered_through,
                 limit: self.limits.max_pending - self.pending.len(),
             });
-        }
-    }
-
-    fn alloc_pkid(&mut self) -> u16 {
-        loop {
-            let pkid = self.next_pkid;
-            self.next_pkid = if pkid == u16::MAX { 1 } else { pkid + 1 };
-            if !self.inflight.iter().any(|f| f.pkid == pkid) {
-                return pkid;
-            }
         }
     }
 }
@@ -355,6 +459,7 @@ mod tests {
             message_id: format!("m{seq}").into(),
             expires_at_ms: 10_000,
             envelope: format!("{{\"seq\":{seq}}}").into_bytes().into(),
+            released: false,
         }
     }
 

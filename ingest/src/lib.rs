@@ -18,6 +18,7 @@
 pub mod admin;
 pub mod auth;
 pub mod error;
+pub mod replay;
 pub mod routes;
 
 use std::sync::Arc;
@@ -51,6 +52,8 @@ pub struct IngestConfig {
     pub gateway_mqtt: String,
     /// The MQTT-over-WebSocket address devices are told to use.
     pub gateway_ws: String,
+    /// How long an Idempotency-Key holds, in seconds.
+    pub idempotency_window_s: u32,
 }
 
 impl Default for IngestConfig {
@@ -64,6 +67,7 @@ impl Default for IngestConfig {
             max_ttl_s: 28 * 24 * 3600,
             gateway_mqtt: "mqtt://127.0.0.1:9493".into(),
             gateway_ws: "ws://127.0.0.1:8083/mqtt".into(),
+            idempotency_window_s: 24 * 3600,
         }
     }
 }
@@ -77,7 +81,11 @@ pub struct Ingest {
     applied: watch::Receiver<Offset>,
     keyring: Keyring,
     tokens: Tokens,
+    idempotency_locks: Vec<tokio::sync::Mutex<()>>,
 }
+
+/// How many locks serialize requests with an Idempotency-Key (by hash of app and key).
+const IDEMPOTENCY_LOCKS: usize = 64;
 
 /// How long a registration waits for the projections to catch up before answering 503.
 const APPLY_WAIT: Duration = Duration::from_secs(10);
@@ -100,6 +108,9 @@ impl Ingest {
             applied,
             keyring,
             tokens,
+            idempotency_locks: (0..IDEMPOTENCY_LOCKS)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         })
     }
 
@@ -117,6 +128,14 @@ impl Ingest {
                 "accepted, but the projections are behind; retry the read shortly",
             )),
         }
+    }
+
+    /// The lock that serializes requests with this app's Idempotency-Key.
+    fn idempotency_lock(&self, app_id: &str, key: &str) -> &tokio::sync::Mutex<()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (app_id, key).hash(&mut h);
+        &self.idempotency_locks[(h.finish() as usize) % self.idempotency_locks.len()]
     }
 
     /// Waits until the projections have applied everything durable now, briefly.

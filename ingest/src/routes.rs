@@ -13,7 +13,7 @@ use axum::{Json, Router};
 use base64::Engine;
 use herald_eventlog::Record;
 use herald_schemas::events::{
-    self, AppCreated, DeviceRegistered, Event, Kind, PushAccepted, Target, To,
+    self, AppCreated, DeviceRegistered, Event, Kind, MessageRecalled, PushAccepted, Target, To,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
@@ -375,13 +375,98 @@ pub struct PushResponse {
     pub message_id: String,
 }
 
+/// The header that makes a push idempotent.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// JSON with object keys sorted, so two equal requests hash equally however their keys
+/// were ordered.
+fn canonical_json(v: &serde_json::Value, out: &mut Vec<u8>) {
+    match v {
+        serde_json::Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push(b'{');
+            for (i, k) in keys.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(
+                    serde_json::Value::String((*k).clone())
+                        .to_string()
+                        .as_bytes(),
+                );
+                out.push(b':');
+                if let Some(x) = map.get(*k) {
+                    canonical_json(x, out);
+                }
+            }
+            out.push(b'}');
+        }
+        serde_json::Value::Array(items) => {
+            out.push(b'[');
+            for (i, x) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                canonical_json(x, out);
+            }
+            out.push(b']');
+        }
+        other => out.extend_from_slice(other.to_string().as_bytes()),
+    }
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    let key = v
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| (0x21..0x7f).contains(&b)))
+        .ok_or_else(|| {
+            ApiError::invalid("Idempotency-Key must be 1 to 255 visible ASCII characters")
+        })?;
+    Ok(Some(key.to_owned()))
+}
+
+/// The answer to a push whose Idempotency-Key was already used.
+fn replayed(
+    rec: &herald_projections::model::IdempotencyRecord,
+    request_sha256: &[u8],
+) -> Result<(StatusCode, Json<PushResponse>), ApiError> {
+    if rec.request_sha256 == request_sha256 {
+        Ok((
+            StatusCode::OK,
+            Json(PushResponse {
+                message_id: rec.message_id.clone(),
+            }),
+        ))
+    } else {
+        Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "idempotency_key_reused",
+            "this Idempotency-Key was used with a different request",
+        ))
+    }
+}
+
 /// Publishes a push. Answered only once the push is durable.
+///
+/// With an `Idempotency-Key` header, the same key and the same request within the
+/// idempotency window (24 h by default) answer `200` with the first push's
+/// `message_id` and make no second message, also across restarts; the same key with a
+/// different request is `409`.
 #[utoipa::path(post, path = "/v1/messages", request_body = PushRequest,
+    params(("Idempotency-Key" = Option<String>, Header,
+        description = "Makes retries safe: the same key and request give the same message")),
     responses(
         (status = 202, description = "Accepted and durable", body = PushResponse),
+        (status = 200, description = "A retry of an accepted push (same Idempotency-Key)", body = PushResponse),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, description = "Missing, expired or forged token", body = ErrorBody),
         (status = 404, description = "No such device for this app", body = ErrorBody),
+        (status = 409, description = "Idempotency-Key reused with another request", body = ErrorBody),
         (status = 413, description = "Data or body too large", body = ErrorBody),
         (status = 422, description = "Invalid request", body = ErrorBody),
         (status = 503, description = "Not accepted; retry", body = ErrorBody)),
@@ -389,8 +474,46 @@ pub struct PushResponse {
 async fn push(
     State(ingest): State<Arc<Ingest>>,
     AppAuth(app_id): AppAuth,
-    ApiJson(req): ApiJson<PushRequest>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<serde_json::Value>,
 ) -> Result<(StatusCode, Json<PushResponse>), ApiError> {
+    let key = idempotency_key(&headers)?;
+    let req: PushRequest =
+        serde_json::from_value(body.clone()).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let Some(key) = key else {
+        let (message_id, _) = accept(&ingest, &app_id, req, None).await?;
+        return Ok((StatusCode::ACCEPTED, Json(PushResponse { message_id })));
+    };
+    let mut canonical = Vec::new();
+    canonical_json(&body, &mut canonical);
+    let hash = sha256(&canonical);
+    // One request per key at a time in this process; the fold settles races between
+    // processes (the first push with a key in the log wins).
+    let _guard = ingest.idempotency_lock(&app_id, &key).lock().await;
+    // A push accepted before a crash may not be applied yet: catch up first.
+    ingest.catch_up().await;
+    if let Some(rec) = ingest.store.idempotency(&app_id, &key)?
+        && rec.holds_at(now_ms())
+    {
+        return replayed(&rec, &hash);
+    }
+    let (message_id, offset) =
+        accept(&ingest, &app_id, req, Some((key.clone(), hash.clone()))).await?;
+    ingest.wait_applied(offset).await?;
+    match ingest.store.idempotency(&app_id, &key)? {
+        Some(rec) if rec.message_id != message_id => replayed(&rec, &hash),
+        _ => Ok((StatusCode::ACCEPTED, Json(PushResponse { message_id }))),
+    }
+}
+
+/// Validates, seals and appends a push; returns its message id and log offset once
+/// it is durable.
+async fn accept(
+    ingest: &Ingest,
+    app_id: &str,
+    req: PushRequest,
+    idempotency: Option<(String, Vec<u8>)>,
+) -> Result<(String, u64), ApiError> {
     let cfg = &ingest.config;
     let to = match (
         &req.to.device_id,
@@ -438,6 +561,7 @@ async fn push(
             ),
         ));
     }
+    let message_id = Uuid::now_v7().to_string();
     let key = match &to {
         To::DeviceId(device_id) => {
             // Another app's device is answered exactly like a device that does not exist.
@@ -446,9 +570,9 @@ async fn push(
                 _ => return Err(ApiError::not_found("device")),
             }
         }
-        To::Broadcast(_) => String::new(),
+        // A multi-target push is keyed by its message id.
+        To::Broadcast(_) => message_id.clone(),
     };
-    let message_id = Uuid::now_v7().to_string();
     let sealed = ingest
         .keyring
         .seal(random_bytes::<12>()?, &message_id, &data)
@@ -456,27 +580,29 @@ async fn push(
             tracing::error!(error = %e, "cannot seal a payload");
             ApiError::unavailable("cannot seal the payload")
         })?;
+    let (idempotency_key, request_sha256) = idempotency.unwrap_or_default();
     let event = Event::new(
         now_ms(),
         Kind::PushAccepted(PushAccepted {
             message_id: message_id.clone(),
-            app_id,
+            app_id: app_id.to_owned(),
             target: Some(Target { to: Some(to) }),
             payload: Some(sealed),
             ttl_s,
             priority: matches!(req.priority, Some(Priority::High)) as u32,
             collapse_key,
+            idempotency_window_s: if idempotency_key.is_empty() {
+                0
+            } else {
+                cfg.idempotency_window_s
+            },
+            idempotency_key,
+            request_sha256,
         }),
     );
-    // A unicast is keyed by its device (one partition per device, in order); a
-    // multi-target push by its message id.
-    let key = if key.is_empty() {
-        message_id.clone()
-    } else {
-        key
-    };
-    ingest.append(vec![record(&key, &event)]).await?;
-    Ok((StatusCode::ACCEPTED, Json(PushResponse { message_id })))
+    let offsets = ingest.append(vec![record(&key, &event)]).await?;
+    let offset = offsets.last().copied().unwrap_or_default();
+    Ok((message_id, offset))
 }
 
 /// A message's delivery status.
@@ -484,12 +610,14 @@ async fn push(
 pub struct MessageStatusResponse {
     /// The message id.
     pub message_id: String,
-    /// `pending` (some targets have not confirmed), `delivered` (all have), `expired`
-    /// (its TTL passed before all confirmed), or `no_targets`.
+    /// `pending` (some targets have not confirmed), `delivered` (every target confirmed,
+    /// or lost it to a replacement), `replaced` (every target lost it to a newer push
+    /// with the same collapse key), `expired` (its TTL passed first), `recalled`, or
+    /// `no_targets`.
     pub state: String,
     /// Devices it was put in the inbox of.
     pub targeted: u64,
-    /// Devices that confirmed receipt (MQTT PUBACK).
+    /// Devices that confirmed receipt (MQTT PUBACK, or PUBCOMP at QoS 2).
     pub delivered: u64,
     /// Devices that acknowledged it. A stock MQTT client acknowledges with its PUBACK,
     /// and the herald SDK sends the PUBACK only after the app's handler returns, so
@@ -497,10 +625,71 @@ pub struct MessageStatusResponse {
     pub acked: u64,
     /// Targets that had not confirmed when it expired.
     pub expired: u64,
+    /// Targets that had not confirmed when it was recalled.
+    pub recalled: u64,
+    /// Targets where a newer push with the same collapse key replaced it first.
+    pub replaced: u64,
     /// When it was accepted (ms since the Unix epoch).
     pub accepted_at_ms: u64,
     /// When it expires (ms since the Unix epoch).
     pub expires_at_ms: u64,
+}
+
+impl MessageStatusResponse {
+    fn new(m: herald_projections::model::MessageStatus, now_ms: u64) -> Self {
+        let outstanding = m.outstanding();
+        let expired_now = now_ms >= m.expires_at_ms;
+        let state = if m.recalled {
+            "recalled"
+        } else if m.targeted == 0 {
+            "no_targets"
+        } else if outstanding == 0 {
+            if m.acked == 0 {
+                "replaced"
+            } else {
+                "delivered"
+            }
+        } else if expired_now {
+            "expired"
+        } else {
+            "pending"
+        };
+        MessageStatusResponse {
+            message_id: m.message_id,
+            state: state.into(),
+            targeted: m.targeted,
+            delivered: m.acked,
+            acked: m.acked,
+            expired: if expired_now && !m.recalled {
+                outstanding
+            } else {
+                0
+            },
+            recalled: m.recalled_targets,
+            replaced: m.replaced,
+            accepted_at_ms: m.ts_ms,
+            expires_at_ms: m.expires_at_ms,
+        }
+    }
+}
+
+/// Reads a message of the calling app, catching up with the log first if it is not
+/// there yet (it may have been accepted a moment ago).
+async fn own_message(
+    ingest: &Ingest,
+    app_id: &str,
+    id: &str,
+) -> Result<herald_projections::model::MessageStatus, ApiError> {
+    let mut status = ingest.store.message(id)?;
+    if status.is_none() {
+        ingest.catch_up().await;
+        status = ingest.store.message(id)?;
+    }
+    match status {
+        Some(m) if m.app_id == app_id => Ok(m),
+        // Another app's message is answered exactly like one that does not exist.
+        _ => Err(ApiError::not_found("message")),
+    }
 }
 
 /// A message's status.
@@ -516,38 +705,42 @@ async fn message_status(
     AppAuth(app_id): AppAuth,
     Path(id): Path<String>,
 ) -> Result<Json<MessageStatusResponse>, ApiError> {
-    let mut status = ingest.store.message(&id)?;
-    if status.is_none() {
-        // It may have been accepted a moment ago and not be applied yet.
-        ingest.catch_up().await;
-        status = ingest.store.message(&id)?;
+    let m = own_message(&ingest, &app_id, &id).await?;
+    Ok(Json(MessageStatusResponse::new(m, now_ms())))
+}
+
+/// Recalls a message: none of its entries is sent afterwards (entries already written to
+/// a device's connection cannot be taken back). Recalling twice is harmless.
+#[utoipa::path(delete, path = "/v1/messages/{id}",
+    params(("id" = String, Path, description = "The message id")),
+    responses(
+        (status = 200, description = "Recalled; the status after the recall", body = MessageStatusResponse),
+        (status = 401, description = "Missing, expired or forged token", body = ErrorBody),
+        (status = 404, description = "No such message for this app", body = ErrorBody),
+        (status = 503, description = "Not recalled; retry", body = ErrorBody)),
+    security(("app_token" = [])))]
+async fn recall(
+    State(ingest): State<Arc<Ingest>>,
+    AppAuth(app_id): AppAuth,
+    Path(id): Path<String>,
+) -> Result<Json<MessageStatusResponse>, ApiError> {
+    let m = own_message(&ingest, &app_id, &id).await?;
+    if !m.recalled {
+        let event = Event::new(
+            now_ms(),
+            Kind::MessageRecalled(MessageRecalled {
+                message_id: id.clone(),
+                app_id: app_id.clone(),
+            }),
+        );
+        let key = m.unicast_device.clone().unwrap_or_else(|| id.clone());
+        let offsets = ingest.append(vec![record(&key, &event)]).await?;
+        if let Some(&o) = offsets.last() {
+            ingest.wait_applied(o).await?;
+        }
     }
-    let m = match status {
-        Some(m) if m.app_id == app_id => m,
-        _ => return Err(ApiError::not_found("message")),
-    };
-    let now = now_ms();
-    let unconfirmed = m.targeted - m.acked.min(m.targeted);
-    let expired_now = now >= m.expires_at_ms;
-    let state = if m.targeted == 0 {
-        "no_targets"
-    } else if unconfirmed == 0 {
-        "delivered"
-    } else if expired_now {
-        "expired"
-    } else {
-        "pending"
-    };
-    Ok(Json(MessageStatusResponse {
-        message_id: m.message_id,
-        state: state.into(),
-        targeted: m.targeted,
-        delivered: m.acked,
-        acked: m.acked,
-        expired: if expired_now { unconfirmed } else { 0 },
-        accepted_at_ms: m.ts_ms,
-        expires_at_ms: m.expires_at_ms,
-    }))
+    let m = own_message(&ingest, &app_id, &id).await?;
+    Ok(Json(MessageStatusResponse::new(m, now_ms())))
 }
 
 // ---------------------------------------------------------------------------- misc
@@ -582,7 +775,7 @@ impl Modify for SecuritySchemes {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "herald", description = "Durable, real-time push-message delivery."),
-    paths(create_app, oauth_token, register_device, push, message_status, healthz),
+    paths(create_app, oauth_token, register_device, push, message_status, recall, healthz),
     modifiers(&SecuritySchemes)
 )]
 pub struct ApiDoc;
@@ -598,7 +791,7 @@ pub(crate) fn router(ingest: Arc<Ingest>) -> Router {
         .route("/oauth/token", post(oauth_token))
         .route("/v1/devices", post(register_device))
         .route("/v1/messages", post(push))
-        .route("/v1/messages/{id}", get(message_status))
+        .route("/v1/messages/{id}", get(message_status).delete(recall))
         .route("/healthz", get(healthz))
         .route("/openapi.json", get(openapi_json))
         .merge(crate::admin::routes())

@@ -1,9 +1,9 @@
-//! The embedded projection store: fjall keyspaces in the same database as the embedded
-//! log, so a batch's state and its checkpoint commit in one atomic fjall batch.
+//! The embedded projection store: fjall keyspaces, so a batch's state and its checkpoint
+//! commit in one atomic fjall batch.
 //!
-//! Commits are not fsync'd here: the log's group commit syncs the shared journal, which
-//! covers every projection batch written before it. A projection batch lost in a crash is
-//! rebuilt from the log, because its checkpoint was lost with it.
+//! Commits are written through to the operating system but not fsync'd: the log is the
+//! durable record, and a projection batch lost to a power failure is folded again from
+//! the log, because its checkpoint was lost with it.
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 use serde::Serialize;
@@ -17,6 +17,20 @@ use crate::model::{
 use crate::view::{Store, View, Writes};
 
 const CHECKPOINT_KEY: &[u8] = b"checkpoint";
+
+/// Opens (or creates) the fjall database that holds the projections.
+///
+/// Each committed batch is handed to the operating system at once (fjall's default), so
+/// a killed process loses nothing it committed; after a power loss fjall recovers a
+/// prefix of the batches, whose checkpoint says where replay resumes.
+pub fn open_database(dir: &std::path::Path) -> Result<Database, StoreError> {
+    Database::builder(dir).open().map_err(|e| {
+        StoreError::Storage(format!(
+            "cannot open the projection store in {}: {e} (is herald serve running on it?)",
+            dir.display()
+        ))
+    })
+}
 
 /// The fjall-backed [`Store`].
 #[derive(Clone)]
@@ -110,6 +124,63 @@ impl EmbeddedStore {
             Some(v) => Ok(Some(decode(name, &v)?)),
             None => Ok(None),
         }
+    }
+
+    /// Every keyspace of this store with its name (without the prefix), in a fixed order.
+    fn keyspaces(&self) -> [(&'static str, &Keyspace); 13] {
+        [
+            ("apps", &self.apps),
+            ("app_by_client", &self.app_by_client),
+            ("app_by_key", &self.app_by_key),
+            ("devices", &self.devices),
+            ("app_devices", &self.app_devices),
+            ("inbox_heads", &self.heads),
+            ("inbox", &self.inbox),
+            ("collapse", &self.collapse),
+            ("messages", &self.messages),
+            ("payloads", &self.payloads),
+            ("presence", &self.presence),
+            ("idempotency", &self.idempotency),
+            ("meta", &self.meta),
+        ]
+    }
+
+    /// A SHA-256 digest of each projection keyspace (every key and value, in key order)
+    /// and how many records it holds. Two stores with the same state have the same
+    /// digests, because values are encoded deterministically. `meta` (the checkpoint) is
+    /// left out: compare checkpoints separately.
+    pub fn digests(&self) -> Result<Vec<(&'static str, u64, String)>, StoreError> {
+        use sha2::{Digest, Sha256};
+        let mut out = Vec::new();
+        for (name, ks) in self.keyspaces() {
+            if name == "meta" {
+                continue;
+            }
+            let mut h = Sha256::new();
+            let mut n = 0u64;
+            for g in ks.iter() {
+                let (k, v) = g.into_inner().map_err(storage)?;
+                h.update((k.len() as u64).to_be_bytes());
+                h.update(&k);
+                h.update((v.len() as u64).to_be_bytes());
+                h.update(&v);
+                n += 1;
+            }
+            let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+            out.push((name, n, hex));
+        }
+        Ok(out)
+    }
+
+    /// Deletes every keyspace of this store (used to drop a rebuilt copy).
+    pub fn destroy(self) -> Result<(), StoreError> {
+        let db = self.db.clone();
+        let all: Vec<Keyspace> = self.keyspaces().iter().map(|(_, k)| (*k).clone()).collect();
+        drop(self);
+        for ks in all {
+            db.delete_keyspace(ks).map_err(storage)?;
+        }
+        Ok(())
     }
 
     /// Reads the whole state into memory, for tests and digests.
@@ -241,7 +312,11 @@ impl View for EmbeddedStore {
         Self::get(&self.idempotency, "idempotency", &pair_key(app_id, key))
     }
     fn collapse(&self, device_id: &str, collapse_key: &str) -> Result<Option<u64>, StoreError> {
-        Self::get(&self.collapse, "collapse", &pair_key(device_id, collapse_key))
+        Self::get(
+            &self.collapse,
+            "collapse",
+            &pair_key(device_id, collapse_key),
+        )
     }
 }
 

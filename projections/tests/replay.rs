@@ -35,7 +35,8 @@ fn op() -> impl Strategy<Value = Op> {
         (0..6u8, 0..2u8).prop_map(|(d, g)| Op::Disconnect(d, g)),
         (0..3u8, 0..50u8).prop_map(|(a, m)| Op::Recall(a, m)),
         (0..6u8, 1..8u8, 0..50u8).prop_map(|(d, s, m)| Op::Received(d, s, m)),
-        (0..3u8, 0..6u8, 0..50u8, 0..3u8, 0..3u8).prop_map(|(a, d, m, k, c)| Op::Keyed(a, d, m, k, c)),
+        (0..3u8, 0..6u8, 0..50u8, 0..3u8, 0..3u8)
+            .prop_map(|(a, d, m, k, c)| Op::Keyed(a, d, m, k, c)),
     ]
 }
 
@@ -117,7 +118,11 @@ fn event(i: usize, op: &Op) -> Event {
             }),
             ttl_s: 60,
             priority: 0,
-            collapse_key: if *c == 0 { String::new() } else { format!("c{c}") },
+            collapse_key: if *c == 0 {
+                String::new()
+            } else {
+                format!("c{c}")
+            },
             idempotency_key: format!("k{k}"),
             request_sha256: vec![*m],
             idempotency_window_s: 20,

@@ -18,6 +18,18 @@ pub struct Delivery {
     pub expires_at_ms: u64,
     /// The JSON envelope (see [`crate::envelope`]), ready for the wire.
     pub envelope: Arc<[u8]>,
+    /// The device already confirmed receipt at QoS 2 (PUBREC): send only the PUBREL.
+    pub released: bool,
+}
+
+/// An entry a gateway must drop if it still holds it unsent: its message was recalled,
+/// or a newer push with the same collapse key replaced it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Withdrawal {
+    /// The device, or `None` for every device (a recalled broadcast).
+    pub device_id: Option<Arc<str>>,
+    /// The message.
+    pub message_id: Arc<str>,
 }
 
 /// A page of a device's backlog, read from its inbox.

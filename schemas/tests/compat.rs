@@ -28,54 +28,100 @@ fn sealed() -> SealedPayload {
 fn samples() -> Vec<(&'static str, Event)> {
     let ts = 1_790_000_000_000;
     let mut v = vec![
-        ("app_created", Event::new(ts, Kind::AppCreated(AppCreated {
-            app_id: "app-1".into(),
-            name: "demo".into(),
-            app_key: "key-1".into(),
-            client_id: "client-1".into(),
-            client_secret_sha256: vec![1; 32],
-        }))),
-        ("device_registered", Event::new(ts, Kind::DeviceRegistered(DeviceRegistered {
-            device_id: "dev-1".into(),
-            app_id: "app-1".into(),
-            token_sha256: vec![2; 32],
-            platform: "android".into(),
-            network: "wifi".into(),
-        }))),
-        ("push_unicast", Event::new(ts, Kind::PushAccepted(PushAccepted {
-            message_id: "msg-1".into(),
-            app_id: "app-1".into(),
-            target: Some(Target { to: Some(To::DeviceId("dev-1".into())) }),
-            payload: Some(sealed()),
-            ttl_s: 3600,
-            priority: 1,
-            collapse_key: "score".into(),
-            ..Default::default()
-        }))),
-        ("push_broadcast", Event::new(ts, Kind::PushAccepted(PushAccepted {
-            message_id: "msg-2".into(),
-            app_id: "app-1".into(),
-            target: Some(Target { to: Some(To::Broadcast(true)) }),
-            payload: Some(sealed()),
-            ttl_s: 60,
-            ..Default::default()
-        }))),
-        ("device_connected", Event::new(ts, Kind::DeviceConnected(DeviceConnected {
-            device_id: "dev-1".into(),
-            gateway_id: "gw-1".into(),
-            keep_alive_s: 60,
-        }))),
-        ("device_disconnected", Event::new(ts, Kind::DeviceDisconnected(DeviceDisconnected {
-            device_id: "dev-1".into(),
-            gateway_id: "gw-1".into(),
-            reason: "closed_by_device".into(),
-        }))),
-        ("device_acked", Event::new(ts, Kind::DeviceAcked(DeviceAcked {
-            device_id: "dev-1".into(),
-            seq: 1,
-            message_id: "msg-1".into(),
-            gateway_id: "gw-1".into(),
-        }))),
+        (
+            "app_created",
+            Event::new(
+                ts,
+                Kind::AppCreated(AppCreated {
+                    app_id: "app-1".into(),
+                    name: "demo".into(),
+                    app_key: "key-1".into(),
+                    client_id: "client-1".into(),
+                    client_secret_sha256: vec![1; 32],
+                }),
+            ),
+        ),
+        (
+            "device_registered",
+            Event::new(
+                ts,
+                Kind::DeviceRegistered(DeviceRegistered {
+                    device_id: "dev-1".into(),
+                    app_id: "app-1".into(),
+                    token_sha256: vec![2; 32],
+                    platform: "android".into(),
+                    network: "wifi".into(),
+                }),
+            ),
+        ),
+        (
+            "push_unicast",
+            Event::new(
+                ts,
+                Kind::PushAccepted(PushAccepted {
+                    message_id: "msg-1".into(),
+                    app_id: "app-1".into(),
+                    target: Some(Target {
+                        to: Some(To::DeviceId("dev-1".into())),
+                    }),
+                    payload: Some(sealed()),
+                    ttl_s: 3600,
+                    priority: 1,
+                    collapse_key: "score".into(),
+                    ..Default::default()
+                }),
+            ),
+        ),
+        (
+            "push_broadcast",
+            Event::new(
+                ts,
+                Kind::PushAccepted(PushAccepted {
+                    message_id: "msg-2".into(),
+                    app_id: "app-1".into(),
+                    target: Some(Target {
+                        to: Some(To::Broadcast(true)),
+                    }),
+                    payload: Some(sealed()),
+                    ttl_s: 60,
+                    ..Default::default()
+                }),
+            ),
+        ),
+        (
+            "device_connected",
+            Event::new(
+                ts,
+                Kind::DeviceConnected(DeviceConnected {
+                    device_id: "dev-1".into(),
+                    gateway_id: "gw-1".into(),
+                    keep_alive_s: 60,
+                }),
+            ),
+        ),
+        (
+            "device_disconnected",
+            Event::new(
+                ts,
+                Kind::DeviceDisconnected(DeviceDisconnected {
+                    device_id: "dev-1".into(),
+                    gateway_id: "gw-1".into(),
+                    reason: "closed_by_device".into(),
+                }),
+            ),
+        ),
+        (
+            "device_acked",
+            Event::new(
+                ts,
+                Kind::DeviceAcked(DeviceAcked {
+                    device_id: "dev-1".into(),
+                    seq: 1,
+                    message_id: "msg-1".into(),
+                    gateway_id: "gw-1".into(),
+                }),
+            ),
+        ),
     ];
     v.extend(newer_samples(ts));
     v
@@ -84,27 +130,47 @@ fn samples() -> Vec<(&'static str, Event)> {
 /// Samples of kinds and fields added after version 1.
 fn newer_samples(ts: u64) -> Vec<(&'static str, Event)> {
     vec![
-        ("push_idempotent", Event::new(ts, Kind::PushAccepted(PushAccepted {
-            message_id: "msg-3".into(),
-            app_id: "app-1".into(),
-            target: Some(Target { to: Some(To::DeviceId("dev-1".into())) }),
-            payload: Some(sealed()),
-            ttl_s: 3600,
-            idempotency_key: "order-42".into(),
-            request_sha256: vec![3; 32],
-            idempotency_window_s: 86_400,
-            ..Default::default()
-        }))),
-        ("message_recalled", Event::new(ts, Kind::MessageRecalled(MessageRecalled {
-            message_id: "msg-1".into(),
-            app_id: "app-1".into(),
-        }))),
-        ("device_received", Event::new(ts, Kind::DeviceReceived(DeviceReceived {
-            device_id: "dev-1".into(),
-            seq: 2,
-            message_id: "msg-2".into(),
-            gateway_id: "gw-1".into(),
-        }))),
+        (
+            "push_idempotent",
+            Event::new(
+                ts,
+                Kind::PushAccepted(PushAccepted {
+                    message_id: "msg-3".into(),
+                    app_id: "app-1".into(),
+                    target: Some(Target {
+                        to: Some(To::DeviceId("dev-1".into())),
+                    }),
+                    payload: Some(sealed()),
+                    ttl_s: 3600,
+                    idempotency_key: "order-42".into(),
+                    request_sha256: vec![3; 32],
+                    idempotency_window_s: 86_400,
+                    ..Default::default()
+                }),
+            ),
+        ),
+        (
+            "message_recalled",
+            Event::new(
+                ts,
+                Kind::MessageRecalled(MessageRecalled {
+                    message_id: "msg-1".into(),
+                    app_id: "app-1".into(),
+                }),
+            ),
+        ),
+        (
+            "device_received",
+            Event::new(
+                ts,
+                Kind::DeviceReceived(DeviceReceived {
+                    device_id: "dev-1".into(),
+                    seq: 2,
+                    message_id: "msg-2".into(),
+                    gateway_id: "gw-1".into(),
+                }),
+            ),
+        ),
     ]
 }
 
@@ -122,7 +188,11 @@ fn every_committed_version_decodes() {
     let mut checked = 0;
     for version in 1..=CURRENT_SCHEMA_VERSION {
         let dir = fixtures().join(format!("v{version}"));
-        assert!(dir.is_dir(), "no fixtures for schema version {version} in {}", dir.display());
+        assert!(
+            dir.is_dir(),
+            "no fixtures for schema version {version} in {}",
+            dir.display()
+        );
         versions += 1;
         let mut names: Vec<_> = std::fs::read_dir(&dir)
             .unwrap()
@@ -146,7 +216,10 @@ fn every_committed_version_decodes() {
             checked += 1;
         }
     }
-    assert!(versions >= 1 && checked >= 7, "{versions} versions, {checked} events");
+    assert!(
+        versions >= 1 && checked >= 7,
+        "{versions} versions, {checked} events"
+    );
 }
 
 /// Fields added after an event was written decode to their defaults; drop those lines
@@ -160,5 +233,9 @@ fn strip_defaults_added_later(now: &str, expected: &str) -> String {
 
 fn is_default_field(line: &str) -> bool {
     let l = line.trim();
-    l.ends_with(": \"\",") || l.ends_with(": 0,") || l.ends_with(": [],") || l.ends_with(": false,") || l.ends_with(": None,")
+    l.ends_with(": \"\",")
+        || l.ends_with(": 0,")
+        || l.ends_with(": [],")
+        || l.ends_with(": false,")
+        || l.ends_with(": None,")
 }

@@ -1,0 +1,117 @@
+//! `herald rebuild` and `herald verify`: fold the whole log again into a fresh store and
+//! compare it with the live one.
+//!
+//! Both work on a stopped data dir (the embedded database is locked by a running
+//! `herald serve`). The fresh store is built in keyspaces prefixed `rebuild.` beside the
+//! live ones, up to exactly the live store's checkpoint, so the two are comparable; it is
+//! dropped afterwards.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use herald_delivery::worker::fold_batch;
+use herald_eventlog::EventLog;
+use herald_eventlog::embedded::EmbeddedLog;
+use herald_projections::embedded::{EmbeddedStore, open_database};
+use herald_projections::view::Store;
+
+/// Arguments of `herald rebuild` and `herald verify`.
+#[derive(Debug, clap::Args)]
+pub struct RebuildArgs {
+    /// The data dir of a stopped herald [default: ./herald-data].
+    #[arg(long, env = "HERALD_DATA_DIR", default_value = "herald-data")]
+    data_dir: PathBuf,
+}
+
+/// Records folded per batch.
+const BATCH: usize = 4096;
+
+const PREFIX: &str = "rebuild.";
+
+/// Runs `herald rebuild` (`verify == false`) or `herald verify`.
+pub fn run(args: RebuildArgs, verify: bool) -> anyhow::Result<()> {
+    let path = args.data_dir.join("store");
+    if !path.exists() {
+        bail!("no herald data in {} (--data-dir)", args.data_dir.display());
+    }
+    // The log's lock tells whether a server runs on this data dir.
+    let log = EmbeddedLog::open(&args.data_dir.join("log")).with_context(|| {
+        format!(
+            "cannot open the event log in {}: is `herald serve` running on it? Stop it first",
+            args.data_dir.display()
+        )
+    })?;
+    let db = open_database(&path)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let live = EmbeddedStore::open(db.clone(), "")?;
+    let until = live.checkpoint()?;
+
+    // A rebuilt copy left by an interrupted run is dropped first.
+    EmbeddedStore::open(db.clone(), PREFIX)?.destroy()?;
+    let fresh = Arc::new(EmbeddedStore::open(db.clone(), PREFIX)?);
+
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(until);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} rebuilding [{bar:40}] {pos}/{len} events ({per_sec}, {eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut from = 0;
+    while from < until {
+        let want = BATCH.min((until - from) as usize);
+        let records = runtime.block_on(log.read(from, want))?;
+        if records.is_empty() {
+            bail!("the log ends at {from}, before the live checkpoint {until}");
+        }
+        let (next, _, _) = fold_batch(&*fresh, from, &records)?;
+        bar.set_position(next);
+        from = next;
+    }
+    bar.finish_and_clear();
+
+    let rebuilt = fresh.digests()?;
+    let current = live.digests()?;
+    println!("rebuilt {until} events from {}", args.data_dir.display());
+    println!(
+        "{:<14} {:>10}  {:<64}  {}",
+        "projection",
+        "records",
+        "digest (rebuilt)",
+        if verify { "live" } else { "" }
+    );
+    let mut same = true;
+    for ((name, n, digest), (_, live_n, live_digest)) in rebuilt.iter().zip(&current) {
+        let verdict = if !verify {
+            String::new()
+        } else if digest == live_digest && n == live_n {
+            "identical".to_owned()
+        } else {
+            same = false;
+            format!("DIFFERS ({live_n} records, {live_digest})")
+        };
+        println!("{name:<14} {n:>10}  {digest}  {verdict}");
+    }
+    drop(log);
+    if let Ok(f) = Arc::try_unwrap(fresh) {
+        f.destroy()?;
+    }
+    if verify {
+        if same {
+            println!("verify: the live projections are identical to a rebuild from the log");
+        } else {
+            bail!("verify: the live projections differ from a rebuild from the log");
+        }
+    }
+    Ok(())
+}
