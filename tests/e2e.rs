@@ -405,6 +405,7 @@ async fn openapi_describes_the_routes() {
         "/v1/devices",
         "/v1/messages",
         "/v1/messages/{id}",
+        "/v1/admin/events",
     ] {
         assert!(doc["paths"][path].is_object(), "{path} missing");
     }

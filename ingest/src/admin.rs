@@ -7,8 +7,8 @@
 //! sent in the `x-herald-from` / `x-herald-to` headers, so a client can show progress.
 //! Payloads stay sealed: the server never opens them for a replay.
 //!
-//! [`AdminApiDoc`] describes the route for OpenAPI; `/openapi.json` shows it once the
-//! API's `ApiDoc` (in `routes`) merges it.
+//! [`AdminApiDoc`] describes the route for OpenAPI; `routes::openapi` merges it into
+//! `/openapi.json`.
 
 use std::sync::Arc;
 

@@ -780,8 +780,15 @@ impl Modify for SecuritySchemes {
 )]
 pub struct ApiDoc;
 
+/// The whole API's description: the routes here and the admin routes.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut doc = ApiDoc::openapi();
+    doc.merge(crate::admin::AdminApiDoc::openapi());
+    doc
+}
+
 async fn openapi_json() -> impl IntoResponse {
-    Json(ApiDoc::openapi())
+    Json(openapi())
 }
 
 pub(crate) fn router(ingest: Arc<Ingest>) -> Router {
