@@ -45,8 +45,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{ADMIN, App, free_port, tool};
-use serde_json::{Value, json};
+use common::{ADMIN, create_app_at, free_port, tool};
+use serde_json::json;
 
 /// Pushes per run.
 const PUSHES: usize = 200;
@@ -661,35 +661,10 @@ impl Drop for Traced {
     }
 }
 
-/// `POST /v1/apps` and a token, as `common::create_app` does (which wants a `common::Server`).
-async fn create_app(base: String) -> App {
-    let http = reqwest::Client::new();
-    let r = http
-        .post(format!("{base}/v1/apps"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"name": "durability"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let a: Value = r.json().await.unwrap();
-    let mut app = App {
-        base,
-        app_id: a["app_id"].as_str().unwrap().into(),
-        app_key: a["app_key"].as_str().unwrap().into(),
-        client_id: a["client_id"].as_str().unwrap().into(),
-        client_secret: a["client_secret"].as_str().unwrap().into(),
-        token: String::new(),
-        http,
-    };
-    app.token = app.new_token().await;
-    app
-}
-
 /// Starts herald under strace (and `wrapper`), sends the pushes, stops it, parses the trace.
 async fn traced_run(strace: &Path, wrapper: Option<&Path>) -> (Trace, PathBuf, Vec<String>) {
     let server = Traced::start(strace, wrapper).await;
-    let app = create_app(server.base()).await;
+    let app = create_app_at(server.base()).await;
     let dev = app.register().await;
     let mut tasks = Vec::new();
     for worker in 0..CONCURRENCY {

@@ -165,8 +165,12 @@ pub struct App {
 }
 
 pub async fn create_app(server: &Server) -> App {
+    create_app_at(server.base()).await
+}
+
+/// Creates an app through the API at `base` and gets its token.
+pub async fn create_app_at(base: String) -> App {
     let http = reqwest::Client::new();
-    let base = server.base();
     let r = http
         .post(format!("{base}/v1/apps"))
         .bearer_auth(ADMIN)
