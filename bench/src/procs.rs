@@ -1,0 +1,343 @@
+//! The processes a benchmark runs: servers under test and simulator processes, with
+//! their memory (VmRSS) and CPU time read from /proc.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdout, Command};
+
+/// The admin token the benchmark gives herald.
+pub const ADMIN: &str = "bench-admin-token-0123456789";
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Resident memory of a process, in bytes.
+pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .context("no VmRSS")?;
+    let kb: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .context("bad VmRSS")?
+        .parse()?;
+    Ok(kb * 1024)
+}
+
+/// CPU time (user + system) of a process so far.
+pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').context("bad stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11).context("bad stat")?.parse()?;
+    let stime: u64 = fields.get(12).context("bad stat")?.parse()?;
+    // Clock ticks; 100 per second on Linux.
+    Ok(Duration::from_millis((utime + stime) * 10))
+}
+
+/// Which server is under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `herald serve`.
+    Herald,
+    /// Debian's Mosquitto.
+    Mosquitto,
+    /// rumqttd from crates.io.
+    Rumqttd,
+}
+
+impl Kind {
+    /// Its name in the table.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Herald => "herald",
+            Kind::Mosquitto => "Mosquitto",
+            Kind::Rumqttd => "rumqttd",
+        }
+    }
+}
+
+/// A running server under test.
+pub struct Server {
+    /// Which.
+    pub kind: Kind,
+    /// Its MQTT port.
+    pub mqtt_port: u16,
+    /// Its REST port (herald only).
+    pub http_port: u16,
+    child: Child,
+    _dir: tempdir::Dir,
+}
+
+/// Where the binaries are.
+#[derive(Debug, Clone)]
+pub struct Bins {
+    /// `herald`.
+    pub herald: PathBuf,
+    /// `herald-sim`.
+    pub sim: PathBuf,
+    /// `mosquitto`, if installed.
+    pub mosquitto: Option<PathBuf>,
+    /// `rumqttd`, if installed.
+    pub rumqttd: Option<PathBuf>,
+}
+
+fn which(name: &str, extra: &[&str]) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    dirs.extend(extra.iter().map(PathBuf::from));
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(Path::new(&home).join(".cargo/bin"));
+    }
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+impl Bins {
+    /// Finds the binaries: herald and herald-sim beside this executable, the peers on
+    /// PATH (and /usr/sbin, ~/.cargo/bin).
+    pub fn find() -> anyhow::Result<Bins> {
+        let exe = std::env::current_exe()?;
+        let dir = exe.parent().context("no exe dir")?;
+        let herald = dir.join("herald");
+        let sim = dir.join("herald-sim");
+        for p in [&herald, &sim] {
+            if !p.is_file() {
+                bail!(
+                    "{} not found: build with `cargo build --release -p herald -p herald-bench` (bench/run does)",
+                    p.display()
+                );
+            }
+        }
+        Ok(Bins {
+            herald,
+            sim,
+            mosquitto: which("mosquitto", &["/usr/sbin"]),
+            rumqttd: which("rumqttd", &[]),
+        })
+    }
+}
+
+/// A temporary directory removed on drop.
+pub mod tempdir {
+    use std::path::{Path, PathBuf};
+
+    /// The directory.
+    #[derive(Debug)]
+    pub struct Dir(PathBuf);
+
+    impl Dir {
+        /// Creates `herald-bench-<pid>-<n>` under the system temp dir.
+        pub fn new(tag: &str) -> std::io::Result<Dir> {
+            static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let p =
+                std::env::temp_dir().join(format!("herald-bench-{}-{tag}-{n}", std::process::id()));
+            std::fs::create_dir_all(&p)?;
+            Ok(Dir(p))
+        }
+        /// Its path.
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+async fn wait_port(port: u16, what: &str, child: &mut Child) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("{what} exited at start-up: {status}");
+        }
+        if Instant::now() > deadline {
+            bail!("{what} did not listen on {port} within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl Server {
+    /// Starts a server of `kind` on fresh loopback ports.
+    pub async fn start(kind: Kind, bins: &Bins) -> anyhow::Result<Server> {
+        let dir = tempdir::Dir::new(kind.name())?;
+        let mqtt_port = free_port()?;
+        let http_port = free_port()?;
+        let log = std::fs::File::create(dir.path().join("server.log"))?;
+        let mut cmd = match kind {
+            Kind::Herald => {
+                let mut c = Command::new(&bins.herald);
+                c.arg("serve")
+                    .arg("--data-dir")
+                    .arg(dir.path().join("data"))
+                    .arg("--http-addr")
+                    .arg(format!("127.0.0.1:{http_port}"))
+                    .arg("--mqtt-addr")
+                    .arg(format!("127.0.0.1:{mqtt_port}"))
+                    .env("HERALD_ADMIN_TOKEN", ADMIN)
+                    .env("HERALD_LOG", "warn");
+                c
+            }
+            Kind::Mosquitto => {
+                let bin = bins
+                    .mosquitto
+                    .as_ref()
+                    .context("mosquitto is not installed")?;
+                let conf = dir.path().join("mosquitto.conf");
+                // Queue and in-flight limits set explicitly, as large as herald's
+                // defaults allow a device (herald: 32 in flight, the inbox unbounded).
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "listener {mqtt_port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\nmax_inflight_messages 32\nmax_connections -1\npersistence false\nlog_dest none\n"
+                    ),
+                )?;
+                let mut c = Command::new(bin);
+                c.arg("-c").arg(conf);
+                c
+            }
+            Kind::Rumqttd => {
+                let bin = bins.rumqttd.as_ref().context("rumqttd is not installed")?;
+                let conf = dir.path().join("rumqttd.toml");
+                std::fs::write(
+                    &conf,
+                    format!(
+                        r#"id = 0
+[router]
+id = 0
+max_connections = 20000
+max_outgoing_packet_count = 200
+max_segment_size = 104857600
+max_segment_count = 10
+
+[v4.1]
+name = "v4-1"
+listen = "127.0.0.1:{mqtt_port}"
+next_connection_delay_ms = 0
+    [v4.1.connections]
+    connection_timeout_ms = 60000
+    max_payload_size = 20480
+    max_inflight_count = 32
+    dynamic_filters = true
+"#
+                    ),
+                )?;
+                let mut c = Command::new(bin);
+                c.arg("-c").arg(conf).arg("-q");
+                c
+            }
+        };
+        cmd.stdout(Stdio::null())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", kind.name()))?;
+        wait_port(mqtt_port, kind.name(), &mut child).await?;
+        if kind == Kind::Herald {
+            wait_port(http_port, "herald http", &mut child).await?;
+        }
+        Ok(Server {
+            kind,
+            mqtt_port,
+            http_port,
+            child,
+            _dir: dir,
+        })
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    /// Its REST base URL (herald).
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    /// Its data dir (herald) or config dir.
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
+    }
+
+    /// Stops it.
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// A running `herald-sim` process.
+pub struct Sim {
+    child: Child,
+    lines: tokio::io::Lines<BufReader<ChildStdout>>,
+}
+
+impl Sim {
+    /// Starts `herald-sim` with `args`.
+    pub fn start(bins: &Bins, args: &[String]) -> anyhow::Result<Sim> {
+        let mut child = Command::new(&bins.sim)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .stdin(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start herald-sim")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        Ok(Sim {
+            child,
+            lines: BufReader::new(stdout).lines(),
+        })
+    }
+
+    /// Waits for the next JSON line with `"event": event`.
+    pub async fn wait_event(&mut self, event: &str) -> anyhow::Result<Value> {
+        while let Some(line) = self.lines.next_line().await? {
+            let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if v["event"] == event {
+                return Ok(v);
+            }
+        }
+        bail!("herald-sim ended before {event}")
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    /// Closes its stdin (idle mode: report and exit) and waits for its report.
+    pub async fn finish(mut self) -> anyhow::Result<Value> {
+        drop(self.child.stdin.take());
+        let done = self.wait_event("done").await;
+        let _ = self.child.wait().await;
+        done
+    }
+}
