@@ -1,21 +1,22 @@
 //! The registry of live sessions on this gateway: who is connected, takeover, and the
 //! entry point for live deliveries.
 //!
-//! Each connection registers its device; a second registration of the same device kicks
-//! the first (never two live connections for one device). Deliveries are handed to the
-//! connection's bounded queue without waiting: when it is full the connection is told it
-//! overflowed and reads its inbox from the store instead, so a slow device never slows a
-//! delivery worker and nothing is lost.
+//! Each connection registers its device and gets a [`Mailbox`]; a second registration of
+//! the same device kicks the first (never two live connections for one device).
+//! Deliveries are put in the connection's bounded mailbox without waiting: when it is full
+//! the connection is told it overflowed and reads its inbox from the store instead, so a
+//! slow device never slows a delivery worker and nothing is lost. An idle connection's
+//! mailbox holds no allocation beyond itself.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use herald_schemas::link::{Delivery, Withdrawal};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
-/// How many delivery batches a connection's queue holds.
-pub const CONN_QUEUE_BATCHES: usize = 64;
+/// How many commands a connection's mailbox holds before it overflows.
+pub const MAILBOX_COMMANDS: usize = 64;
 
 /// What the hub sends a connection.
 #[derive(Debug)]
@@ -26,23 +27,69 @@ pub enum Command {
     Withdraw(Vec<Arc<str>>),
 }
 
+/// A connection's mailbox: commands, and the flags a connection acts on when woken.
+#[derive(Debug, Default)]
+pub struct Mailbox {
+    queue: Mutex<VecDeque<Command>>,
+    overflowed: AtomicBool,
+    kicked: AtomicBool,
+    notify: Notify,
+}
+
+impl Mailbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Command>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn post(&self, cmd: Command) {
+        let mut q = self.lock();
+        if q.len() >= MAILBOX_COMMANDS {
+            drop(q);
+            self.overflowed.store(true, Ordering::Release);
+        } else {
+            q.push_back(cmd);
+        }
+        self.notify.notify_one();
+    }
+
+    fn kick(&self) {
+        self.kicked.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    /// Waits until something was posted (a permit is kept if nobody waits, so no wake-up
+    /// is lost).
+    pub async fn wait(&self) {
+        self.notify.notified().await;
+    }
+
+    /// Whether a newer connection of the same device took over.
+    pub fn kicked(&self) -> bool {
+        self.kicked.load(Ordering::Acquire)
+    }
+
+    /// Whether commands were dropped because the mailbox was full (and clears it).
+    pub fn take_overflow(&self) -> bool {
+        self.overflowed.swap(false, Ordering::AcqRel)
+    }
+
+    /// Takes every waiting command, releasing the queue's memory.
+    pub fn take(&self) -> VecDeque<Command> {
+        std::mem::take(&mut *self.lock())
+    }
+}
+
 struct Handle {
     conn_id: u64,
-    tx: mpsc::Sender<Command>,
-    overflow: Arc<Notify>,
-    kick: Arc<Notify>,
+    mailbox: Arc<Mailbox>,
 }
 
 /// What a connection gets when it registers.
 pub struct Registration {
     /// Identifies this connection among the device's connections over time.
     pub conn_id: u64,
-    /// Live deliveries and withdrawals for the device.
-    pub deliveries: mpsc::Receiver<Command>,
-    /// Notified when deliveries were dropped because the queue was full.
-    pub overflow: Arc<Notify>,
-    /// Notified when a newer connection of the same device takes over.
-    pub kick: Arc<Notify>,
+    /// Live deliveries, withdrawals, overflow and takeover for this connection.
+    pub mailbox: Arc<Mailbox>,
 }
 
 /// The live sessions of one gateway.
@@ -68,27 +115,18 @@ impl Hub {
     /// Registers a new connection for `device_id`, kicking any older one.
     pub fn register(&self, device_id: Arc<str>) -> Registration {
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let (tx, deliveries) = mpsc::channel(CONN_QUEUE_BATCHES);
-        let overflow = Arc::new(Notify::new());
-        let kick = Arc::new(Notify::new());
+        let mailbox = Arc::new(Mailbox::default());
         let old = self.lock().insert(
             device_id,
             Handle {
                 conn_id,
-                tx,
-                overflow: overflow.clone(),
-                kick: kick.clone(),
+                mailbox: mailbox.clone(),
             },
         );
         if let Some(old) = old {
-            old.kick.notify_one();
+            old.mailbox.kick();
         }
-        Registration {
-            conn_id,
-            deliveries,
-            overflow,
-            kick,
-        }
+        Registration { conn_id, mailbox }
     }
 
     /// Removes a connection, unless a newer one of the same device replaced it.
@@ -121,17 +159,15 @@ impl Hub {
         }
         let sessions = self.lock();
         for (device, entries) in by_device {
-            if let Some(h) = sessions.get(&device)
-                && h.tx.try_send(Command::Deliver(entries)).is_err()
-            {
-                h.overflow.notify_one();
+            if let Some(h) = sessions.get(&device) {
+                h.mailbox.post(Command::Deliver(entries));
             }
         }
     }
 
     /// Tells sessions to drop entries of withdrawn messages that they still hold unsent.
     /// A withdrawal for every device goes to every session; a session that misses one
-    /// (its queue is full) rereads the store, where the entry is skipped.
+    /// (its mailbox is full) rereads the store, where the entry is skipped.
     pub fn withdraw(&self, withdrawals: Vec<Withdrawal>) {
         let mut everyone: Vec<Arc<str>> = Vec::new();
         let mut by_device: HashMap<Arc<str>, Vec<Arc<str>>> = HashMap::new();
@@ -142,19 +178,14 @@ impl Hub {
             }
         }
         let sessions = self.lock();
-        let send = |h: &Handle, ids: Vec<Arc<str>>| {
-            if h.tx.try_send(Command::Withdraw(ids)).is_err() {
-                h.overflow.notify_one();
-            }
-        };
         if !everyone.is_empty() {
             for h in sessions.values() {
-                send(h, everyone.clone());
+                h.mailbox.post(Command::Withdraw(everyone.clone()));
             }
         }
         for (device, ids) in by_device {
             if let Some(h) = sessions.get(&device) {
-                send(h, ids);
+                h.mailbox.post(Command::Withdraw(ids));
             }
         }
     }

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
+use futures::StreamExt;
 use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
 use herald_eventlog::{EventLog, Record};
 use herald_schemas::events::{
     self, DeviceAcked, DeviceConnected, DeviceDisconnected, DeviceReceived, Event, Kind,
@@ -78,14 +80,6 @@ pub struct Gateway {
     directory: Arc<dyn DeviceDirectory>,
     events: mpsc::Sender<Event>,
     log: Arc<dyn EventLog>,
-}
-
-/// What background work hands back to a connection task.
-enum ConnInput {
-    /// A backlog page (or why it could not be read).
-    Page(Result<BacklogPage, DirectoryError>),
-    /// The QoS 2 receipt of this seq is durable.
-    ReceivedDurable(u64),
 }
 
 /// How many events the gateway queues for the log before connections wait.
@@ -177,7 +171,7 @@ impl Gateway {
     }
 
     async fn connection(&self, mut stream: TcpStream, mut shutdown: watch::Receiver<bool>) {
-        let mut buf = BytesMut::with_capacity(256);
+        let mut buf = BytesMut::new();
         let max = self.config.max_packet_bytes;
         let first = tokio::time::timeout(
             self.config.connect_timeout,
@@ -229,7 +223,7 @@ impl Gateway {
             }
         }
 
-        let mut reg = self.hub.register(device_id.clone());
+        let reg = self.hub.register(device_id.clone());
         if send_connack(&mut stream, codec::CONNACK_ACCEPTED)
             .await
             .is_err()
@@ -237,24 +231,26 @@ impl Gateway {
             self.hub.unregister(&device_id, reg.conn_id);
             return;
         }
+        let keep_alive_s = connect.keep_alive_s;
+        drop(connect);
         self.emit(Event::new(
             now_ms(),
             Kind::DeviceConnected(DeviceConnected {
                 device_id: device_id.to_string(),
                 gateway_id: self.config.gateway_id.clone(),
-                keep_alive_s: u32::from(connect.keep_alive_s),
+                keep_alive_s: u32::from(keep_alive_s),
             }),
         ))
         .await;
-        tracing::debug!(device_id = %device_id, keep_alive_s = connect.keep_alive_s, "device connected");
+        tracing::debug!(device_id = %device_id, keep_alive_s, "device connected");
 
-        let mut session = Session::new(connect.keep_alive_s, now_ms(), self.config.limits);
+        let mut session = Session::new(keep_alive_s, now_ms(), self.config.limits);
+        // At most one backlog read is outstanding (the session asks for the next page
+        // only when the last one arrived), and QoS 2 receipts being made durable live in a
+        // set created only when a QoS 2 exchange happens: an idle connection holds neither.
+        let mut fetch: Option<BoxFuture<'static, Result<BacklogPage, DirectoryError>>> = None;
+        let mut receipts: Option<FuturesUnordered<BoxFuture<'static, Option<u64>>>> = None;
         // Bytes that arrived after CONNECT in the same read belong to the session.
-        // Backlog pages and durable QoS 2 receipts come back here; at most one page and
-        // one receipt per in-flight entry are outstanding, so this stays small.
-        let (input_tx, mut input_rx) =
-            mpsc::channel::<ConnInput>(self.config.limits.max_inflight + 2);
-        let mut out = Vec::new();
         let mut closing: Option<&'static str> = drain_frames(&mut buf, max, &mut session);
         let reason = loop {
             while let Some(ev) = session.poll_event() {
@@ -282,48 +278,42 @@ impl Gateway {
                             }),
                         );
                         let append = self.log.append(vec![device_record(&device_id, &event)]);
-                        let tx = input_tx.clone();
-                        tokio::spawn(async move {
-                            match append.await {
-                                Ok(_) => {
-                                    let _ = tx.send(ConnInput::ReceivedDurable(seq)).await;
+                        receipts
+                            .get_or_insert_with(FuturesUnordered::new)
+                            .push(Box::pin(async move {
+                                match append.await {
+                                    Ok(_) => Some(seq),
+                                    // No PUBREL without a durable receipt; the device gets
+                                    // the PUBLISH again (same packet id) next connection.
+                                    Err(e) => {
+                                        tracing::error!(error = %e, "cannot record a QoS 2 receipt");
+                                        None
+                                    }
                                 }
-                                // No PUBREL without a durable receipt; the device will get
-                                // the PUBLISH again (same packet id) on its next connection.
-                                Err(e) => {
-                                    tracing::error!(error = %e, "cannot record a QoS 2 receipt")
-                                }
-                            }
-                        });
+                            }));
                     }
                     SessionEvent::FetchBacklog { after_seq, limit } => {
-                        let fetch = self.directory.backlog(device_id.clone(), after_seq, limit);
-                        let tx = input_tx.clone();
-                        tokio::spawn(async move {
-                            let page = fetch.await;
+                        let page = self.directory.backlog(device_id.clone(), after_seq, limit);
+                        fetch = Some(Box::pin(async move {
+                            let page = page.await;
                             if page.is_err() {
                                 // Do not spin on a failing store.
                                 tokio::time::sleep(Duration::from_secs(1)).await;
                             }
-                            let _ = tx.send(ConnInput::Page(page)).await;
-                        });
+                            page
+                        }));
                     }
                     SessionEvent::Close(r) => closing = Some(r.as_str()),
                 }
             }
             if session.has_transmit() {
-                out.clear();
-                session.take_transmit(&mut out);
+                let out = session.take_transmit_buf();
                 if stream.write_all(&out).await.is_err() {
                     break "write_failed";
                 }
             }
             if let Some(r) = closing {
                 break r;
-            }
-            // An idle connection keeps no read buffer capacity to speak of.
-            if buf.is_empty() && buf.capacity() > 4096 {
-                buf = BytesMut::with_capacity(256);
             }
             let deadline = session.poll_timeout();
             let sleep = async move {
@@ -335,25 +325,48 @@ impl Gateway {
                 }
             };
             tokio::select! {
-                r = stream.read_buf(&mut buf) => match r {
-                    Ok(0) => break "closed_by_device",
-                    Ok(_) => closing = drain_frames(&mut buf, max, &mut session),
-                    Err(_) => break "read_failed",
+                r = stream.readable() => {
+                    if r.is_err() {
+                        break "read_failed";
+                    }
+                    // Read into a buffer that exists only while bytes are in hand.
+                    buf.reserve(READ_CHUNK);
+                    match stream.try_read_buf(&mut buf) {
+                        Ok(0) => break "closed_by_device",
+                        Ok(_) => closing = drain_frames(&mut buf, max, &mut session),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => break "read_failed",
+                    }
+                    if buf.is_empty() {
+                        buf = BytesMut::new();
+                    }
                 },
-                Some(cmd) = reg.deliveries.recv() => match cmd {
-                    Command::Deliver(batch) => session.handle_deliveries(batch, now_ms()),
-                    Command::Withdraw(ids) => session.handle_withdraw(&ids, now_ms()),
+                _ = reg.mailbox.wait() => {
+                    if reg.mailbox.kicked() {
+                        break "taken_over";
+                    }
+                    if reg.mailbox.take_overflow() {
+                        session.handle_overflow(now_ms());
+                    }
+                    for cmd in reg.mailbox.take() {
+                        match cmd {
+                            Command::Deliver(batch) => session.handle_deliveries(batch, now_ms()),
+                            Command::Withdraw(ids) => session.handle_withdraw(&ids, now_ms()),
+                        }
+                    }
                 },
-                _ = reg.overflow.notified() => session.handle_overflow(now_ms()),
-                Some(input) = input_rx.recv() => match input {
-                    ConnInput::Page(Ok(p)) => session.handle_backlog(p, now_ms()),
-                    ConnInput::Page(Err(e)) => {
+                page = next_page(&mut fetch) => match page {
+                    Ok(p) => session.handle_backlog(p, now_ms()),
+                    Err(e) => {
                         tracing::warn!(error = %e, "backlog read failed; retrying");
                         session.handle_backlog_failed(now_ms());
                     }
-                    ConnInput::ReceivedDurable(seq) => session.handle_received_durable(seq, now_ms()),
                 },
-                _ = reg.kick.notified() => break "taken_over",
+                seq = next_receipt(&mut receipts) => {
+                    if let Some(seq) = seq {
+                        session.handle_received_durable(seq, now_ms());
+                    }
+                },
                 _ = sleep => session.handle_timeout(now_ms()),
                 _ = shutdown.changed() => break "server_shutdown",
             }
@@ -370,6 +383,39 @@ impl Gateway {
             }),
         ))
         .await;
+    }
+}
+
+/// How much a read takes from the socket at a time.
+const READ_CHUNK: usize = 4096;
+
+/// The outstanding backlog read, if any; pending forever when there is none.
+async fn next_page(
+    fetch: &mut Option<BoxFuture<'static, Result<BacklogPage, DirectoryError>>>,
+) -> Result<BacklogPage, DirectoryError> {
+    match fetch {
+        Some(f) => {
+            let page = f.await;
+            *fetch = None;
+            page
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The next QoS 2 receipt made durable (`None` if it failed); pending while there is none.
+async fn next_receipt(
+    receipts: &mut Option<FuturesUnordered<BoxFuture<'static, Option<u64>>>>,
+) -> Option<u64> {
+    match receipts {
+        Some(set) if !set.is_empty() => {
+            let r = set.next().await.flatten();
+            if set.is_empty() {
+                *receipts = None;
+            }
+            r
+        }
+        _ => std::future::pending().await,
     }
 }
 

@@ -289,11 +289,21 @@ impl Session {
         self.pump(now_ms);
     }
 
-    /// Live deliveries for this session were dropped (its queue was full): read the
-    /// store instead.
+    /// Commands for this session were dropped (its mailbox was full): a delivery or a
+    /// withdrawal may be missing. Forget what is queued unsent and read it again from the
+    /// store, which has every entry and skips withdrawn ones.
     pub fn handle_overflow(&mut self, now_ms: u64) {
+        if let Some(first) = self.pending.front() {
+            self.covered_through = first.seq - 1;
+        }
+        self.pending = VecDeque::new();
         self.complete = false;
         self.pump(now_ms);
+    }
+
+    /// Takes the bytes to write to the device, leaving no buffer behind.
+    pub fn take_transmit_buf(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.transmit)
     }
 
     /// A page asked for by [`SessionEvent::FetchBacklog`] arrived.
@@ -336,7 +346,12 @@ impl Session {
 
     /// The next event for the rest of herald.
     pub fn poll_event(&mut self) -> Option<SessionEvent> {
-        self.events.pop_front()
+        let e = self.events.pop_front();
+        if e.is_none() && self.events.capacity() > 0 {
+            // An idle session keeps no buffers.
+            self.events = VecDeque::new();
+        }
+        e
     }
 
     /// Takes the bytes to write to the device.
@@ -436,6 +451,13 @@ impl Session {
             });
         }
         assert!(self.inflight.len() <= self.limits.max_inflight);
+        // An idle session keeps no buffers.
+        if self.pending.is_empty() && self.pending.capacity() > 0 {
+            self.pending = VecDeque::new();
+        }
+        if self.inflight.is_empty() && self.inflight.capacity() > 0 {
+            self.inflight = VecDeque::new();
+        }
         if !self.complete && !self.fetching && self.pending.len() < self.limits.max_pending / 2 {
             self.fetching = true;
             self.events.push_back(SessionEvent::FetchBacklog {
