@@ -39,6 +39,9 @@ struct Args {
     out: Option<std::path::PathBuf>,
 }
 
+/// Concurrent REST requests of the e2e publisher (an app server's connection pool).
+const E2E_CONCURRENCY: usize = 256;
+
 /// Connections one process may hold here (20,000 open files, some kept for the rest).
 const PER_PROCESS: usize = 19_000;
 
@@ -307,7 +310,7 @@ async fn e2e(ctx: &Ctx, devices: usize, pushes: usize) -> anyhow::Result<(f64, f
     let t0 = now_ms();
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
-    for _ in 0..64 {
+    for _ in 0..E2E_CONCURRENCY {
         let (http, app, ids, next) = (ctx.http.clone(), app.clone(), ids.clone(), next.clone());
         tasks.push(tokio::spawn(async move {
             loop {
@@ -525,7 +528,7 @@ async fn run(args: Args) -> anyhow::Result<Vec<Row>> {
 
     if wanted.contains(&"e2e") {
         let (d, p) = if q { (200, 2_000) } else { (10_000, 100_000) };
-        let name = format!("e2e: {p} unicast pushes over REST to {d} devices (QoS 1)");
+        let name = format!("e2e: {p} unicast pushes over REST ({E2E_CONCURRENCY} concurrent) to {d} devices (QoS 1)");
         match e2e(&ctx, d, p).await {
             Ok((secs, api_rate, p99)) => {
                 rows.push(herald_only(

@@ -54,8 +54,8 @@
 //!   the latency percentiles are `null` when nothing was timed;
 //!   `disconnects` counts established connections that were lost (closed by
 //!   the server, reset, or a protocol error). `reason` says why the run ended:
-//!   `expected` (`--expect` reached), `timeout`, `all_disconnected`,
-//!   `stdin_eof`, or `signal`.
+//!   `expected` (`--expect` reached), `timeout`, `all_disconnected` (no
+//!   connection left, or none came up), `stdin_eof`, or `signal`.
 //!
 //! # Modes and exit codes
 //!
@@ -949,7 +949,7 @@ fn report(sim: &Sim, reason: &'static str, started: Instant) {
         disconnects: s.disconnects.load(Relaxed),
     });
     let span_s = last_us.saturating_sub(first_us) as f64 / 1e6;
-    let rate = if span_s > 0.0 {
+    let rate = if span_s >= 0.01 {
         format!(
             ", {:.0} msg/s between first and last",
             received as f64 / span_s
