@@ -528,7 +528,9 @@ async fn run(args: Args) -> anyhow::Result<Vec<Row>> {
 
     if wanted.contains(&"e2e") {
         let (d, p) = if q { (200, 2_000) } else { (10_000, 100_000) };
-        let name = format!("e2e: {p} unicast pushes over REST ({E2E_CONCURRENCY} concurrent) to {d} devices (QoS 1)");
+        let name = format!(
+            "e2e: {p} unicast pushes over REST ({E2E_CONCURRENCY} concurrent) to {d} devices (QoS 1)"
+        );
         match e2e(&ctx, d, p).await {
             Ok((secs, api_rate, p99)) => {
                 rows.push(herald_only(
