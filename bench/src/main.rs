@@ -288,24 +288,52 @@ async fn fanout(ctx: &Ctx, kind: Kind, n: usize, m: usize) -> anyhow::Result<(f6
     ))
 }
 
-/// e2e: unicast pushes over REST, round robin over connected devices.
-async fn e2e(ctx: &Ctx, devices: usize, pushes: usize) -> anyhow::Result<(f64, f64, f64)> {
+/// A herald with `devices` registered devices, all connected through one simulator that
+/// expects `expect` messages: what the herald-only scenarios start from.
+struct Connected {
+    server: Server,
+    app: api::App,
+    device_ids: Vec<String>,
+    sim: Sim,
+}
+
+async fn herald_connected(
+    ctx: &Ctx,
+    tag: &str,
+    devices: usize,
+    expect: usize,
+) -> anyhow::Result<Connected> {
     let server = Server::start(Kind::Herald, &ctx.bins).await?;
-    let (who, app, ids) = devices_for(ctx, &server, devices, "e2e").await?;
+    let (who, app, ids) = devices_for(ctx, &server, devices, tag).await?;
     let app = app.context("herald app")?;
     let mut args = ctx.sim_args(server.mqtt_port, &who);
     args.extend([
         "--expect".into(),
-        pushes.to_string(),
+        expect.to_string(),
         "--timeout".into(),
         "600".into(),
     ]);
-    ctx.step(format!("e2e: connecting {devices} devices"));
+    ctx.step(format!("{tag}: connecting {devices} devices"));
     let mut sim = Sim::start(&ctx.bins, &args)?;
     sim.wait_event("connected").await?;
+    Ok(Connected {
+        server,
+        app,
+        device_ids: ids.into_iter().map(|d| d.0).collect(),
+        sim,
+    })
+}
+
+/// e2e: unicast pushes over REST, round robin over connected devices.
+async fn e2e(ctx: &Ctx, devices: usize, pushes: usize) -> anyhow::Result<(f64, f64, f64)> {
+    let Connected {
+        server,
+        app,
+        device_ids: ids,
+        mut sim,
+    } = herald_connected(ctx, "e2e", devices, pushes).await?;
     ctx.step(format!("e2e: {pushes} pushes over REST"));
-    let ids: std::sync::Arc<Vec<String>> =
-        std::sync::Arc::new(ids.into_iter().map(|d| d.0).collect());
+    let ids = std::sync::Arc::new(ids);
     let start = Instant::now();
     let t0 = now_ms();
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -340,19 +368,12 @@ async fn e2e(ctx: &Ctx, devices: usize, pushes: usize) -> anyhow::Result<(f64, f
 
 /// broadcast: one broadcast push to n connected devices, until the last receipt.
 async fn broadcast(ctx: &Ctx, n: usize) -> anyhow::Result<f64> {
-    let server = Server::start(Kind::Herald, &ctx.bins).await?;
-    let (who, app, _) = devices_for(ctx, &server, n, "broadcast").await?;
-    let app = app.context("herald app")?;
-    let mut args = ctx.sim_args(server.mqtt_port, &who);
-    args.extend([
-        "--expect".into(),
-        n.to_string(),
-        "--timeout".into(),
-        "300".into(),
-    ]);
-    ctx.step(format!("broadcast: connecting {n} devices"));
-    let mut sim = Sim::start(&ctx.bins, &args)?;
-    sim.wait_event("connected").await?;
+    let Connected {
+        server,
+        app,
+        mut sim,
+        ..
+    } = herald_connected(ctx, "broadcast", n, n).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     ctx.step(format!("broadcast: one push to {n} devices"));
     let t0 = now_ms();
@@ -366,22 +387,14 @@ async fn broadcast(ctx: &Ctx, n: usize) -> anyhow::Result<f64> {
 
 /// latency: unicast pushes at a steady rate to 100 devices.
 async fn latency_at(ctx: &Ctx, rate: usize, secs: u64) -> anyhow::Result<(f64, f64, f64)> {
-    let server = Server::start(Kind::Herald, &ctx.bins).await?;
-    let devices = 100;
-    let (who, app, ids) = devices_for(ctx, &server, devices, "latency").await?;
-    let app = app.context("herald app")?;
     let total = rate * secs as usize;
-    let mut args = ctx.sim_args(server.mqtt_port, &who);
-    args.extend([
-        "--expect".into(),
-        total.to_string(),
-        "--timeout".into(),
-        "300".into(),
-    ]);
-    let mut sim = Sim::start(&ctx.bins, &args)?;
-    sim.wait_event("connected").await?;
+    let Connected {
+        server,
+        app,
+        device_ids: ids,
+        mut sim,
+    } = herald_connected(ctx, "latency", 100, total).await?;
     ctx.step(format!("latency: {rate} pushes/s for {secs} s"));
-    let ids: Vec<String> = ids.into_iter().map(|d| d.0).collect();
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(total);
