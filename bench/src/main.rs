@@ -42,6 +42,10 @@ struct Args {
 /// Concurrent REST requests of the e2e publisher (an app server's connection pool).
 const E2E_CONCURRENCY: usize = 256;
 
+/// Publishes in flight at once in the fan-out scenario, for herald (REST requests) and
+/// the peers (unacknowledged QoS 1 PUBLISHes) alike.
+const PUBLISH_WINDOW: usize = 32;
+
 /// Connections one process may hold here (20,000 open files, some kept for the rest).
 const PER_PROCESS: usize = 19_000;
 
@@ -263,12 +267,28 @@ async fn fanout(ctx: &Ctx, kind: Kind, n: usize, m: usize) -> anyhow::Result<(f6
     let t0 = now_ms();
     match &app {
         Some(app) => {
+            // Like the peers' publisher: up to PUBLISH_WINDOW requests in flight.
+            let mut inflight = futures::stream::FuturesUnordered::new();
             for _ in 0..m {
-                api::push(&ctx.http, app, json!({"broadcast": true}), now_us()).await?;
+                if inflight.len() >= PUBLISH_WINDOW
+                    && let Some(r) = futures::StreamExt::next(&mut inflight).await
+                {
+                    r?;
+                }
+                inflight.push(api::push(
+                    &ctx.http,
+                    app,
+                    json!({"broadcast": true}),
+                    now_us(),
+                ));
+            }
+            while let Some(r) = futures::StreamExt::next(&mut inflight).await {
+                r?;
             }
         }
         None => {
-            let mut p = Publisher::connect(server.mqtt_port, "bench-publisher", 32).await?;
+            let mut p =
+                Publisher::connect(server.mqtt_port, "bench-publisher", PUBLISH_WINDOW).await?;
             for _ in 0..m {
                 p.publish("bench/t", json!({"t": now_us()}).to_string().as_bytes())
                     .await?;
