@@ -157,6 +157,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 max_inflight: config.max_inflight,
                 max_pending: config.max_pending,
             },
+            write_timeout: Duration::from_secs(30),
         },
         hub,
         Arc::new(

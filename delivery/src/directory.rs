@@ -160,8 +160,9 @@ impl StoreDirectory {
         let mut envelopes = Envelopes::new(&*self.store, &self.keyring);
         for e in &entries {
             page.covered_through = page.covered_through.max(e.seq);
-            // Expired and recalled entries are never sent again.
-            if e.expires_at_ms <= now || envelopes.is_recalled(&e.message_id)? {
+            // Expired and recalled entries are never sent again, except to finish one the
+            // device already received at QoS 2 (its PUBREL).
+            if !e.received && (e.expires_at_ms <= now || envelopes.is_recalled(&e.message_id)?) {
                 continue;
             }
             if let Some(d) = envelopes.delivery(device_id, e)? {

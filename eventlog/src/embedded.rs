@@ -5,12 +5,14 @@
 //! `<dir>/<base offset, 20 digits>.seg` files, each a run of records:
 //!
 //! ```text
-//! [body length: u32 LE][CRC-32 of body: u32 LE][body: offset u64 LE | key length u32 LE | key | value]
+//! [body length: u32 LE][CRC-32 of body: u32 LE]
+//! [body: offset u64 LE | group u64 LE | key length u32 LE | key | value]
 //! ```
 //!
 //! A segment is closed when it passes [`SEGMENT_BYTES`]; the next one starts at the next
 //! offset. Every record names its own offset, so a misplaced or repeated record is caught
-//! like a damaged one.
+//! like a damaged one, and the first offset of its group commit (`group`), so recovery
+//! can tell the unsynced last group from data that was synced.
 //!
 //! # Durability
 //! An append is durable when its future resolves `Ok`: its records were written and the
@@ -23,10 +25,14 @@
 //!
 //! # Recovery
 //! Opening the log reads every record and checks its checksum and offset. A damaged
-//! record with no intact record after it in the last segment is a torn tail — the
-//! unsynced end of a write cut short by a crash, never acknowledged — and is truncated
-//! and logged. A damaged record anywhere else is corruption: opening fails with an error
-//! that names the offset, file and byte position. Nothing is ever skipped silently.
+//! record in the last segment after which no record of a *later* group commit is intact
+//! is a torn tail — the end of a group write cut short by a crash (after a power loss
+//! its pages may reach the disk out of order, so later records of the same group can be
+//! intact) — and is truncated and logged. Groups are synced in order, so damage followed
+//! by an intact later group is corruption of synced data: opening fails with an error
+//! that names the offset, file and byte position. Nothing is ever skipped silently. (The
+//! one case this cannot tell apart: damage inside the last group after it was synced is
+//! treated as a torn tail, logged with its offset.)
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
@@ -49,7 +55,7 @@ pub const MAX_BATCH_RECORDS: usize = 8192;
 pub const SEGMENT_BYTES: u64 = 64 << 20;
 
 const HEADER: usize = 8;
-const BODY_FIXED: usize = 12;
+const BODY_FIXED: usize = 20;
 
 /// What opening the log found and repaired.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -120,13 +126,14 @@ fn segment_name(base: Offset) -> String {
     format!("{base:020}.seg")
 }
 
-/// Encodes one record, appending it to `out`.
-fn encode_record(out: &mut Vec<u8>, offset: Offset, record: &Record) {
+/// Encodes one record of the group commit that starts at `group`, appending it to `out`.
+fn encode_record(out: &mut Vec<u8>, offset: Offset, group: Offset, record: &Record) {
     let body_len = BODY_FIXED + record.key.len() + record.value.len();
     let start = out.len();
     out.extend_from_slice(&(body_len as u32).to_le_bytes());
     out.extend_from_slice(&[0; 4]);
     out.extend_from_slice(&offset.to_le_bytes());
+    out.extend_from_slice(&group.to_le_bytes());
     out.extend_from_slice(&(record.key.len() as u32).to_le_bytes());
     out.extend_from_slice(&record.key);
     out.extend_from_slice(&record.value);
@@ -158,13 +165,19 @@ impl Damage {
     }
 }
 
+/// A parsed record: its total length in bytes, its key, its value, and its place.
+type Parsed<'a> = (usize, &'a [u8], &'a [u8], Place);
+
+/// An intact record's place: its offset and the first offset of its group commit.
+#[derive(Debug, Clone, Copy)]
+struct Place {
+    offset: Offset,
+    group: Offset,
+}
+
 /// Parses the record at `buf[pos..]`, expected to hold `offset`. Returns the record's
-/// total length and its key and value.
-fn parse_at(
-    buf: &[u8],
-    pos: usize,
-    offset: Option<Offset>,
-) -> Result<(usize, &[u8], &[u8]), Damage> {
+/// total length, its key and value, and its place.
+fn parse_place(buf: &[u8], pos: usize, offset: Option<Offset>) -> Result<Parsed<'_>, Damage> {
     let header = buf.get(pos..pos + HEADER).ok_or(Damage::Truncated)?;
     let body_len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
     let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
@@ -177,25 +190,51 @@ fn parse_at(
     if crc32fast::hash(body) != crc {
         return Err(Damage::Checksum);
     }
-    let mut off = [0u8; 8];
-    off.copy_from_slice(&body[..8]);
-    let found = u64::from_le_bytes(off);
-    if offset.is_some_and(|o| o != found) {
+    let word = |at: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&body[at..at + 8]);
+        u64::from_le_bytes(w)
+    };
+    let found = word(0);
+    let group = word(8);
+    if offset.is_some_and(|o| o != found) || group > found {
         return Err(Damage::WrongOffset);
     }
-    let key_len = u32::from_le_bytes([body[8], body[9], body[10], body[11]]) as usize;
+    let key_len = u32::from_le_bytes([body[16], body[17], body[18], body[19]]) as usize;
     if BODY_FIXED + key_len > body_len {
         return Err(Damage::BadLength);
     }
     let key = &body[BODY_FIXED..BODY_FIXED + key_len];
     let value = &body[BODY_FIXED + key_len..];
-    Ok((HEADER + body_len, key, value))
+    Ok((
+        HEADER + body_len,
+        key,
+        value,
+        Place {
+            offset: found,
+            group,
+        },
+    ))
 }
 
-/// Whether any intact record (any offset) starts after `pos`.
-fn intact_record_after(buf: &[u8], pos: usize) -> bool {
-    (pos + 1..buf.len().saturating_sub(HEADER + BODY_FIXED - 1))
-        .any(|p| parse_at(buf, p, None).is_ok())
+/// [`parse_place`] without the place.
+fn parse_at(
+    buf: &[u8],
+    pos: usize,
+    offset: Option<Offset>,
+) -> Result<(usize, &[u8], &[u8]), Damage> {
+    parse_place(buf, pos, offset).map(|(n, k, v, _)| (n, k, v))
+}
+
+/// Whether an intact record of a group commit that started after `damaged` lies after
+/// `pos`: then the damaged record's group was synced before it, and the damage is not a
+/// torn tail. Intact records of the damaged record's own group (a torn write whose later
+/// pages reached the disk) and stale bytes naming older offsets do not count.
+fn later_group_after(buf: &[u8], pos: usize, damaged: Offset) -> bool {
+    (pos + 1..buf.len().saturating_sub(HEADER + BODY_FIXED - 1)).any(|p| {
+        parse_place(buf, p, None)
+            .is_ok_and(|(_, _, _, place)| place.offset > damaged && place.group > damaged)
+    })
 }
 
 /// Opens or creates the log directory, reads every segment, and returns them with what
@@ -250,7 +289,7 @@ fn scan(dir: &Path, repair: bool) -> Result<(Vec<Segment>, Recovery), Error> {
                 }
                 Err(damage) => {
                     let last = i + 1 == count;
-                    if !last || intact_record_after(&buf, pos) {
+                    if !last || later_group_after(&buf, pos, expected) {
                         return Err(Error::Corrupt {
                             offset: expected,
                             reason: format!(
@@ -600,10 +639,11 @@ impl Committer {
         self.buf.clear();
         let mut positions = Vec::with_capacity(group.iter().map(|r| r.records.len()).sum());
         let mut offset = self.next;
+        let first = self.next;
         for req in group {
             for record in &req.records {
                 positions.push(self.buf.len() as u64);
-                encode_record(&mut self.buf, offset, record);
+                encode_record(&mut self.buf, offset, first, record);
                 offset += 1;
             }
         }
@@ -643,7 +683,7 @@ impl Committer {
 #[doc(hidden)]
 pub fn encode_for_tests(offset: Offset, record: &Record) -> Vec<u8> {
     let mut v = Vec::new();
-    encode_record(&mut v, offset, record);
+    encode_record(&mut v, offset, offset, record);
     v
 }
 
@@ -799,6 +839,27 @@ mod tests {
             Error::Corrupt { offset, .. } => assert_eq!(offset, 2),
             other => panic!("expected Corrupt, got {other:?}"),
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn damage_inside_the_last_group_is_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = EmbeddedLog::open(dir.path()).unwrap();
+            log.append(vec![rec(0), rec(1)]).await.unwrap();
+            // One group commit of five records (offsets 2..=6).
+            log.append((2..7).map(rec).collect()).await.unwrap();
+        }
+        let path = segment(dir.path());
+        let mut bytes = std::fs::read(&path).unwrap();
+        let each = bytes.len() / 7;
+        // A power loss left a hole inside the last group (record 3); records 4..=6 of the
+        // same group reached the disk. Nothing of that group was acknowledged.
+        bytes[3 * each + HEADER + 2] ^= 0x10;
+        std::fs::write(&path, &bytes).unwrap();
+        let log = EmbeddedLog::open(dir.path()).unwrap();
+        assert_eq!(log.recovery().truncated_tail.map(|t| t.0), Some(3));
+        assert_eq!(*log.durable_end().borrow(), 3);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -59,6 +59,8 @@ pub struct GatewayConfig {
     pub max_connections: usize,
     /// Per-session limits.
     pub limits: SessionLimits,
+    /// How long a write to a device may take before the connection is closed.
+    pub write_timeout: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -69,6 +71,7 @@ impl Default for GatewayConfig {
             connect_timeout: Duration::from_secs(10),
             max_connections: 100_000,
             limits: SessionLimits::default(),
+            write_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -308,8 +311,13 @@ impl Gateway {
             }
             if session.has_transmit() {
                 let out = session.take_transmit_buf();
-                if stream.write_all(&out).await.is_err() {
-                    break "write_failed";
+                // A device that stops reading must not hold its task (and a takeover, a
+                // shutdown, its mailbox) forever.
+                match tokio::time::timeout(self.config.write_timeout, stream.write_all(&out)).await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break "write_failed",
+                    Err(_) => break "write_timeout",
                 }
             }
             if let Some(r) = closing {

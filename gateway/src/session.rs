@@ -138,6 +138,12 @@ pub struct Session {
     covered_through: u64,
     complete: bool,
     fetching: bool,
+    /// The seq the outstanding backlog read starts after; a page is used only if the
+    /// session's position has not moved since it was asked for.
+    fetch_after: u64,
+    /// Messages withdrawn while a backlog read was outstanding: its page may still hold
+    /// them.
+    withdrawn_during_fetch: Vec<Arc<str>>,
     live_hint: u64,
     keep_alive_ms: u64,
     last_rx_ms: u64,
@@ -157,6 +163,8 @@ impl Session {
             covered_through: 0,
             complete: false,
             fetching: false,
+            fetch_after: 0,
+            withdrawn_during_fetch: Vec::new(),
             live_hint: 0,
             keep_alive_ms: u64::from(keep_alive_s) * 1000,
             last_rx_ms: now_ms,
@@ -267,7 +275,13 @@ impl Session {
         {
             f.stage = Stage::Durable;
         }
-        // Release in seq order: up to the first entry whose receipt is not durable yet.
+        self.release_in_order();
+        self.pump(now_ms);
+    }
+
+    /// Sends the PUBRELs of durable receipts in seq order: up to the first entry whose
+    /// receipt is not durable yet.
+    fn release_in_order(&mut self) {
         for f in self.inflight.iter_mut() {
             match f.stage {
                 Stage::Durable => {
@@ -278,14 +292,18 @@ impl Session {
                 Stage::AwaitPubRec | Stage::AwaitDurable => break,
             }
         }
-        self.pump(now_ms);
     }
 
     /// Messages were recalled or replaced: drop their entries not yet sent. Entries
     /// already on the wire cannot be taken back.
     pub fn handle_withdraw(&mut self, message_ids: &[Arc<str>], now_ms: u64) {
+        // An entry the device already received at QoS 2 is finished (PUBREL), not dropped.
         self.pending
-            .retain(|d| !message_ids.contains(&d.message_id));
+            .retain(|d| d.released || !message_ids.contains(&d.message_id));
+        if self.fetching {
+            self.withdrawn_during_fetch
+                .extend(message_ids.iter().cloned());
+        }
         self.pump(now_ms);
     }
 
@@ -298,6 +316,10 @@ impl Session {
         }
         self.pending = VecDeque::new();
         self.complete = false;
+        if self.fetching {
+            // A dropped withdrawal may concern the page being read: do not use it.
+            self.fetch_after = u64::MAX;
+        }
         self.pump(now_ms);
     }
 
@@ -309,7 +331,20 @@ impl Session {
     /// A page asked for by [`SessionEvent::FetchBacklog`] arrived.
     pub fn handle_backlog(&mut self, page: BacklogPage, now_ms: u64) {
         self.fetching = false;
+        let withdrawn = std::mem::take(&mut self.withdrawn_during_fetch);
+        if self.fetch_after != self.covered_through {
+            // The session's position moved while the page was read (an overflow reset
+            // it): the page may skip entries. Read again from where the session is.
+            self.complete = false;
+            self.pump(now_ms);
+            return;
+        }
         for e in page.entries {
+            if !e.released && withdrawn.contains(&e.message_id) {
+                // Withdrawn while the page was read: skip it, but it is covered.
+                self.covered_through = self.covered_through.max(e.seq);
+                continue;
+            }
             if e.seq > self.covered_through {
                 debug_assert!(self.pending.back().is_none_or(|b| b.seq < e.seq));
                 self.covered_through = e.seq;
@@ -324,6 +359,7 @@ impl Session {
     /// A backlog read failed; try again on the next pump.
     pub fn handle_backlog_failed(&mut self, now_ms: u64) {
         self.fetching = false;
+        self.withdrawn_during_fetch.clear();
         self.pump(now_ms);
     }
 
@@ -410,13 +446,13 @@ impl Session {
                 break;
             };
             if d.released {
-                // Received at QoS 2 on an earlier connection: finish with PUBREL only.
-                codec::encode(&Packet::PubRel(pkid), &mut self.transmit);
+                // Received at QoS 2 on an earlier connection: finish with PUBREL only,
+                // in seq order with the rest.
                 self.inflight.push_back(Inflight {
                     pkid,
                     seq: d.seq,
                     message_id: d.message_id,
-                    stage: Stage::AwaitPubComp,
+                    stage: Stage::Durable,
                 });
                 continue;
             }
@@ -450,6 +486,7 @@ impl Session {
                 },
             });
         }
+        self.release_in_order();
         assert!(self.inflight.len() <= self.limits.max_inflight);
         // An idle session keeps no buffers.
         if self.pending.is_empty() && self.pending.capacity() > 0 {
@@ -460,6 +497,7 @@ impl Session {
         }
         if !self.complete && !self.fetching && self.pending.len() < self.limits.max_pending / 2 {
             self.fetching = true;
+            self.fetch_after = self.covered_through;
             self.events.push_back(SessionEvent::FetchBacklog {
                 after_seq: self.covered_through,
                 limit: self.limits.max_pending - self.pending.len(),
@@ -631,5 +669,106 @@ mod tests {
                 codes: vec![0x80]
             })
         );
+    }
+
+    #[test]
+    fn a_page_read_across_an_overflow_is_not_used() {
+        let limits = SessionLimits {
+            max_inflight: 1,
+            max_pending: 8,
+        };
+        let mut s = Session::new(0, 0, limits);
+        subscribe(&mut s);
+        assert_eq!(fetches(&mut s), vec![(0, 8)]);
+        s.handle_backlog(
+            BacklogPage {
+                entries: (1..=4).map(d).collect(),
+                covered_through: 4,
+                complete: false,
+            },
+            0,
+        );
+        // 1 in flight, 2..4 pending, and the next page asked for after 4.
+        assert_eq!(sent_seqs(&mut s), vec![1]);
+        assert_eq!(fetches(&mut s), vec![(4, 5)]);
+        // The mailbox overflowed meanwhile: 2..4 are forgotten, to be read again.
+        s.handle_overflow(0);
+        // The page asked for before the overflow would skip 2..4: it is not used...
+        s.handle_backlog(
+            BacklogPage {
+                entries: vec![d(5)],
+                covered_through: 5,
+                complete: true,
+            },
+            0,
+        );
+        // ...and the session reads again from after 1.
+        assert_eq!(fetches(&mut s), vec![(1, 8)]);
+    }
+
+    #[test]
+    fn a_withdrawal_during_a_read_filters_its_page() {
+        let mut s = Session::new(0, 0, SessionLimits::default());
+        subscribe(&mut s);
+        let _ = fetches(&mut s);
+        s.handle_withdraw(&["m2".into()], 0);
+        s.handle_backlog(
+            BacklogPage {
+                entries: vec![d(1), d(2), d(3)],
+                covered_through: 3,
+                complete: true,
+            },
+            0,
+        );
+        assert_eq!(sent_seqs(&mut s), vec![1, 3]);
+    }
+
+    #[test]
+    fn released_entries_are_finished_in_seq_order() {
+        let mut s = Session::new(0, 0, SessionLimits::default());
+        s.handle_packet(
+            Packet::Subscribe(Subscribe {
+                pkid: 1,
+                filters: vec![("inbox".into(), 2)],
+            }),
+            0,
+        );
+        let _ = fetches(&mut s);
+        let mut two = d(2);
+        two.released = true;
+        s.handle_backlog(
+            BacklogPage {
+                entries: vec![d(1), two],
+                covered_through: 2,
+                complete: true,
+            },
+            0,
+        );
+        let mut out = Vec::new();
+        s.take_transmit(&mut out);
+        let mut packets = Vec::new();
+        let mut rest = &out[..];
+        while let Some(n) = codec::check(rest, 1 << 20).unwrap() {
+            packets.push(codec::decode(&rest[..n]).unwrap());
+            rest = &rest[n..];
+        }
+        // Seq 1 is published; seq 2's PUBREL waits until 1's receipt is durable.
+        assert_eq!(packets.len(), 2, "{packets:?}");
+        assert!(matches!(packets[1], Packet::Publish(ref p) if p.pkid == 1));
+        s.handle_packet(Packet::PubRec(1), 0);
+        assert!(matches!(
+            s.poll_event(),
+            Some(SessionEvent::Received { seq: 1, .. })
+        ));
+        s.handle_received_durable(1, 0);
+        let mut out = Vec::new();
+        s.take_transmit(&mut out);
+        let mut rels = Vec::new();
+        let mut rest = &out[..];
+        while let Some(n) = codec::check(rest, 1 << 20).unwrap() {
+            rels.push(codec::decode(&rest[..n]).unwrap());
+            rest = &rest[n..];
+        }
+        assert_eq!(rels, vec![Packet::PubRel(1), Packet::PubRel(2)]);
     }
 }
