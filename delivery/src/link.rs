@@ -1,5 +1,7 @@
 //! The link from delivery workers to gateways.
 
+use std::sync::Arc;
+
 use herald_gateway::Hub;
 use herald_schemas::link::{Delivery, Withdrawal};
 
@@ -14,6 +16,9 @@ pub trait Link: Send + Sync + 'static {
     fn deliver(&self, batch: Vec<Delivery>);
     /// Tells gateways to drop entries they hold unsent (recalled or replaced).
     fn withdraw(&self, withdrawals: Vec<Withdrawal>);
+    /// Tells the gateways of these devices to read their inboxes from the store again:
+    /// a live entry for them was not sent over the link.
+    fn resync(&self, devices: Vec<Arc<str>>);
 }
 
 /// The in-process link: the gateway's hub lives in the same process.
@@ -26,5 +31,8 @@ impl Link for Hub {
     }
     fn withdraw(&self, withdrawals: Vec<Withdrawal>) {
         Hub::withdraw(self, withdrawals);
+    }
+    fn resync(&self, devices: Vec<Arc<str>>) {
+        Hub::resync(self, &devices);
     }
 }

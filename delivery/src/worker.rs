@@ -119,6 +119,7 @@ impl Worker {
     fn forward(&self, new_entries: Vec<NewEntry>) -> Result<(), WorkerError> {
         let mut envelopes = Envelopes::new(&*self.store, &self.keyring);
         let mut batch: Vec<Delivery> = Vec::new();
+        let mut resync: Vec<Arc<str>> = Vec::new();
         for n in new_entries {
             if !self.link.wants(&n.device_id) {
                 continue;
@@ -128,12 +129,16 @@ impl Worker {
                 Ok(Some(d)) => batch.push(d),
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot prepare a live entry; it waits in the inbox")
+                    tracing::warn!(error = %e, "cannot prepare a live entry; the session rereads its inbox");
+                    resync.push(device_id);
                 }
             }
         }
         if !batch.is_empty() {
             self.link.deliver(batch);
+        }
+        if !resync.is_empty() {
+            self.link.resync(resync);
         }
         Ok(())
     }

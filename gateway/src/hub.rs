@@ -165,6 +165,18 @@ impl Hub {
         }
     }
 
+    /// Tells the sessions of these devices to read their inboxes from the store again
+    /// (a live entry for them could not be prepared).
+    pub fn resync(&self, devices: &[Arc<str>]) {
+        let sessions = self.lock();
+        for d in devices {
+            if let Some(h) = sessions.get(d) {
+                h.mailbox.overflowed.store(true, Ordering::Release);
+                h.mailbox.notify.notify_one();
+            }
+        }
+    }
+
     /// Tells sessions to drop entries of withdrawn messages that they still hold unsent.
     /// A withdrawal for every device goes to every session; a session that misses one
     /// (its mailbox is full) rereads the store, where the entry is skipped.
