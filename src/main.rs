@@ -50,7 +50,7 @@ enum Command {
     /// data dir and printed. Stop with Ctrl-C or SIGTERM; a restart resumes where it
     /// stopped.
     Serve(ServeArgs),
-    /// Stream the event log as JSON lines, from a running server or a stopped data dir.
+    /// Stream the event log as JSON lines, through a server's API or from a data dir.
     Replay(replay::ReplayArgs),
     /// Fold the whole log again into a fresh store and print a digest of each projection
     /// (on a stopped data dir).

@@ -41,8 +41,8 @@ const OUTPUT_BUFFER_BYTES: usize = 1 << 20;
 #[derive(Debug, clap::Args)]
 pub struct ReplayArgs {
     /// Read from a running server's REST API, e.g. http://127.0.0.1:8080 (needs the
-    /// admin token). Without it, the data dir is read directly; its server must be
-    /// stopped.
+    /// admin token). Without it, the data dir's log files are read directly, also while a
+    /// server runs (only --app and --device then need the server stopped, or --api).
     #[arg(long, value_name = "URL")]
     api: Option<String>,
     /// The data dir to read (or, with --api, where to find admin-token and payload.key)
