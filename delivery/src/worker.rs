@@ -69,11 +69,13 @@ impl Worker {
     /// Runs until `shutdown` turns true or the log or store fails.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<(), WorkerError> {
         let mut end = self.log.durable_end();
+        // This worker is the store's only writer: after the first read, its position is
+        // the checkpoint it last committed.
+        let mut from = self.store.checkpoint()?;
         loop {
             if *shutdown.borrow() {
                 return Ok(());
             }
-            let from = self.store.checkpoint()?;
             let records = self.log.read(from, MAX_BATCH_RECORDS).await?;
             if records.is_empty() {
                 tokio::select! {
@@ -88,6 +90,7 @@ impl Worker {
                     .await
                     .map_err(|e| WorkerError::Task(e.to_string()))??;
             self.applied.send_replace(next);
+            from = next;
             // An entry created and taken back in the same batch is not forwarded.
             let taken_back: std::collections::HashSet<(Option<&str>, &str)> = withdrawn
                 .iter()

@@ -478,8 +478,7 @@ async fn push(
     ApiJson(body): ApiJson<serde_json::Value>,
 ) -> Result<(StatusCode, Json<PushResponse>), ApiError> {
     let key = idempotency_key(&headers)?;
-    let req: PushRequest =
-        serde_json::from_value(body.clone()).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let req = PushRequest::deserialize(&body).map_err(|e| ApiError::invalid(e.to_string()))?;
     let Some(key) = key else {
         let (message_id, _) = accept(&ingest, &app_id, req, None).await?;
         return Ok((StatusCode::ACCEPTED, Json(PushResponse { message_id })));

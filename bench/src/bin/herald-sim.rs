@@ -73,7 +73,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
 use clap::{ArgGroup, Parser};
@@ -377,13 +377,6 @@ fn merged_histogram() -> Histogram<u64> {
     total
 }
 
-/// Microseconds since the Unix epoch.
-fn unix_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-}
-
 /// The unsigned integer right after the first occurrence of `key` in `hay`
 /// (JSON whitespace skipped), if any.
 fn int_after(hay: &[u8], key: &[u8]) -> Option<u64> {
@@ -544,7 +537,7 @@ impl Conn {
     ) -> anyhow::Result<()> {
         match packet {
             Packet::Publish(p) => {
-                let now = unix_us();
+                let now = herald_bench::now_us();
                 match p.qos {
                     1 => codec::encode(&Packet::PubAck(p.pkid), &mut self.wbuf),
                     2 => {
