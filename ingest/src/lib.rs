@@ -5,6 +5,7 @@
 //! - [`routes`]: the handlers and their request and response types.
 //! - [`auth`]: the admin token, client credentials and app JWTs.
 //! - [`error`]: every error a caller can cause, mapped to one status and code.
+//! - [`nav`]: the consistent hash ring with bounded loads that tells a device its gateway.
 //!
 //! # Invariants
 //! - A push is answered `202` only after its `PushAccepted` event is durable in the log.
@@ -18,6 +19,7 @@
 pub mod admin;
 pub mod auth;
 pub mod error;
+pub mod nav;
 pub mod replay;
 pub mod routes;
 
