@@ -8,6 +8,8 @@
 //! - [`EventLog`]: the API boundary every role codes against (an append that resolves only
 //!   once the records are durable, reads from an offset, and a watch on the durable end).
 //! - [`embedded`]: the single-binary backend: checksummed segment files, group commit.
+//! - `kafka` (feature `kafka`): the log as one Kafka topic partitioned by key, an
+//!   idempotent `acks=all` producer and consumer-group members.
 //!
 //! # Invariants
 //! - Offsets are dense and strictly increasing; an append's records get consecutive offsets
@@ -17,6 +19,8 @@
 //!   kernel may have dropped the dirty pages, and a retry that "succeeds" would lie.
 
 pub mod embedded;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 
 use futures::future::BoxFuture;
 use tokio::sync::watch;
@@ -59,6 +63,11 @@ pub enum Error {
     /// The log is shutting down.
     #[error("event log is closed")]
     Closed,
+    /// The log's servers did not answer or acknowledge in time (Kafka). Unlike a local
+    /// failure this does not poison the log; an append that failed this way may or may
+    /// not have been written.
+    #[error("event log unavailable: {0}")]
+    Unavailable(String),
     /// A record is larger than the log accepts.
     #[error("record of {size} bytes exceeds the limit of {max} bytes")]
     RecordTooLarge {

@@ -117,6 +117,13 @@ impl From<herald_eventlog::Error> for ApiError {
             herald_eventlog::Error::RecordTooLarge { .. } => {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.to_string())
             }
+            herald_eventlog::Error::Unavailable(reason) => {
+                tracing::warn!(%reason, "event log unavailable");
+                ApiError::unavailable(
+                    "the event log did not confirm the write in time; it may or may not have \
+                     been accepted: retry with the same Idempotency-Key",
+                )
+            }
             e => {
                 tracing::error!(error = %e, "event log append failed");
                 ApiError::unavailable(

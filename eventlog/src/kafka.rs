@@ -1,0 +1,594 @@
+//! The Kafka backend: herald's log as one Kafka topic, partitioned by key.
+//!
+//! - [`KafkaLog`] appends with an idempotent producer and `acks=all`: an append resolves
+//!   only once every in-sync replica has the records, and a retry inside the producer can
+//!   neither duplicate nor reorder them. It picks each record's partition itself, with the
+//!   Java client's murmur2 partitioner ([`partition_for`]), so every process (and every
+//!   other Kafka client) agrees where a key lives.
+//! - [`GroupConsumer`] reads the topic as a member of a consumer group. The group decides
+//!   which partitions a member holds; the member decides where in each partition it starts:
+//!   at the position its projection store says it has applied (the store is the truth,
+//!   checkpointed with the state it covers), never at an offset Kafka was told earlier.
+//!   Offsets are committed to Kafka only after the state they cover is stored, so the
+//!   group's lag is honest.
+//!
+//! # Invariants
+//! - Everything with one key lands in one partition, in append order.
+//! - An append that fails or times out is reported as [`Error::Unavailable`]: the records
+//!   may or may not be in the log (the caller retries with its idempotency key).
+//! - A member never reads a partition it was not assigned; on a revocation it stops
+//!   reading it before the partition is handed on.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::try_join_all;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Offset as KafkaOffset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use crate::{Error, Record};
+
+/// Where a record is: its partition and its offset in that partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    /// The partition.
+    pub partition: i32,
+    /// The offset within the partition.
+    pub offset: i64,
+}
+
+/// How herald reaches Kafka.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`: host:port[,host:port…].
+    pub brokers: String,
+    /// The event topic.
+    pub topic: String,
+    /// Partitions of the event topic when herald creates it. The count is fixed for the
+    /// topic's life: a key's partition depends on it.
+    pub partitions: i32,
+    /// Replication factor when herald creates the topic (3 in production, 1 in tests).
+    pub replication_factor: i32,
+    /// `retention.ms` of the topic: -1 (the default) keeps every event, because the log
+    /// is the system of record that projections are rebuilt from.
+    pub retention_ms: i64,
+    /// How long an append may take before it fails (`message.timeout.ms`), and how long
+    /// start-up waits for the broker.
+    pub timeout: Duration,
+    /// Extra librdkafka properties (security, tuning), applied last.
+    pub properties: BTreeMap<String, String>,
+}
+
+impl KafkaConfig {
+    /// Defaults for a broker at `brokers`.
+    pub fn new(brokers: impl Into<String>) -> Self {
+        KafkaConfig {
+            brokers: brokers.into(),
+            topic: "herald.events".into(),
+            partitions: 12,
+            replication_factor: 1,
+            retention_ms: -1,
+            timeout: Duration::from_secs(10),
+            properties: BTreeMap::new(),
+        }
+    }
+
+    fn client(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("client.id", "herald")
+            .set(
+                "socket.connection.setup.timeout.ms",
+                self.timeout.as_millis().max(1000).to_string(),
+            );
+        for (k, v) in &self.properties {
+            c.set(k, v);
+        }
+        c
+    }
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Unavailable(format!("{what}: {e}"))
+}
+
+/// Kafka's murmur2 (the Java client's `Utils.murmur2`, seed 0x9747b28c).
+pub fn murmur2(data: &[u8]) -> i32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let len = data.len();
+    let mut h: u32 = SEED ^ (len as u32);
+    let mut chunks = data.chunks_exact(4);
+    for c in &mut chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let rest = chunks.remainder();
+    if rest.len() >= 3 {
+        h ^= u32::from(rest[2]) << 16;
+    }
+    if rest.len() >= 2 {
+        h ^= u32::from(rest[1]) << 8;
+    }
+    if !rest.is_empty() {
+        h ^= u32::from(rest[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+/// The partition the Java client's default partitioner gives `key` among `partitions`.
+pub fn partition_for(key: &[u8], partitions: i32) -> i32 {
+    (murmur2(key) & 0x7fff_ffff) % partitions.max(1)
+}
+
+/// The log on Kafka: appends (any role) and consumers (delivery workers).
+pub struct KafkaLog {
+    config: KafkaConfig,
+    partitions: i32,
+    producer: FutureProducer,
+}
+
+impl KafkaLog {
+    /// Connects, creates the topic if it is missing, and learns its partition count.
+    /// Fails with [`Error::Unavailable`] when no broker answers within the timeout.
+    pub async fn connect(config: KafkaConfig) -> Result<Self, Error> {
+        ensure_topic(&config).await?;
+        let partitions = partition_count(&config).await?;
+        if partitions != config.partitions {
+            tracing::warn!(
+                topic = %config.topic, partitions, configured = config.partitions,
+                "the topic exists with another partition count; using the topic's"
+            );
+        }
+        let mut c = config.client();
+        c.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "1")
+            .set("compression.type", "lz4")
+            .set("message.timeout.ms", config.timeout.as_millis().to_string());
+        for (k, v) in &config.properties {
+            c.set(k, v);
+        }
+        let producer: FutureProducer = c
+            .create()
+            .map_err(|e| unavailable("cannot create the Kafka producer", e))?;
+        Ok(KafkaLog {
+            config,
+            partitions,
+            producer,
+        })
+    }
+
+    /// The topic's partition count.
+    pub fn partitions(&self) -> i32 {
+        self.partitions
+    }
+
+    /// The settings this log was opened with.
+    pub fn config(&self) -> &KafkaConfig {
+        &self.config
+    }
+
+    /// The partition `key` lives in.
+    pub fn partition_of(&self, key: &[u8]) -> i32 {
+        partition_for(key, self.partitions)
+    }
+
+    /// Appends `records` and resolves with their positions once every in-sync replica has
+    /// them. Records with one key keep their order.
+    pub async fn append(&self, records: Vec<Record>) -> Result<Vec<Position>, Error> {
+        let sends = records.iter().map(|r| {
+            let record = FutureRecord::to(&self.config.topic)
+                .key(&r.key)
+                .payload(&r.value)
+                .partition(self.partition_of(&r.key));
+            // The producer's own queue is the bound; a full queue waits as long as a send.
+            let sent = self.producer.send(record, self.config.timeout);
+            async move {
+                match sent.await {
+                    Ok(d) => Ok(Position {
+                        partition: d.partition,
+                        offset: d.offset,
+                    }),
+                    Err((
+                        KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+                        _,
+                    )) => Err(Error::RecordTooLarge {
+                        size: r.key.len() + r.value.len(),
+                        max: 1_000_000,
+                    }),
+                    Err((e, _)) => Err(unavailable("Kafka did not acknowledge the append", e)),
+                }
+            }
+        });
+        try_join_all(sends).await
+    }
+
+    /// Joins consumer group `group`. `start` tells where to begin reading a partition
+    /// when it is assigned: the first offset the caller has not applied, or `None` for the
+    /// beginning of the partition.
+    pub fn consumer(
+        &self,
+        group: &str,
+        start: impl Fn(i32) -> Option<i64> + Send + Sync + 'static,
+    ) -> Result<GroupConsumer, Error> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let context = GroupContext {
+            topic: self.config.topic.clone(),
+            start: Box::new(start),
+            events: tx,
+        };
+        let mut c = self.config.client();
+        c.set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("partition.assignment.strategy", "range")
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "1000")
+            .set("fetch.wait.max.ms", "10");
+        for (k, v) in &self.config.properties {
+            c.set(k, v);
+        }
+        let consumer: StreamConsumer<GroupContext> = c
+            .create_with_context(context)
+            .map_err(|e| unavailable("cannot create the Kafka consumer", e))?;
+        consumer
+            .subscribe(&[&self.config.topic])
+            .map_err(|e| unavailable("cannot subscribe to the event topic", e))?;
+        Ok(GroupConsumer {
+            consumer,
+            topic: self.config.topic.clone(),
+            events: Mutex::new(Events {
+                rx,
+                seen: VecDeque::new(),
+                carried: Vec::new(),
+            }),
+        })
+    }
+}
+
+/// What changed in a member's assignment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rebalance {
+    /// These partitions are now this member's, read from the offsets `start` gave.
+    Assigned(Vec<i32>),
+    /// These partitions are no longer this member's: stop applying anything read from
+    /// them that is not yet committed.
+    Revoked(Vec<i32>),
+}
+
+/// One record read from Kafka.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Consumed {
+    /// Where it is.
+    pub position: Position,
+    /// Its key.
+    pub key: Vec<u8>,
+    /// Its value.
+    pub value: Vec<u8>,
+}
+
+/// What a poll of the group returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Polled {
+    /// Records, in partition order.
+    Records(Vec<Consumed>),
+    /// The assignment changed; records of revoked partitions polled before this must
+    /// not be applied.
+    Rebalance(Rebalance),
+}
+
+struct GroupContext {
+    topic: String,
+    start: Box<dyn Fn(i32) -> Option<i64> + Send + Sync>,
+    events: mpsc::UnboundedSender<Rebalance>,
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    // The eager protocol: a rebalance revokes everything, then assigns. The member
+    // assigns the offsets its store gives, not the group's committed ones.
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let mut assign = TopicPartitionList::new();
+                for &p in &partitions {
+                    let offset = match (self.start)(p) {
+                        Some(o) => KafkaOffset::Offset(o),
+                        None => KafkaOffset::Beginning,
+                    };
+                    if let Err(e) = assign.add_partition_offset(&self.topic, p, offset) {
+                        tracing::error!(partition = p, error = %e, "cannot set a start offset");
+                    }
+                }
+                if let Err(e) = consumer.assign(&assign) {
+                    tracing::error!(error = %e, "cannot take the assigned partitions");
+                    return;
+                }
+                tracing::info!(?partitions, "partitions assigned");
+                let _ = self.events.send(Rebalance::Assigned(partitions));
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                // Tell the member first: it drops what it has not committed.
+                tracing::info!(?partitions, "partitions revoked");
+                let _ = self.events.send(Rebalance::Revoked(partitions));
+                if let Err(e) = consumer.unassign() {
+                    tracing::error!(error = %e, "cannot release the revoked partitions");
+                }
+            }
+            other => {
+                tracing::error!(error = ?other, "rebalance failed; releasing every partition");
+                let _ = self.events.send(Rebalance::Revoked(partitions));
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+/// A member of a consumer group reading the event topic.
+pub struct GroupConsumer {
+    consumer: StreamConsumer<GroupContext>,
+    topic: String,
+    events: Mutex<Events>,
+}
+
+/// Changes of assignment the context sent, those seen but not yet reported, and records
+/// read after a change that must wait until the change is reported.
+struct Events {
+    rx: mpsc::UnboundedReceiver<Rebalance>,
+    seen: VecDeque<Rebalance>,
+    carried: Vec<Consumed>,
+}
+
+impl Events {
+    /// Moves every change the context sent into `seen`; returns whether there is any.
+    fn gather(&mut self) -> bool {
+        while let Ok(e) = self.rx.try_recv() {
+            self.seen.push_back(e);
+        }
+        !self.seen.is_empty()
+    }
+
+    /// Partitions revoked by changes not yet reported.
+    fn revoked(&self) -> Vec<i32> {
+        self.seen
+            .iter()
+            .flat_map(|e| match e {
+                Rebalance::Revoked(p) => p.clone(),
+                Rebalance::Assigned(_) => Vec::new(),
+            })
+            .collect()
+    }
+}
+
+fn consumed(m: &rdkafka::message::BorrowedMessage<'_>) -> Consumed {
+    Consumed {
+        position: Position {
+            partition: m.partition(),
+            offset: m.offset(),
+        },
+        key: m.key().map(<[u8]>::to_vec).unwrap_or_default(),
+        value: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+    }
+}
+
+impl GroupConsumer {
+    fn events(&self) -> Result<std::sync::MutexGuard<'_, Events>, Error> {
+        self.events.lock().map_err(|_| Error::Closed)
+    }
+
+    /// Returns the records that arrive within `wait` (at most `max`, sooner when `max`
+    /// arrived), or a change of assignment. Changes and records are reported in the order
+    /// they happened; records read from a partition before it was revoked are dropped,
+    /// because its next owner reads them. Idle, it returns no records after `wait`.
+    pub async fn poll(&self, max: usize, wait: Duration) -> Result<Polled, Error> {
+        let mut out = {
+            let mut ev = self.events()?;
+            if ev.gather()
+                && let Some(r) = ev.seen.pop_front()
+            {
+                return Ok(Polled::Rebalance(r));
+            }
+            std::mem::take(&mut ev.carried)
+        };
+        let deadline = tokio::time::Instant::now() + wait;
+        while out.len() < max {
+            // A change's callback runs inside `recv`; it is noticed when `recv` returns.
+            let record = match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                Err(_) => None,
+                Ok(Ok(m)) => Some(consumed(&m)),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "Kafka consumer error");
+                    if out.is_empty() {
+                        return Err(unavailable("cannot read the event topic", e));
+                    }
+                    break;
+                }
+            };
+            let mut ev = self.events()?;
+            if ev.gather() {
+                // The change came first: a record read with it waits until it is reported.
+                let revoked = ev.revoked();
+                ev.carried
+                    .extend(record.filter(|r| !revoked.contains(&r.position.partition)));
+                out.retain(|r| !revoked.contains(&r.position.partition));
+                if out.is_empty()
+                    && let Some(r) = ev.seen.pop_front()
+                {
+                    return Ok(Polled::Rebalance(r));
+                }
+                break;
+            }
+            match record {
+                Some(r) => out.push(r),
+                None => break,
+            }
+        }
+        Ok(Polled::Records(out))
+    }
+
+    /// Commits, for each partition, the first offset not yet applied. Call only after the
+    /// state that covers everything before it is stored.
+    pub fn commit(&self, next: &HashMap<i32, i64>) -> Result<(), Error> {
+        if next.is_empty() {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (&p, &o) in next {
+            tpl.add_partition_offset(&self.topic, p, KafkaOffset::Offset(o))
+                .map_err(|e| unavailable("cannot build the offset list", e))?;
+        }
+        self.consumer
+            .commit(&tpl, rdkafka::consumer::CommitMode::Async)
+            .map_err(|e| unavailable("cannot commit offsets", e))
+    }
+
+    /// The offsets the group has committed for `partitions` (`None` where nothing was).
+    pub fn committed(
+        &self,
+        partitions: &[i32],
+        timeout: Duration,
+    ) -> Result<Vec<Option<i64>>, Error> {
+        let mut tpl = TopicPartitionList::new();
+        for &p in partitions {
+            tpl.add_partition(&self.topic, p);
+        }
+        let got = self
+            .consumer
+            .committed_offsets(tpl, timeout)
+            .map_err(|e| unavailable("cannot read committed offsets", e))?;
+        Ok(partitions
+            .iter()
+            .map(
+                |&p| match got.find_partition(&self.topic, p).map(|e| e.offset()) {
+                    Some(KafkaOffset::Offset(o)) => Some(o),
+                    _ => None,
+                },
+            )
+            .collect())
+    }
+}
+
+async fn admin(config: &KafkaConfig) -> Result<AdminClient<DefaultClientContext>, Error> {
+    config
+        .client()
+        .create()
+        .map_err(|e| unavailable("cannot create the Kafka admin client", e))
+}
+
+/// Creates the event topic when it does not exist yet.
+async fn ensure_topic(config: &KafkaConfig) -> Result<(), Error> {
+    let admin = admin(config).await?;
+    let retention = config.retention_ms.to_string();
+    let topic = NewTopic::new(
+        &config.topic,
+        config.partitions,
+        TopicReplication::Fixed(config.replication_factor),
+    )
+    .set("retention.ms", &retention)
+    // A record is whole or absent on every replica the producer waited for.
+    .set(
+        "min.insync.replicas",
+        if config.replication_factor >= 3 {
+            "2"
+        } else {
+            "1"
+        },
+    );
+    let opts = AdminOptions::new()
+        .operation_timeout(Some(config.timeout))
+        .request_timeout(Some(config.timeout));
+    let results = admin
+        .create_topics([&topic], &opts)
+        .await
+        .map_err(|e| unavailable("cannot reach Kafka to create the event topic", e))?;
+    for r in results {
+        match r {
+            Ok(name) => {
+                tracing::info!(topic = %name, partitions = config.partitions, "created the event topic")
+            }
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => {
+                return Err(unavailable(&format!("cannot create topic {name}"), code));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The partition count of the event topic, from the broker's metadata.
+async fn partition_count(config: &KafkaConfig) -> Result<i32, Error> {
+    let admin = Arc::new(admin(config).await?);
+    let topic = config.topic.clone();
+    let timeout = config.timeout;
+    tokio::task::spawn_blocking(move || {
+        let md = admin
+            .inner()
+            .fetch_metadata(Some(&topic), timeout)
+            .map_err(|e| unavailable("cannot read the event topic's metadata", e))?;
+        let t = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .ok_or_else(|| Error::Unavailable(format!("topic {topic} is not in the metadata")))?;
+        match t.partitions().len() {
+            0 => Err(Error::Unavailable(format!(
+                "topic {topic} has no partitions yet"
+            ))),
+            n => Ok(n as i32),
+        }
+    })
+    .await
+    .map_err(|e| Error::Storage(e.to_string()))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_matches_the_java_client() {
+        // Values printed by org.apache.kafka.common.utils.Utils.murmur2 (kafka-clients 4.1.1).
+        assert_eq!(murmur2(b"21"), -973_932_308);
+        assert_eq!(murmur2(b"foobar"), -790_332_482);
+        assert_eq!(murmur2(b"abc"), 479_470_107);
+        assert_eq!(murmur2(b""), 275_646_681);
+        assert_eq!(
+            murmur2(b"0190b7a2-1c2d-7e3f-8a9b-0c1d2e3f4a5b"),
+            -566_429_333
+        );
+        assert_eq!(partition_for(b"21", 12), 0);
+        assert_eq!(partition_for(b"foobar", 12), 6);
+        assert_eq!(
+            partition_for(b"0190b7a2-1c2d-7e3f-8a9b-0c1d2e3f4a5b", 12),
+            3
+        );
+        assert_eq!(partition_for(b"", 12), 9);
+    }
+}
