@@ -2,7 +2,7 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
-    let fds = protox::compile(["proto/events.proto"], ["proto"])?;
+    let fds = protox::compile(["proto/events.proto", "proto/link.proto"], ["proto"])?;
     prost_build::Config::new().compile_fds(fds)?;
     Ok(())
 }

@@ -3,8 +3,9 @@
 //!
 //! # Layout
 //! - [`worker`]: the consume → fold → commit → forward loop.
-//! - [`link`]: the [`link::Link`] to gateways (in-process today) and the
+//! - [`link`]: the [`link::Link`] to gateways (in-process, or several combined) and the
 //!   [`directory::StoreDirectory`] gateways read devices and backlogs through.
+//! - [`quic`]: the link to gateways in other processes, over QUIC with mutual TLS.
 //!
 //! # Invariants
 //! - An entry is forwarded only after the batch that created it is committed with its
@@ -13,6 +14,7 @@
 
 pub mod directory;
 pub mod link;
+pub mod quic;
 pub mod worker;
 
 use std::time::{SystemTime, UNIX_EPOCH};

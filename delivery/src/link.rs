@@ -6,7 +6,7 @@ use herald_gateway::Hub;
 use herald_schemas::link::{Delivery, Withdrawal};
 
 /// Where a worker sends new entries. An API boundary: in-process in `herald serve`, QUIC
-/// between processes later.
+/// between processes ([`crate::quic::QuicLink`]), or both ([`Links`]).
 pub trait Link: Send + Sync + 'static {
     /// Whether a device is connected somewhere this link reaches (entries for other
     /// devices are not prepared at all; they wait in the inbox).
@@ -34,5 +34,43 @@ impl Link for Hub {
     }
     fn resync(&self, devices: Vec<Arc<str>>) {
         Hub::resync(self, &devices);
+    }
+}
+
+/// Several links at once: the gateway inside this process and those linked over QUIC.
+/// A device is held by at most one of them; each drops entries for devices it does not
+/// hold.
+pub struct Links(pub Vec<Arc<dyn Link>>);
+
+impl Link for Links {
+    fn wants(&self, device_id: &str) -> bool {
+        self.0.iter().any(|l| l.wants(device_id))
+    }
+    fn deliver(&self, batch: Vec<Delivery>) {
+        match self.0.as_slice() {
+            [one] => one.deliver(batch),
+            all => {
+                for l in all {
+                    let mine: Vec<Delivery> = batch
+                        .iter()
+                        .filter(|d| l.wants(&d.device_id))
+                        .cloned()
+                        .collect();
+                    if !mine.is_empty() {
+                        l.deliver(mine);
+                    }
+                }
+            }
+        }
+    }
+    fn withdraw(&self, withdrawals: Vec<Withdrawal>) {
+        for l in &self.0 {
+            l.withdraw(withdrawals.clone());
+        }
+    }
+    fn resync(&self, devices: Vec<Arc<str>>) {
+        for l in &self.0 {
+            l.resync(devices.clone());
+        }
     }
 }

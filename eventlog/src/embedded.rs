@@ -45,7 +45,7 @@ use std::sync::{Arc, RwLock};
 use futures::future::BoxFuture;
 use tokio::sync::{oneshot, watch};
 
-use crate::{Error, EventLog, Offset, Record, Stored};
+use crate::{Append, Error, EventLog, Offset, Record, Stored};
 
 /// The largest record (key + value) the log accepts.
 pub const MAX_RECORD_BYTES: usize = 1 << 20;
@@ -508,7 +508,7 @@ impl Shared {
     }
 }
 
-impl EventLog for EmbeddedLog {
+impl Append for EmbeddedLog {
     fn append(&self, records: Vec<Record>) -> BoxFuture<'static, Result<Vec<Offset>, Error>> {
         if self.poisoned.load(Ordering::Acquire) {
             return Box::pin(async { Err(Error::Poisoned) });
@@ -548,7 +548,9 @@ impl EventLog for EmbeddedLog {
             rx.await.map_err(|_| Error::Closed)?
         })
     }
+}
 
+impl EventLog for EmbeddedLog {
     fn read(&self, from: Offset, max: usize) -> BoxFuture<'_, Result<Vec<Stored>, Error>> {
         let end = *self.end.borrow();
         Box::pin(async move {

@@ -86,13 +86,17 @@ pub enum Error {
     },
 }
 
-/// The event log. An API boundary: every backend (embedded, Kafka) implements it, and
-/// every role reaches the log only through it.
-pub trait EventLog: Send + Sync + 'static {
+/// Appending to the log: all a writer needs (ingest, a gateway). A gateway in its own
+/// process appends through the link, which a delivery worker turns into log appends.
+pub trait Append: Send + Sync + 'static {
     /// Appends `records` and resolves with their offsets once they are durable (fsync'd
     /// for the embedded backend). Concurrent appends share one fsync.
     fn append(&self, records: Vec<Record>) -> BoxFuture<'static, Result<Vec<Offset>, Error>>;
+}
 
+/// The event log. An API boundary: every backend (embedded, Kafka) implements it, and
+/// every role reaches the log only through it.
+pub trait EventLog: Append {
     /// Reads up to `max` durable records starting at `from`. Returns fewer (possibly none)
     /// when the durable end is reached.
     fn read(&self, from: Offset, max: usize) -> BoxFuture<'_, Result<Vec<Stored>, Error>>;

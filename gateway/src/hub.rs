@@ -13,7 +13,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use herald_schemas::link::{Delivery, Withdrawal};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, broadcast};
+
+/// How many presence changes wait for a slow link before it is told everything again.
+const PRESENCE_BACKLOG: usize = 8192;
+
+/// A device came or went on this gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceChange {
+    /// The device.
+    pub device_id: Arc<str>,
+    /// True when it connected, false when it left.
+    pub connected: bool,
+}
 
 /// How many commands a connection's mailbox holds before it overflows.
 pub const MAILBOX_COMMANDS: usize = 64;
@@ -93,10 +105,20 @@ pub struct Registration {
 }
 
 /// The live sessions of one gateway.
-#[derive(Default)]
 pub struct Hub {
     sessions: Mutex<HashMap<Arc<str>, Handle>>,
     next_conn: AtomicU64,
+    presence: broadcast::Sender<PresenceChange>,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub {
+            sessions: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(0),
+            presence: broadcast::channel(PRESENCE_BACKLOG).0,
+        }
+    }
 }
 
 impl std::fmt::Debug for Hub {
@@ -117,14 +139,21 @@ impl Hub {
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let mailbox = Arc::new(Mailbox::default());
         let old = self.lock().insert(
-            device_id,
+            device_id.clone(),
             Handle {
                 conn_id,
                 mailbox: mailbox.clone(),
             },
         );
-        if let Some(old) = old {
-            old.mailbox.kick();
+        match old {
+            Some(old) => old.mailbox.kick(),
+            None => {
+                // Nobody listening (one process) is fine.
+                let _ = self.presence.send(PresenceChange {
+                    device_id,
+                    connected: true,
+                });
+            }
         }
         Registration { conn_id, mailbox }
     }
@@ -135,8 +164,32 @@ impl Hub {
         if sessions
             .get(device_id)
             .is_some_and(|h| h.conn_id == conn_id)
+            && let Some((device_id, _)) = sessions.remove_entry(device_id)
         {
-            sessions.remove(device_id);
+            let _ = self.presence.send(PresenceChange {
+                device_id,
+                connected: false,
+            });
+        }
+    }
+
+    /// Presence changes from now on (a link tells its worker). A receiver that falls more
+    /// than a few thousand changes behind gets `Lagged` and must take [`Hub::devices`].
+    pub fn watch_presence(&self) -> broadcast::Receiver<PresenceChange> {
+        self.presence.subscribe()
+    }
+
+    /// Every device connected now.
+    pub fn devices(&self) -> Vec<Arc<str>> {
+        self.lock().keys().cloned().collect()
+    }
+
+    /// Tells every session to read its inbox from the store again (a link came up:
+    /// whatever was in flight on an earlier one is sent again).
+    pub fn resync_all(&self) {
+        for h in self.lock().values() {
+            h.mailbox.overflowed.store(true, Ordering::Release);
+            h.mailbox.notify.notify_one();
         }
     }
 

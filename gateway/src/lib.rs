@@ -7,15 +7,19 @@
 //! - [`hub`]: the registry of live sessions; takeover; the entry point for live
 //!   deliveries.
 //! - [`server`]: the TCP listener and the per-connection task that moves bytes.
+//! - [`link`]: the QUIC link to delivery workers when the gateway runs in its own
+//!   process (mutual TLS, length-prefixed protobuf frames).
 //!
 //! # Invariants
 //! - The gateway never writes to a store. It reads devices and inboxes through
-//!   [`server::DeviceDirectory`] and writes only events to the log.
+//!   [`server::DeviceDirectory`] and writes only events to the log (directly, or through
+//!   the link).
 //! - At most one live connection per device: a newer one kicks the older.
 //! - A malformed packet closes only its own connection.
 
 pub mod codec;
 pub mod hub;
+pub mod link;
 pub mod server;
 pub mod session;
 

@@ -8,7 +8,7 @@ use bytes::BytesMut;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
-use herald_eventlog::{EventLog, Record};
+use herald_eventlog::{Append, Record};
 use herald_schemas::events::{
     self, DeviceAcked, DeviceConnected, DeviceDisconnected, DeviceReceived, Event, Kind,
 };
@@ -82,7 +82,7 @@ pub struct Gateway {
     hub: Arc<Hub>,
     directory: Arc<dyn DeviceDirectory>,
     events: mpsc::Sender<Event>,
-    log: Arc<dyn EventLog>,
+    log: Arc<dyn Append>,
 }
 
 /// How many events the gateway queues for the log before connections wait.
@@ -119,7 +119,7 @@ impl Gateway {
         config: GatewayConfig,
         hub: Arc<Hub>,
         directory: Arc<dyn DeviceDirectory>,
-        log: Arc<dyn EventLog>,
+        log: Arc<dyn Append>,
     ) -> Arc<Self> {
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
         tokio::spawn(append_events(rx, log.clone()));
@@ -494,7 +494,7 @@ async fn send_connack(stream: &mut TcpStream, code: u8) -> std::io::Result<()> {
 
 /// Appends the gateway's events to the log in batches. Acks are not awaited one by one:
 /// a lost ack only means the entry is sent again, which the device deduplicates.
-async fn append_events(mut rx: mpsc::Receiver<Event>, log: Arc<dyn EventLog>) {
+async fn append_events(mut rx: mpsc::Receiver<Event>, log: Arc<dyn Append>) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, EVENT_BATCH).await > 0 {
         let records: Vec<Record> = batch

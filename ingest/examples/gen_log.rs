@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use base64::Engine;
 use herald_eventlog::embedded::{EmbeddedLog, MAX_BATCH_RECORDS};
-use herald_eventlog::{EventLog, Record};
+use herald_eventlog::{Append, EventLog, Record};
 use herald_schemas::events::{
     self, AppCreated, DeviceAcked, DeviceConnected, DeviceDisconnected, DeviceRegistered, Event,
     Kind, PushAccepted, Target, To,

@@ -215,7 +215,7 @@ mod tests {
     use axum::extract::FromRequestParts;
     use axum::http::Request;
     use herald_eventlog::embedded::EmbeddedLog;
-    use herald_eventlog::{EventLog, Record};
+    use herald_eventlog::{Append, EventLog, Record};
     use herald_projections::memory::MemStore;
     use herald_schemas::events::{self, DeviceAcked, Event, Kind};
     use herald_schemas::seal::Keyring;

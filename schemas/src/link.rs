@@ -1,7 +1,7 @@
 //! What a delivery worker hands to the gateway that holds a device.
 //!
-//! In `herald serve` these travel over in-process channels; the QUIC link will carry the
-//! same fields as protobuf frames.
+//! In `herald serve` these travel over in-process channels; between processes the QUIC
+//! link carries the same fields as the protobuf frames of [`wire`] (`proto/link.proto`).
 
 use std::sync::Arc;
 
@@ -42,4 +42,107 @@ pub struct BacklogPage {
     pub covered_through: u64,
     /// True when the inbox held nothing beyond `covered_through` at read time.
     pub complete: bool,
+}
+
+/// The link's frames as they cross between processes (generated from
+/// `proto/link.proto`), and conversions to and from the in-process types above.
+pub mod wire {
+    #![allow(missing_docs)] // The generated types are documented in the .proto file.
+    include!(concat!(env!("OUT_DIR"), "/herald.link.v1.rs"));
+}
+
+/// An entry for the wire.
+pub fn delivery_to_wire(d: &Delivery) -> wire::Entry {
+    wire::Entry {
+        device_id: d.device_id.to_string(),
+        seq: d.seq,
+        message_id: d.message_id.to_string(),
+        expires_at_ms: d.expires_at_ms,
+        envelope: d.envelope.to_vec(),
+        released: d.released,
+    }
+}
+
+/// An entry from the wire.
+pub fn delivery_from_wire(e: wire::Entry) -> Delivery {
+    Delivery {
+        device_id: e.device_id.into(),
+        seq: e.seq,
+        message_id: e.message_id.into(),
+        expires_at_ms: e.expires_at_ms,
+        envelope: e.envelope.into(),
+        released: e.released,
+    }
+}
+
+/// A withdrawal for the wire (an empty device id means every device).
+pub fn withdrawal_to_wire(w: &Withdrawal) -> wire::Withdrawal {
+    wire::Withdrawal {
+        device_id: w.device_id.as_deref().unwrap_or("").to_string(),
+        message_id: w.message_id.to_string(),
+    }
+}
+
+/// A withdrawal from the wire.
+pub fn withdrawal_from_wire(w: wire::Withdrawal) -> Withdrawal {
+    Withdrawal {
+        device_id: (!w.device_id.is_empty()).then(|| w.device_id.into()),
+        message_id: w.message_id.into(),
+    }
+}
+
+/// A backlog page for the wire.
+pub fn page_to_wire(p: &BacklogPage) -> wire::BacklogPage {
+    wire::BacklogPage {
+        entries: p.entries.iter().map(delivery_to_wire).collect(),
+        covered_through: p.covered_through,
+        complete: p.complete,
+    }
+}
+
+/// A backlog page from the wire.
+pub fn page_from_wire(p: wire::BacklogPage) -> BacklogPage {
+    BacklogPage {
+        entries: p.entries.into_iter().map(delivery_from_wire).collect(),
+        covered_through: p.covered_through,
+        complete: p.complete,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    #[test]
+    fn entries_withdrawals_and_pages_survive_the_wire() {
+        let d = Delivery {
+            device_id: "dev".into(),
+            seq: 7,
+            message_id: "msg".into(),
+            expires_at_ms: 99,
+            envelope: Arc::from(&b"{\"id\":\"msg\"}"[..]),
+            released: true,
+        };
+        let page = BacklogPage {
+            entries: vec![d.clone()],
+            covered_through: 9,
+            complete: true,
+        };
+        let bytes = page_to_wire(&page).encode_to_vec();
+        let back = wire::BacklogPage::decode(bytes.as_slice()).map(page_from_wire);
+        assert_eq!(back.ok(), Some(page));
+        for w in [
+            Withdrawal {
+                device_id: None,
+                message_id: "m".into(),
+            },
+            Withdrawal {
+                device_id: Some("d".into()),
+                message_id: "m".into(),
+            },
+        ] {
+            assert_eq!(withdrawal_from_wire(withdrawal_to_wire(&w)), w);
+        }
+    }
 }

@@ -1,0 +1,396 @@
+//! The worker's end of the QUIC link: connects to every configured gateway, learns which
+//! devices each holds (presence), routes new entries to the right one, and answers the
+//! gateways' requests (device authentication, backlog pages, appends of their events).
+//!
+//! # Invariants
+//! - Sending never blocks the worker: each link has a bounded queue, and an entry that
+//!   does not fit is replaced by a resync of its device, which rereads its inbox.
+//! - A device is wanted only while a linked gateway says it holds it; when a link breaks,
+//!   its devices' entries wait in their inboxes, and the gateway resyncs every session
+//!   when the link is back (see `herald_gateway::link`).
+//! - Reconnects back off from 100 ms to 5 s.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use herald_eventlog::Append;
+use herald_gateway::DeviceDirectory;
+use herald_gateway::link::{self as gwlink, LINK_QUEUE, LINK_VERSION, LinkError, LinkTls};
+use herald_schemas::link::wire::{self, down, reply, up};
+use herald_schemas::link::{
+    Delivery, Withdrawal, delivery_to_wire, page_to_wire, withdrawal_to_wire,
+};
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::link::Link;
+
+/// Where a worker's link goes.
+#[derive(Debug, Clone)]
+pub struct QuicLinkConfig {
+    /// The gateways' link addresses.
+    pub gateways: Vec<SocketAddr>,
+    /// The link's mutual-TLS files.
+    pub tls: LinkTls,
+    /// This worker's name, for the gateways' logs.
+    pub worker_id: String,
+}
+
+/// One gateway, as the worker sees it.
+struct Gateway {
+    addr: SocketAddr,
+    /// The queue to its link, while it is up.
+    tx: Mutex<Option<mpsc::Sender<wire::Down>>>,
+    /// Devices whose sessions must reread their inbox (their entries did not fit).
+    resync: Mutex<HashSet<Arc<str>>>,
+    /// Every session there must reread its inbox (a withdrawal for all did not fit).
+    resync_all: AtomicBool,
+    wake: Notify,
+}
+
+impl Gateway {
+    fn send(&self, frame: wire::Down) -> Result<(), wire::Down> {
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match tx {
+            Some(tx) => tx.try_send(frame).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(f) | mpsc::error::TrySendError::Closed(f) => f,
+            }),
+            None => Err(frame),
+        }
+    }
+
+    fn resync_later(&self, devices: impl IntoIterator<Item = Arc<str>>) {
+        self.resync
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(devices);
+        self.wake.notify_one();
+    }
+}
+
+/// The worker's links to every gateway.
+pub struct QuicLink {
+    config: QuicLinkConfig,
+    client: quinn::ClientConfig,
+    endpoint: quinn::Endpoint,
+    gateways: Vec<Arc<Gateway>>,
+    /// Device -> the index of the gateway that holds it.
+    routes: RwLock<HashMap<Arc<str>, usize>>,
+    directory: Arc<dyn DeviceDirectory>,
+    log: Arc<dyn Append>,
+    linked: watch::Sender<usize>,
+}
+
+fn down(body: down::Body) -> wire::Down {
+    wire::Down { body: Some(body) }
+}
+
+impl QuicLink {
+    /// Starts linking to every gateway of `config`, answering their requests from
+    /// `directory` and appending their events to `log`. Runs until `shutdown`.
+    pub fn start(
+        config: QuicLinkConfig,
+        directory: Arc<dyn DeviceDirectory>,
+        log: Arc<dyn Append>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Arc<Self>, LinkError> {
+        let client = config.tls.client_config()?;
+        let bind: SocketAddr = if config.gateways.iter().all(|a| a.is_ipv4()) {
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        } else {
+            SocketAddr::from(([0u16; 8], 0))
+        };
+        let endpoint = quinn::Endpoint::client(bind)?;
+        let gateways = config
+            .gateways
+            .iter()
+            .map(|&addr| {
+                Arc::new(Gateway {
+                    addr,
+                    tx: Mutex::new(None),
+                    resync: Mutex::new(HashSet::new()),
+                    resync_all: AtomicBool::new(false),
+                    wake: Notify::new(),
+                })
+            })
+            .collect();
+        let link = Arc::new(QuicLink {
+            config,
+            client,
+            endpoint,
+            gateways,
+            routes: RwLock::new(HashMap::new()),
+            directory,
+            log,
+            linked: watch::channel(0).0,
+        });
+        for idx in 0..link.gateways.len() {
+            tokio::spawn(link.clone().keep_linked(idx, shutdown.clone()));
+        }
+        Ok(link)
+    }
+
+    /// How many gateways are linked now; changes as links come and go.
+    pub fn linked(&self) -> watch::Receiver<usize> {
+        self.linked.subscribe()
+    }
+
+    fn routes_write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Arc<str>, usize>> {
+        self.routes.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn route(&self, device_id: &str) -> Option<usize> {
+        self.routes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(device_id)
+            .copied()
+    }
+
+    async fn keep_linked(self: Arc<Self>, idx: usize, mut shutdown: watch::Receiver<bool>) {
+        let addr = self.gateways[idx].addr;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            match gwlink::connect(
+                &self.endpoint,
+                self.client.clone(),
+                addr,
+                &self.config.worker_id,
+            )
+            .await
+            {
+                Ok((conn, send, recv)) => {
+                    backoff = Duration::from_millis(100);
+                    self.linked.send_modify(|n| *n += 1);
+                    let outcome = tokio::select! {
+                        r = self.clone().run(idx, send, recv) => r,
+                        _ = shutdown.wait_for(|s| *s) => Ok(()),
+                    };
+                    self.linked.send_modify(|n| *n = n.saturating_sub(1));
+                    *self.gateways[idx]
+                        .tx
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = None;
+                    self.routes_write().retain(|_, g| *g != idx);
+                    match outcome {
+                        Ok(()) => {
+                            conn.close(quinn::VarInt::from_u32(gwlink::CLOSE_NORMAL), b"bye");
+                            tracing::info!(%addr, "gateway unlinked");
+                        }
+                        Err(e) => {
+                            conn.close(
+                                quinn::VarInt::from_u32(gwlink::CLOSE_MALFORMED),
+                                b"link error",
+                            );
+                            tracing::warn!(%addr, error = %e, "gateway link broke");
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(%addr, error = %e, "cannot link to gateway"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn run(
+        self: Arc<Self>,
+        idx: usize,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) -> Result<(), LinkError> {
+        let gw = self.gateways[idx].clone();
+        match gwlink::read_frame::<wire::Up>(&mut recv).await? {
+            Some(wire::Up {
+                body: Some(up::Body::Hello(h)),
+            }) if h.version <= LINK_VERSION => {
+                tracing::info!(addr = %gw.addr, gateway = %h.gateway_id, "gateway linked");
+            }
+            other => {
+                return Err(LinkError::Protocol(format!(
+                    "expected a Hello of version <= {LINK_VERSION}, got {other:?}"
+                )));
+            }
+        }
+        let (tx, mut rx) = mpsc::channel::<wire::Down>(LINK_QUEUE);
+        *gw.tx.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx.clone());
+        let writer = async {
+            loop {
+                tokio::select! {
+                    f = rx.recv() => match f {
+                        Some(f) => gwlink::write_frame(&mut send, &f).await?,
+                        None => return Ok::<(), LinkError>(()),
+                    },
+                    _ = gw.wake.notified() => {
+                        let all = gw.resync_all.swap(false, Ordering::AcqRel);
+                        let devices: Vec<String> = std::mem::take(
+                            &mut *gw.resync.lock().unwrap_or_else(|e| e.into_inner()),
+                        )
+                        .iter()
+                        .map(|d| d.to_string())
+                        .collect();
+                        if all || !devices.is_empty() {
+                            let f = down(down::Body::Resync(wire::Resync { device_ids: devices, all }));
+                            gwlink::write_frame(&mut send, &f).await?;
+                        }
+                    }
+                }
+            }
+        };
+        let reader = async {
+            loop {
+                match gwlink::read_frame::<wire::Up>(&mut recv).await? {
+                    None => return Ok::<(), LinkError>(()),
+                    Some(f) => self.on_up(idx, f, &tx),
+                }
+            }
+        };
+        tokio::select! {
+            r = writer => r,
+            r = reader => r,
+        }
+    }
+
+    fn on_up(self: &Arc<Self>, idx: usize, f: wire::Up, tx: &mpsc::Sender<wire::Down>) {
+        match f.body {
+            Some(up::Body::Presence(p)) => {
+                let mut routes = self.routes_write();
+                if p.full {
+                    routes.retain(|_, g| *g != idx);
+                }
+                for d in p.connected {
+                    routes.insert(d.into(), idx);
+                }
+                for d in p.gone {
+                    if routes.get(d.as_str()) == Some(&idx) {
+                        routes.remove(d.as_str());
+                    }
+                }
+            }
+            Some(up::Body::Request(r)) => {
+                let link = self.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let body = link.answer(r.body).await;
+                    // Replies wait for room: the gateway bounds its open requests.
+                    let _ = tx
+                        .send(down(down::Body::Reply(wire::Reply {
+                            id: r.id,
+                            body: Some(body),
+                        })))
+                        .await;
+                });
+            }
+            Some(up::Body::Hello(_)) | None => {}
+        }
+    }
+
+    async fn answer(&self, request: Option<wire::request::Body>) -> reply::Body {
+        match request {
+            Some(wire::request::Body::Auth(a)) => {
+                match self.directory.authenticate(&a.device_id, &a.token).await {
+                    Ok(ok) => reply::Body::Authenticated(ok),
+                    Err(e) => reply::Body::Error(e.0),
+                }
+            }
+            Some(wire::request::Body::Backlog(b)) => {
+                match self
+                    .directory
+                    .backlog(b.device_id.into(), b.after_seq, b.limit as usize)
+                    .await
+                {
+                    Ok(page) => reply::Body::Backlog(page_to_wire(&page)),
+                    Err(e) => reply::Body::Error(e.0),
+                }
+            }
+            Some(wire::request::Body::Append(a)) => {
+                let records = a
+                    .records
+                    .into_iter()
+                    .map(|r| herald_eventlog::Record {
+                        key: r.key,
+                        value: r.value,
+                    })
+                    .collect();
+                match self.log.append(records).await {
+                    Ok(offsets) => reply::Body::Appended(wire::Appended { offsets }),
+                    Err(e) => reply::Body::Error(e.to_string()),
+                }
+            }
+            None => reply::Body::Error("empty request".into()),
+        }
+    }
+}
+
+impl Link for QuicLink {
+    fn wants(&self, device_id: &str) -> bool {
+        self.route(device_id).is_some()
+    }
+
+    fn deliver(&self, batch: Vec<Delivery>) {
+        let mut by_gateway: HashMap<usize, Vec<Delivery>> = HashMap::new();
+        {
+            let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
+            for d in batch {
+                if let Some(&g) = routes.get(&d.device_id) {
+                    by_gateway.entry(g).or_default().push(d);
+                }
+            }
+        }
+        for (g, entries) in by_gateway {
+            let frame = down(down::Body::Deliver(wire::Deliver {
+                entries: entries.iter().map(delivery_to_wire).collect(),
+            }));
+            if self.gateways[g].send(frame).is_err() {
+                self.gateways[g].resync_later(entries.into_iter().map(|d| d.device_id));
+            }
+        }
+    }
+
+    fn withdraw(&self, withdrawals: Vec<Withdrawal>) {
+        for (g, gw) in self.gateways.iter().enumerate() {
+            let mine: Vec<&Withdrawal> = withdrawals
+                .iter()
+                .filter(|w| match &w.device_id {
+                    None => true,
+                    Some(d) => self.route(d) == Some(g),
+                })
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let frame = down(down::Body::Withdraw(wire::Withdraw {
+                items: mine.iter().map(|w| withdrawal_to_wire(w)).collect(),
+            }));
+            if gw.send(frame).is_err() {
+                // Rereading the inbox skips withdrawn entries.
+                if mine.iter().any(|w| w.device_id.is_none()) {
+                    gw.resync_all.store(true, Ordering::Release);
+                    gw.wake.notify_one();
+                } else {
+                    gw.resync_later(mine.iter().filter_map(|w| w.device_id.clone()));
+                }
+            }
+        }
+    }
+
+    fn resync(&self, devices: Vec<Arc<str>>) {
+        let mut by_gateway: HashMap<usize, Vec<Arc<str>>> = HashMap::new();
+        for d in devices {
+            if let Some(g) = self.route(&d) {
+                by_gateway.entry(g).or_default().push(d);
+            }
+        }
+        for (g, devices) in by_gateway {
+            self.gateways[g].resync_later(devices);
+        }
+    }
+}

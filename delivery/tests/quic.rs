@@ -1,0 +1,264 @@
+//! The QUIC link between a worker and a gateway, over real QUIC with mutual TLS on
+//! loopback: presence, entries, requests, a peer with a foreign certificate, a malformed
+//! frame, and a link that breaks and comes back.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use herald_delivery::link::Link;
+use herald_delivery::quic::{QuicLink, QuicLinkConfig};
+use herald_eventlog::embedded::EmbeddedLog;
+use herald_eventlog::{EventLog, Record};
+use herald_gateway::hub::Command;
+use herald_gateway::link::{self, LinkServer, LinkTls};
+use herald_gateway::{DeviceDirectory, DirectoryError, Hub};
+use herald_schemas::link::{BacklogPage, Delivery};
+use tokio::sync::watch;
+
+/// The worker's view of devices in these tests: one device with one token, and a backlog
+/// of one entry. (The store-backed directory is tested with the worker itself.)
+struct OneDevice;
+
+fn entry(device: &str, seq: u64) -> Delivery {
+    Delivery {
+        device_id: device.into(),
+        seq,
+        message_id: format!("m{seq}").into(),
+        expires_at_ms: u64::MAX,
+        envelope: Arc::from(&b"{}"[..]),
+        released: false,
+    }
+}
+
+impl DeviceDirectory for OneDevice {
+    fn authenticate(
+        &self,
+        device_id: &str,
+        token: &[u8],
+    ) -> BoxFuture<'static, Result<bool, DirectoryError>> {
+        let ok = device_id == "dev-1" && token == b"secret";
+        Box::pin(async move { Ok(ok) })
+    }
+    fn backlog(
+        &self,
+        device_id: Arc<str>,
+        after_seq: u64,
+        _limit: usize,
+    ) -> BoxFuture<'static, Result<BacklogPage, DirectoryError>> {
+        Box::pin(async move {
+            Ok(BacklogPage {
+                entries: vec![entry(&device_id, after_seq + 1)],
+                covered_through: after_seq + 1,
+                complete: true,
+            })
+        })
+    }
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    certs: std::path::PathBuf,
+    hub: Arc<Hub>,
+    server: Arc<LinkServer>,
+    log: Arc<EmbeddedLog>,
+    _stop_gateway: watch::Sender<bool>,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = dir.path().join("certs");
+    link::generate_certs(&certs, &[]).expect("certs");
+    let hub = Arc::new(Hub::default());
+    let server = LinkServer::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        &LinkTls::in_dir(&certs, "gateway"),
+        hub.clone(),
+        "gw-test",
+    )
+    .expect("bind");
+    let (stop, shutdown) = watch::channel(false);
+    tokio::spawn(server.clone().serve(shutdown));
+    let log = Arc::new(EmbeddedLog::open(&dir.path().join("log")).expect("log"));
+    Setup {
+        _dir: dir,
+        certs,
+        hub,
+        server,
+        log,
+        _stop_gateway: stop,
+    }
+}
+
+fn worker(s: &Setup, tls: LinkTls) -> (Arc<QuicLink>, watch::Sender<bool>) {
+    let (stop, shutdown) = watch::channel(false);
+    let link = QuicLink::start(
+        QuicLinkConfig {
+            gateways: vec![s.server.local_addr().expect("addr")],
+            tls,
+            worker_id: "worker-test".into(),
+        },
+        Arc::new(OneDevice),
+        s.log.clone(),
+        shutdown,
+    )
+    .expect("start");
+    (link, stop)
+}
+
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+#[tokio::test]
+async fn presence_entries_and_requests_cross_the_link() {
+    let s = setup();
+    let (w, _stop) = worker(&s, LinkTls::in_dir(&s.certs, "worker"));
+    eventually("the worker is linked", || *w.linked().borrow() == 1).await;
+    eventually("the gateway sees the worker", || s.server.linked() == 1).await;
+
+    // A device connects at the gateway: the worker learns it is wanted there.
+    let reg = s.hub.register("dev-1".into());
+    eventually("dev-1 is wanted", || w.wants("dev-1")).await;
+    assert!(!w.wants("dev-2"));
+
+    // Entries for it reach its mailbox; entries for others are not sent.
+    w.deliver(vec![entry("dev-1", 1), entry("dev-2", 1)]);
+    tokio::time::timeout(Duration::from_secs(5), reg.mailbox.wait())
+        .await
+        .expect("an entry arrives");
+    let got: Vec<Delivery> = reg
+        .mailbox
+        .take()
+        .into_iter()
+        .flat_map(|c| match c {
+            Command::Deliver(d) => d,
+            Command::Withdraw(_) => Vec::new(),
+        })
+        .collect();
+    assert_eq!(got, vec![entry("dev-1", 1)]);
+
+    // The gateway's requests are answered by the worker.
+    let dir = s.server.directory();
+    assert!(dir.authenticate("dev-1", b"secret").await.expect("auth"));
+    assert!(!dir.authenticate("dev-1", b"wrong").await.expect("auth"));
+    let page = dir.backlog("dev-1".into(), 4, 10).await.expect("backlog");
+    assert_eq!(page.entries, vec![entry("dev-1", 5)]);
+    let offsets = s
+        .server
+        .log()
+        .append(vec![Record {
+            key: b"dev-1".to_vec(),
+            value: b"event".to_vec(),
+        }])
+        .await
+        .expect("append through the link");
+    let stored = s.log.read(offsets[0], 1).await.expect("read");
+    assert_eq!(stored[0].value, b"event");
+
+    // It leaves: no longer wanted.
+    s.hub.unregister("dev-1", reg.conn_id);
+    eventually("dev-1 is no longer wanted", || !w.wants("dev-1")).await;
+}
+
+#[tokio::test]
+async fn a_peer_whose_certificate_another_ca_signed_is_refused() {
+    let s = setup();
+    let foreign = s.certs.parent().expect("parent").join("foreign");
+    link::generate_certs(&foreign, &[]).expect("certs");
+    // The foreign worker trusts our gateway's CA but shows a certificate of its own CA.
+    let tls = LinkTls {
+        ca: s.certs.join("ca.crt"),
+        cert: foreign.join("worker.crt"),
+        key: foreign.join("worker.key"),
+    };
+    let (w, _stop) = worker(&s, tls);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(*w.linked().borrow(), 0, "the foreign worker never links");
+    assert_eq!(s.server.linked(), 0);
+    // Without a link, the gateway's requests fail at once instead of hanging.
+    assert!(
+        s.server
+            .directory()
+            .authenticate("dev-1", b"secret")
+            .await
+            .is_err()
+    );
+
+    // A worker with the right certificate still gets in.
+    let (good, _stop2) = worker(&s, LinkTls::in_dir(&s.certs, "worker"));
+    eventually("the good worker is linked", || *good.linked().borrow() == 1).await;
+}
+
+#[tokio::test]
+async fn a_malformed_frame_closes_that_link_only() {
+    let s = setup();
+    let (w, _stop) = worker(&s, LinkTls::in_dir(&s.certs, "worker"));
+    eventually("the worker is linked", || s.server.linked() == 1).await;
+
+    // A second peer with a valid certificate sends garbage after its hello.
+    let tls = LinkTls::in_dir(&s.certs, "worker");
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let (conn, mut send, _recv) = link::connect(
+        &endpoint,
+        tls.client_config().expect("client config"),
+        s.server.local_addr().expect("addr"),
+        "rogue",
+    )
+    .await
+    .expect("connect");
+    eventually("the rogue is linked", || s.server.linked() == 2).await;
+    send.write_all(&[0, 0, 0, 5, 0xff, 0xff, 0xff, 0xff, 0xff])
+        .await
+        .expect("write");
+    let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .expect("the gateway closes the rogue link");
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, quinn::VarInt::from_u32(link::CLOSE_MALFORMED));
+        }
+        other => panic!("unexpected close: {other}"),
+    }
+    eventually("only the rogue link is gone", || s.server.linked() == 1).await;
+
+    // The good link still carries entries.
+    let reg = s.hub.register("dev-1".into());
+    eventually("dev-1 is wanted", || w.wants("dev-1")).await;
+    w.deliver(vec![entry("dev-1", 1)]);
+    tokio::time::timeout(Duration::from_secs(5), reg.mailbox.wait())
+        .await
+        .expect("the good link still delivers");
+}
+
+#[tokio::test]
+async fn when_a_link_comes_back_every_session_rereads_its_inbox() {
+    let s = setup();
+    let reg = s.hub.register("dev-1".into());
+    let (w, stop) = worker(&s, LinkTls::in_dir(&s.certs, "worker"));
+    eventually("linked", || s.server.linked() == 1).await;
+    eventually("dev-1 is wanted", || w.wants("dev-1")).await;
+    // The first link-up already asked every session to reread; clear that.
+    let _ = reg.mailbox.take_overflow();
+
+    // The link breaks: the worker stops wanting the device (its entries wait in the inbox).
+    stop.send_replace(true);
+    eventually("unlinked", || s.server.linked() == 0).await;
+    eventually("dev-1 no longer wanted", || !w.wants("dev-1")).await;
+    assert!(!reg.mailbox.take_overflow());
+
+    // A link comes back: the session rereads its inbox, so nothing in flight is lost.
+    let (w2, _stop2) = worker(&s, LinkTls::in_dir(&s.certs, "worker"));
+    eventually("linked again", || s.server.linked() == 1).await;
+    eventually("dev-1 is wanted again", || w2.wants("dev-1")).await;
+    assert!(
+        reg.mailbox.take_overflow(),
+        "the session was told to reread its inbox"
+    );
+}
