@@ -50,6 +50,12 @@ pub struct FileConfig {
     pub connect_timeout_s: Option<u64>,
     /// Most device connections held at once.
     pub max_connections: Option<usize>,
+    /// Where a gateway in its own process listens for delivery workers (QUIC).
+    pub link_addr: Option<SocketAddr>,
+    /// Gateways in other processes that `herald serve` links to.
+    pub link_gateways: Option<Vec<SocketAddr>>,
+    /// The directory `herald certs` wrote the link's certificates into.
+    pub link_certs: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -102,6 +108,12 @@ pub struct Config {
     pub connect_timeout_s: u64,
     /// Connection limit.
     pub max_connections: usize,
+    /// Where a gateway process listens for workers.
+    pub link_addr: SocketAddr,
+    /// Gateway processes to link to.
+    pub link_gateways: Vec<SocketAddr>,
+    /// The link's certificates.
+    pub link_certs: Option<PathBuf>,
 }
 
 /// Values from flags and environment variables (clap reads both).
@@ -123,6 +135,14 @@ pub struct Overrides {
     pub max_data_bytes: Option<usize>,
     /// `HERALD_IDEMPOTENCY_WINDOW_S`.
     pub idempotency_window_s: Option<u32>,
+    /// `--gateway-id` / `HERALD_GATEWAY_ID`.
+    pub gateway_id: Option<String>,
+    /// `--link-addr` / `HERALD_LINK_ADDR`.
+    pub link_addr: Option<SocketAddr>,
+    /// `--link-gateway` / `HERALD_LINK_GATEWAYS`.
+    pub link_gateways: Option<Vec<SocketAddr>>,
+    /// `--link-certs` / `HERALD_LINK_CERTS`.
+    pub link_certs: Option<PathBuf>,
 }
 
 fn advertised(scheme: &str, addr: SocketAddr, path: &str) -> String {
@@ -159,7 +179,10 @@ impl Config {
             advertised_ws: file
                 .advertised_ws
                 .unwrap_or_else(|| "ws://127.0.0.1:8083/mqtt".into()),
-            gateway_id: file.gateway_id.unwrap_or_else(|| "gateway-1".into()),
+            gateway_id: o
+                .gateway_id
+                .or(file.gateway_id)
+                .unwrap_or_else(|| "gateway-1".into()),
             token_ttl_s: o.token_ttl_s.or(file.token_ttl_s).unwrap_or(3600),
             max_data_bytes: o.max_data_bytes.or(file.max_data_bytes).unwrap_or(4096),
             max_body_bytes: file.max_body_bytes.unwrap_or(64 * 1024),
@@ -174,6 +197,16 @@ impl Config {
             max_packet_bytes: file.max_packet_bytes.unwrap_or(64 * 1024),
             connect_timeout_s: file.connect_timeout_s.unwrap_or(10),
             max_connections: file.max_connections.unwrap_or(100_000),
+            link_addr: o
+                .link_addr
+                .or(file.link_addr)
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 9494))),
+            link_gateways: o
+                .link_gateways
+                .filter(|g| !g.is_empty())
+                .or(file.link_gateways)
+                .unwrap_or_default(),
+            link_certs: o.link_certs.or(file.link_certs),
         };
         c.validate()?;
         Ok(c)
@@ -209,6 +242,14 @@ impl Config {
         }
         if self.max_connections == 0 {
             bail!("max_connections must be at least 1");
+        }
+        if self.gateway_id.is_empty() || self.gateway_id.len() > 128 {
+            bail!("gateway_id must be 1 to 128 characters");
+        }
+        if !self.link_gateways.is_empty() && self.link_certs.is_none() {
+            bail!(
+                "link_gateways needs link_certs (HERALD_LINK_CERTS): the directory `herald certs` wrote"
+            );
         }
         if let Some(t) = &self.admin_token
             && t.len() < 16

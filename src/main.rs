@@ -2,6 +2,7 @@
 //! thin; every role lives in its own crate.
 
 mod config;
+mod gateway;
 mod rebuild;
 mod replay;
 mod serve;
@@ -50,6 +51,21 @@ enum Command {
     /// data dir and printed. Stop with Ctrl-C or SIGTERM; a restart resumes where it
     /// stopped.
     Serve(ServeArgs),
+    /// Run a gateway in its own process: it holds device MQTT connections and reaches the
+    /// rest of herald over the QUIC link.
+    ///
+    /// Listens for MQTT (default 0.0.0.0:9493) and for delivery workers on the link
+    /// (default 0.0.0.0:9494/udp, mutual TLS with the certificates of `herald certs`).
+    /// Devices are authenticated, and their backlogs read, through a linked worker (for
+    /// example `herald serve --link-gateway ADDR`); until one is linked, devices are
+    /// refused with "server unavailable" and retry.
+    Gateway(GatewayArgs),
+    /// Write a link CA and the certificates it signs (for gateways and workers).
+    ///
+    /// Writes ca.crt, ca.key, gateway.crt, gateway.key, worker.crt and worker.key into
+    /// --out. Give the gateway processes and the workers the same directory (or copies
+    /// of its files); keep ca.key away from both.
+    Certs(CertsArgs),
     /// Stream the event log as JSON lines, through a server's API or from a data dir.
     Replay(replay::ReplayArgs),
     /// Fold the whole log again into a fresh store and print a digest of each projection
@@ -83,6 +99,47 @@ struct ServeArgs {
     /// How long an Idempotency-Key holds, in seconds [default: 86400].
     #[arg(long, env = "HERALD_IDEMPOTENCY_WINDOW_S")]
     idempotency_window_s: Option<u32>,
+    /// A gateway process to link to, besides this process's own MQTT listener
+    /// (repeatable; comma-separated in the variable).
+    #[arg(
+        long = "link-gateway",
+        env = "HERALD_LINK_GATEWAYS",
+        value_delimiter = ','
+    )]
+    link_gateways: Vec<SocketAddr>,
+    /// The link certificates' directory (from `herald certs`); needed with --link-gateway.
+    #[arg(long, env = "HERALD_LINK_CERTS")]
+    link_certs: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct GatewayArgs {
+    /// A TOML config file (see herald.example.toml); flags and HERALD_* variables win.
+    #[arg(long, env = "HERALD_CONFIG")]
+    config: Option<PathBuf>,
+    /// MQTT listen address [default: 0.0.0.0:9493].
+    #[arg(long, env = "HERALD_MQTT_ADDR")]
+    mqtt_addr: Option<SocketAddr>,
+    /// Where delivery workers link to this gateway (UDP) [default: 0.0.0.0:9494].
+    #[arg(long, env = "HERALD_LINK_ADDR")]
+    link_addr: Option<SocketAddr>,
+    /// The link certificates' directory (from `herald certs`).
+    #[arg(long, env = "HERALD_LINK_CERTS")]
+    link_certs: Option<PathBuf>,
+    /// This gateway's id, in its devices' events [default: gateway-1].
+    #[arg(long, env = "HERALD_GATEWAY_ID")]
+    gateway_id: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct CertsArgs {
+    /// Where to write the files.
+    #[arg(long, default_value = "herald-certs")]
+    out: PathBuf,
+    /// Another name (DNS name or IP address) the gateways are reached by (repeatable);
+    /// herald-gateway, localhost and 127.0.0.1 are always included.
+    #[arg(long = "name")]
+    names: Vec<String>,
 }
 
 fn init_tracing(format: LogFormat) {
@@ -99,15 +156,28 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
+fn load_config(
+    path: Option<&std::path::Path>,
+    overrides: config::Overrides,
+) -> anyhow::Result<config::Config> {
+    let file = match path {
+        Some(path) => config::FileConfig::load(path)?,
+        None => config::FileConfig::default(),
+    };
+    config::Config::resolve(file, overrides)
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     match cli.command {
         Command::Serve(args) => {
-            let file = match &args.config {
-                Some(path) => config::FileConfig::load(path)?,
-                None => config::FileConfig::default(),
-            };
             let overrides = config::Overrides {
                 data_dir: args.data_dir,
                 http_addr: args.http_addr,
@@ -117,12 +187,31 @@ fn main() -> anyhow::Result<()> {
                 token_ttl_s: args.token_ttl_s,
                 max_data_bytes: args.max_data_bytes,
                 idempotency_window_s: args.idempotency_window_s,
+                link_gateways: Some(args.link_gateways),
+                link_certs: args.link_certs,
+                ..config::Overrides::default()
             };
-            let config = config::Config::resolve(file, overrides)?;
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(serve::run(config))
+            let config = load_config(args.config.as_deref(), overrides)?;
+            runtime()?.block_on(serve::run(config))
+        }
+        Command::Gateway(args) => {
+            let overrides = config::Overrides {
+                mqtt_addr: args.mqtt_addr,
+                link_addr: args.link_addr,
+                link_certs: args.link_certs,
+                gateway_id: args.gateway_id,
+                ..config::Overrides::default()
+            };
+            let config = load_config(args.config.as_deref(), overrides)?;
+            runtime()?.block_on(gateway::run(config))
+        }
+        Command::Certs(args) => {
+            herald_gateway::link::generate_certs(&args.out, &args.names)?;
+            println!(
+                "herald: wrote the link CA and certificates into {} (ca.crt, ca.key, gateway.crt, gateway.key, worker.crt, worker.key)",
+                args.out.display()
+            );
+            Ok(())
         }
         Command::Replay(args) => replay::run(args),
         Command::Rebuild(args) => rebuild::run(args, false),

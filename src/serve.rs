@@ -7,9 +7,12 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use base64::Engine;
 use herald_delivery::directory::StoreDirectory;
+use herald_delivery::link::{Link, Links};
+use herald_delivery::quic::{QuicLink, QuicLinkConfig};
 use herald_delivery::worker::Worker;
 use herald_eventlog::EventLog;
 use herald_eventlog::embedded::EmbeddedLog;
+use herald_gateway::link::LinkTls;
 use herald_gateway::{Gateway, GatewayConfig, Hub, SessionLimits};
 use herald_ingest::{Ingest, IngestConfig};
 use herald_projections::embedded::{EmbeddedStore, open_database};
@@ -123,11 +126,35 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let store: Arc<dyn Store> = Arc::new(embedded);
 
     let hub = Arc::new(Hub::default());
-    let worker = Worker::new(log.clone(), store.clone(), hub.clone(), keyring.clone())?;
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    // Gateways in other processes, if any: this process is their delivery worker, and
+    // they read devices and backlogs through it.
+    let quic = match config.link_certs.as_deref() {
+        Some(certs) if !config.link_gateways.is_empty() => Some(
+            QuicLink::new(QuicLinkConfig {
+                gateways: config.link_gateways.clone(),
+                tls: LinkTls::in_dir(certs, "worker"),
+                worker_id: format!("serve:{}", config.gateway_id),
+            })
+            .context("cannot set up the link to the gateways")?,
+        ),
+        _ => None,
+    };
+    let link: Arc<dyn Link> = match &quic {
+        Some(q) => Arc::new(Links(vec![hub.clone(), q.clone()])),
+        None => hub.clone(),
+    };
+    let worker = Worker::new(log.clone(), store.clone(), link, keyring.clone())?;
     let applied = worker.applied();
     let worker_applied = worker.applied();
-
-    let (shutdown_tx, shutdown) = watch::channel(false);
+    if let Some(q) = &quic {
+        let directory = Arc::new(
+            StoreDirectory::new(store.clone(), keyring.clone())
+                .with_freshness(log.durable_end(), worker.applied()),
+        );
+        q.run(directory, log.clone(), shutdown.clone());
+        tracing::info!(gateways = ?config.link_gateways, "linking to gateway processes");
+    }
 
     let ingest = Ingest::new(
         IngestConfig {
@@ -148,17 +175,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         jwt_secret.as_bytes(),
     );
     let gateway = Gateway::new(
-        GatewayConfig {
-            gateway_id: config.gateway_id.clone(),
-            max_packet_bytes: config.max_packet_bytes,
-            connect_timeout: Duration::from_secs(config.connect_timeout_s),
-            max_connections: config.max_connections,
-            limits: SessionLimits {
-                max_inflight: config.max_inflight,
-                max_pending: config.max_pending,
-            },
-            write_timeout: Duration::from_secs(30),
-        },
+        gateway_config(&config),
         hub,
         Arc::new(
             StoreDirectory::new(store.clone(), keyring)
@@ -217,7 +234,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// The gateway settings of `config` (shared by `herald serve` and `herald gateway`).
+pub fn gateway_config(config: &Config) -> GatewayConfig {
+    GatewayConfig {
+        gateway_id: config.gateway_id.clone(),
+        max_packet_bytes: config.max_packet_bytes,
+        connect_timeout: Duration::from_secs(config.connect_timeout_s),
+        max_connections: config.max_connections,
+        limits: SessionLimits {
+            max_inflight: config.max_inflight,
+            max_pending: config.max_pending,
+        },
+        write_timeout: Duration::from_secs(30),
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

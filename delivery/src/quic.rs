@@ -78,9 +78,13 @@ pub struct QuicLink {
     gateways: Vec<Arc<Gateway>>,
     /// Device -> the index of the gateway that holds it.
     routes: RwLock<HashMap<Arc<str>, usize>>,
+    linked: watch::Sender<usize>,
+}
+
+/// What answers the gateways' requests.
+struct Answers {
     directory: Arc<dyn DeviceDirectory>,
     log: Arc<dyn Append>,
-    linked: watch::Sender<usize>,
 }
 
 fn down(body: down::Body) -> wire::Down {
@@ -96,6 +100,14 @@ impl QuicLink {
         log: Arc<dyn Append>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Arc<Self>, LinkError> {
+        let link = Self::new(config)?;
+        link.run(directory, log, shutdown);
+        Ok(link)
+    }
+
+    /// A link that does not connect yet: hand it to a worker, then [`QuicLink::run`] it
+    /// with the directory that worker keeps fresh.
+    pub fn new(config: QuicLinkConfig) -> Result<Arc<Self>, LinkError> {
         let client = config.tls.client_config()?;
         let bind: SocketAddr = if config.gateways.iter().all(|a| a.is_ipv4()) {
             SocketAddr::from(([0, 0, 0, 0], 0))
@@ -116,20 +128,31 @@ impl QuicLink {
                 })
             })
             .collect();
-        let link = Arc::new(QuicLink {
+        Ok(Arc::new(QuicLink {
             config,
             client,
             endpoint,
             gateways,
             routes: RwLock::new(HashMap::new()),
-            directory,
-            log,
             linked: watch::channel(0).0,
-        });
-        for idx in 0..link.gateways.len() {
-            tokio::spawn(link.clone().keep_linked(idx, shutdown.clone()));
+        }))
+    }
+
+    /// Connects to every gateway (and reconnects, until `shutdown`), answering their
+    /// requests from `directory` and appending their events to `log`.
+    pub fn run(
+        self: &Arc<Self>,
+        directory: Arc<dyn DeviceDirectory>,
+        log: Arc<dyn Append>,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        let answers = Arc::new(Answers { directory, log });
+        for idx in 0..self.gateways.len() {
+            tokio::spawn(
+                self.clone()
+                    .keep_linked(idx, answers.clone(), shutdown.clone()),
+            );
         }
-        Ok(link)
     }
 
     /// How many gateways are linked now; changes as links come and go.
@@ -149,7 +172,12 @@ impl QuicLink {
             .copied()
     }
 
-    async fn keep_linked(self: Arc<Self>, idx: usize, mut shutdown: watch::Receiver<bool>) {
+    async fn keep_linked(
+        self: Arc<Self>,
+        idx: usize,
+        answers: Arc<Answers>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let addr = self.gateways[idx].addr;
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -168,7 +196,7 @@ impl QuicLink {
                     backoff = Duration::from_millis(100);
                     self.linked.send_modify(|n| *n += 1);
                     let outcome = tokio::select! {
-                        r = self.clone().run(idx, send, recv) => r,
+                        r = self.clone().serve(idx, send, recv, &answers) => r,
                         _ = shutdown.wait_for(|s| *s) => Ok(()),
                     };
                     self.linked.send_modify(|n| *n = n.saturating_sub(1));
@@ -201,11 +229,12 @@ impl QuicLink {
         }
     }
 
-    async fn run(
+    async fn serve(
         self: Arc<Self>,
         idx: usize,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
+        answers: &Arc<Answers>,
     ) -> Result<(), LinkError> {
         let gw = self.gateways[idx].clone();
         match gwlink::read_frame::<wire::Up>(&mut recv).await? {
@@ -249,7 +278,7 @@ impl QuicLink {
             loop {
                 match gwlink::read_frame::<wire::Up>(&mut recv).await? {
                     None => return Ok::<(), LinkError>(()),
-                    Some(f) => self.on_up(idx, f, &tx),
+                    Some(f) => self.on_up(idx, f, &tx, answers),
                 }
             }
         };
@@ -259,7 +288,13 @@ impl QuicLink {
         }
     }
 
-    fn on_up(self: &Arc<Self>, idx: usize, f: wire::Up, tx: &mpsc::Sender<wire::Down>) {
+    fn on_up(
+        &self,
+        idx: usize,
+        f: wire::Up,
+        tx: &mpsc::Sender<wire::Down>,
+        answers: &Arc<Answers>,
+    ) {
         match f.body {
             Some(up::Body::Presence(p)) => {
                 let mut routes = self.routes_write();
@@ -276,10 +311,10 @@ impl QuicLink {
                 }
             }
             Some(up::Body::Request(r)) => {
-                let link = self.clone();
+                let answers = answers.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
-                    let body = link.answer(r.body).await;
+                    let body = answers.answer(r.body).await;
                     // Replies wait for room: the gateway bounds its open requests.
                     let _ = tx
                         .send(down(down::Body::Reply(wire::Reply {
@@ -292,7 +327,9 @@ impl QuicLink {
             Some(up::Body::Hello(_)) | None => {}
         }
     }
+}
 
+impl Answers {
     async fn answer(&self, request: Option<wire::request::Body>) -> reply::Body {
         match request {
             Some(wire::request::Body::Auth(a)) => {

@@ -1,0 +1,58 @@
+//! `herald gateway`: a gateway in its own process. It holds device connections and
+//! reaches the rest of herald over the QUIC link (`herald_gateway::link`): devices are
+//! authenticated and backlogs read through a linked delivery worker, and its events are
+//! appended through it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use herald_gateway::link::{LinkServer, LinkTls};
+use herald_gateway::{Gateway, Hub};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::serve::{gateway_config, shutdown_signal};
+
+/// Runs until Ctrl-C or SIGTERM.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let certs = config.link_certs.as_deref().context(
+        "herald gateway needs link_certs (--link-certs): the directory `herald certs` wrote",
+    )?;
+    let hub = Arc::new(Hub::default());
+    let link = LinkServer::bind(
+        config.link_addr,
+        &LinkTls::in_dir(certs, "gateway"),
+        hub.clone(),
+        config.gateway_id.clone(),
+    )
+    .with_context(|| {
+        format!(
+            "cannot listen for the link on {} (link_addr)",
+            config.link_addr
+        )
+    })?;
+    let gateway = Gateway::new(gateway_config(&config), hub, link.directory(), link.log());
+    let mqtt = TcpListener::bind(config.mqtt_addr)
+        .await
+        .with_context(|| format!("cannot listen on {} (mqtt_addr)", config.mqtt_addr))?;
+    tracing::info!(
+        mqtt = %mqtt.local_addr()?, link = %link.local_addr()?, gateway_id = %config.gateway_id,
+        "herald gateway serving"
+    );
+
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let link_task = tokio::spawn(link.clone().serve(shutdown.clone()));
+    let gateway_task = tokio::spawn(gateway.serve(mqtt, shutdown));
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    let _ = shutdown_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        let _ = gateway_task.await;
+        let _ = link_task.await;
+    })
+    .await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,263 @@
+//! Gateways in their own processes (`herald gateway`), linked over QUIC to `herald serve`:
+//! a stock mosquitto_sub on a gateway process gets its backlog and live pushes and its
+//! acks reach the log; a gateway killed with SIGKILL and started again loses nothing and
+//! its device sees nothing twice; a gateway without the link's certificates is refused.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use herald_client::{Device, DeviceCredentials, DeviceOptions};
+use serde_json::{Value, json};
+
+fn make_certs(dir: &Path) -> PathBuf {
+    let out = dir.join("certs");
+    let status = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["certs", "--out"])
+        .arg(&out)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "herald certs failed");
+    out
+}
+
+/// A running `herald gateway`.
+struct GatewayProc {
+    child: Option<Child>,
+    mqtt_port: u16,
+    link_port: u16,
+    certs: PathBuf,
+    log: PathBuf,
+    id: String,
+}
+
+impl GatewayProc {
+    fn start(certs: &Path, id: &str, dir: &Path) -> GatewayProc {
+        let mut g = GatewayProc {
+            child: None,
+            mqtt_port: free_port(),
+            link_port: free_port(),
+            certs: certs.to_path_buf(),
+            log: dir.join(format!("{id}.log")),
+            id: id.to_string(),
+        };
+        g.spawn();
+        g
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_herald"))
+            .arg("gateway")
+            .args(["--mqtt-addr", &format!("127.0.0.1:{}", self.mqtt_port)])
+            .args(["--link-addr", &format!("127.0.0.1:{}", self.link_port)])
+            .arg("--link-certs")
+            .arg(&self.certs)
+            .args(["--gateway-id", &self.id])
+            .env("HERALD_LOG", "info,herald_gateway=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    fn link_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.link_port)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits until the gateway says a worker is linked.
+    async fn wait_linked(&self, times: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.log().matches("delivery worker linked").count() < times {
+            assert!(Instant::now() < deadline, "never linked: {}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for GatewayProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+async fn serve_with(gateways: &[&GatewayProc], certs: &Path) -> Server {
+    let list: Vec<String> = gateways.iter().map(|g| g.link_addr()).collect();
+    Server::start_with(&[
+        ("HERALD_LINK_GATEWAYS", &list.join(",")),
+        ("HERALD_LINK_CERTS", certs.to_str().unwrap()),
+    ])
+    .await
+}
+
+async fn next_line(rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> Value {
+    let line = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .expect("mosquitto_sub printed nothing in time")
+        .expect("mosquitto_sub exited");
+    serde_json::from_str(&line).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stock_client_on_a_gateway_process_gets_backlog_and_live_pushes() {
+    let Some(mosquitto_sub) = tool("mosquitto_sub") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = make_certs(tmp.path());
+    let gw = GatewayProc::start(&certs, "gw-a", tmp.path());
+    let server = serve_with(&[&gw], &certs).await;
+    gw.wait_linked(1).await;
+
+    let app = create_app(&server).await;
+    let dev = app.register().await;
+    let m1 = app.push(&dev.device_id, json!({"n": 1})).await;
+
+    let mut sub = Command::new(mosquitto_sub)
+        .args(["-h", "127.0.0.1", "-p", &gw.mqtt_port.to_string()])
+        .args([
+            "-i",
+            &dev.device_id,
+            "-u",
+            &dev.device_id,
+            "-P",
+            &dev.device_token,
+        ])
+        .args(["-t", "inbox", "-q", "1", "-c", "-C", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let stdout = sub.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let first = next_line(&mut rx).await;
+    assert_eq!(
+        first["id"],
+        m1.as_str(),
+        "the backlog comes through the link"
+    );
+    assert_eq!(first["seq"], 1);
+    let m2 = app.push(&dev.device_id, json!({"n": 2})).await;
+    let second = next_line(&mut rx).await;
+    assert_eq!(
+        second["id"],
+        m2.as_str(),
+        "a live push comes through the link"
+    );
+    assert_eq!(second["seq"], 2);
+    for m in [&m1, &m2] {
+        let s = app.wait_acked(m, 1).await;
+        assert_eq!(s["delivered"], 1, "the gateway's ack reached the log: {s}");
+    }
+    assert!(sub.wait().unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_process_killed_and_restarted_loses_nothing_and_shows_nothing_twice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = make_certs(tmp.path());
+    let mut gw = GatewayProc::start(&certs, "gw-b", tmp.path());
+    let other = GatewayProc::start(&certs, "gw-c", tmp.path());
+    let server = serve_with(&[&gw, &other], &certs).await;
+    gw.wait_linked(1).await;
+    other.wait_linked(1).await;
+
+    let app = create_app(&server).await;
+    let mut dev: DeviceCredentials = app.register().await;
+    dev.mqtt_host = "127.0.0.1".into();
+    dev.mqtt_port = gw.mqtt_port;
+    let mut opts = DeviceOptions::default();
+    opts.backoff.initial_delay = Duration::from_millis(50);
+    opts.backoff.max_delay = Duration::from_millis(500);
+    let mut device = Device::start(&dev, opts).await.unwrap();
+
+    let mut sent = Vec::new();
+    let mut seen = Vec::new();
+    for i in 0..5 {
+        sent.push(app.push(&dev.device_id, json!({"i": i})).await);
+    }
+    while seen.len() < 5 {
+        let m = tokio::time::timeout(Duration::from_secs(20), device.next())
+            .await
+            .expect("live pushes arrive")
+            .unwrap();
+        seen.push(m.envelope().clone());
+    }
+
+    // The gateway process dies; pushes keep being accepted meanwhile.
+    gw.kill9();
+    for i in 5..10 {
+        sent.push(app.push(&dev.device_id, json!({"i": i})).await);
+    }
+    gw.spawn();
+    gw.wait_linked(2).await;
+    while seen.len() < 10 {
+        let m = tokio::time::timeout(Duration::from_secs(30), device.next())
+            .await
+            .expect("the backlog arrives after the restart")
+            .unwrap();
+        seen.push(m.envelope().clone());
+    }
+    let ids: Vec<&str> = seen.iter().map(|e| e.id.as_str()).collect();
+    let want: Vec<&str> = sent.iter().map(String::as_str).collect();
+    assert_eq!(ids, want, "every push once, in order");
+    let seqs: Vec<u64> = seen.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=10).collect::<Vec<_>>());
+    // Nothing more comes (no duplicate shown).
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), device.next())
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_with_another_cas_certificate_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = make_certs(tmp.path());
+    let foreign = make_certs(&tmp.path().join("foreign"));
+    let gw = GatewayProc::start(&foreign, "gw-x", tmp.path());
+    let server = serve_with(&[&gw], &certs).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !gw.log().contains("delivery worker linked"),
+        "a worker of another CA was linked: {}",
+        gw.log()
+    );
+    assert!(gw.log().contains("link refused"), "{}", gw.log());
+    // herald serve itself is unaffected.
+    let app = create_app(&server).await;
+    let dev = app.register().await;
+    app.push(&dev.device_id, json!({"ok": true})).await;
+}
