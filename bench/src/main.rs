@@ -34,6 +34,9 @@ struct Args {
     /// Idle connections per server in the idle scenario [default: 100000; quick: 1000].
     #[arg(long)]
     idle_conns: Option<usize>,
+    /// Connected devices in the broadcast scenario [default: 100000; quick: 600].
+    #[arg(long)]
+    broadcast_devices: Option<usize>,
     /// Also write the table to this file.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
@@ -386,21 +389,61 @@ async fn e2e(ctx: &Ctx, devices: usize, pushes: usize) -> anyhow::Result<(f64, f
     ))
 }
 
-/// broadcast: one broadcast push to n connected devices, until the last receipt.
-async fn broadcast(ctx: &Ctx, n: usize) -> anyhow::Result<f64> {
-    let Connected {
-        server,
-        app,
-        mut sim,
-        ..
-    } = herald_connected(ctx, "broadcast", n, n).await?;
+/// broadcast: one broadcast push to n connected devices, until the last receipt. With
+/// `gateways` > 0 the devices connect to that many `herald gateway` processes linked to
+/// one `herald serve` (one process holds at most PER_PROCESS connections here).
+async fn broadcast(ctx: &Ctx, n: usize, gateways: usize) -> anyhow::Result<f64> {
+    let server = Server::start_with_gateways(Kind::Herald, &ctx.bins, gateways).await?;
+    let app = api::create_app(&ctx.http, &server.base()).await?;
+    ctx.step(format!("broadcast: registering {n} devices with herald"));
+    let devices = api::register(&ctx.http, &app, n, 64, |_| {}).await?;
+    let ports = if server.gateway_ports.is_empty() {
+        vec![server.mqtt_port]
+    } else {
+        server.gateway_ports.clone()
+    };
+    ctx.step(format!(
+        "broadcast: connecting {n} devices to {} gateway process(es)",
+        ports.len()
+    ));
+    let mut sims = Vec::new();
+    for (i, (port, chunk)) in ports
+        .iter()
+        .zip(devices.chunks(n.div_ceil(ports.len()).max(1)))
+        .enumerate()
+    {
+        let creds = server.dir().join(format!("creds-broadcast-{i}.jsonl"));
+        api::write_creds(&creds, chunk)?;
+        let mut args = ctx.sim_args(
+            *port,
+            &[
+                "--creds".into(),
+                creds.display().to_string(),
+                "--topic".into(),
+                "inbox".into(),
+            ],
+        );
+        args.extend([
+            "--expect".into(),
+            chunk.len().to_string(),
+            "--timeout".into(),
+            "600".into(),
+        ]);
+        sims.push((Sim::start(&ctx.bins, &args)?, chunk.len()));
+    }
+    for (sim, _) in &mut sims {
+        sim.wait_event("connected").await?;
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     ctx.step(format!("broadcast: one push to {n} devices"));
     let t0 = now_ms();
     api::push(&ctx.http, &app, json!({"broadcast": true}), now_us()).await?;
-    let done = sim.wait_event("done").await?;
-    check_done(&done, n as u64, "broadcast")?;
-    let last = done["last_ms"].as_u64().unwrap_or(t0);
+    let mut last = t0;
+    for (sim, share) in &mut sims {
+        let done = sim.wait_event("done").await?;
+        check_done(&done, *share as u64, "broadcast")?;
+        last = last.max(done["last_ms"].as_u64().unwrap_or(t0));
+    }
     server.stop().await;
     Ok((last.saturating_sub(t0)) as f64 / 1000.0)
 }
@@ -601,10 +644,16 @@ async fn run(args: Args) -> anyhow::Result<Vec<Row>> {
         }
     }
     if wanted.contains(&"broadcast") {
-        // One herald process can hold PER_PROCESS connections here.
-        let n = if q { 500 } else { PER_PROCESS };
-        let name = format!("broadcast: one push to {n} connected devices");
-        let r = broadcast(&ctx, n)
+        // One process can hold PER_PROCESS connections here: beyond that the devices
+        // connect to gateway processes (the quick run uses two, so that path cannot rot).
+        let n = args
+            .broadcast_devices
+            .unwrap_or(if q { 600 } else { 100_000 });
+        let gateways = if q { 2 } else { n.div_ceil(PER_PROCESS).max(1) };
+        let name = format!(
+            "broadcast: one push to {n} connected devices on {gateways} gateway process(es)"
+        );
+        let r = broadcast(&ctx, n, gateways)
             .await
             .map_err(|e| eprintln!("broadcast failed: {e:#}"))
             .ok();

@@ -77,7 +77,10 @@ pub struct Server {
     pub mqtt_port: u16,
     /// Its REST port (herald only).
     pub http_port: u16,
+    /// herald only: the MQTT ports of its `herald gateway` processes, if it has any.
+    pub gateway_ports: Vec<u16>,
     child: Child,
+    gateways: Vec<Child>,
     _dir: tempdir::Dir,
 }
 
@@ -183,7 +186,58 @@ async fn wait_port(port: u16, what: &str, child: &mut Child) -> anyhow::Result<(
 impl Server {
     /// Starts a server of `kind` on fresh loopback ports.
     pub async fn start(kind: Kind, bins: &Bins) -> anyhow::Result<Server> {
+        Self::start_with_gateways(kind, bins, 0).await
+    }
+
+    /// Starts `herald serve` linked over QUIC to `gateways` `herald gateway` processes
+    /// (each holds its own devices' connections), or a server of `kind` alone.
+    pub async fn start_with_gateways(
+        kind: Kind,
+        bins: &Bins,
+        gateways: usize,
+    ) -> anyhow::Result<Server> {
         let dir = tempdir::Dir::new(kind.name())?;
+        let mut gateway_children = Vec::new();
+        let mut gateway_ports = Vec::new();
+        let mut link_addrs = Vec::new();
+        let certs = dir.path().join("certs");
+        if kind == Kind::Herald && gateways > 0 {
+            let status = Command::new(&bins.herald)
+                .arg("certs")
+                .arg("--out")
+                .arg(&certs)
+                .stdout(Stdio::null())
+                .status()
+                .await?;
+            if !status.success() {
+                bail!("herald certs failed: {status}");
+            }
+            for i in 0..gateways {
+                let (mqtt, link) = (free_port()?, free_port()?);
+                let log = std::fs::File::create(dir.path().join(format!("gateway-{i}.log")))?;
+                let mut child = Command::new(&bins.herald)
+                    .arg("gateway")
+                    .arg("--mqtt-addr")
+                    .arg(format!("127.0.0.1:{mqtt}"))
+                    .arg("--link-addr")
+                    .arg(format!("127.0.0.1:{link}"))
+                    .arg("--link-certs")
+                    .arg(&certs)
+                    .arg("--gateway-id")
+                    .arg(format!("gateway-{i}"))
+                    .env("HERALD_LOG", "warn,herald_gateway::link=info")
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .stdin(Stdio::null())
+                    .kill_on_drop(true)
+                    .spawn()
+                    .context("cannot start herald gateway")?;
+                wait_port(mqtt, "herald gateway", &mut child).await?;
+                gateway_children.push(child);
+                gateway_ports.push(mqtt);
+                link_addrs.push(format!("127.0.0.1:{link}"));
+            }
+        }
         let mqtt_port = free_port()?;
         let http_port = free_port()?;
         let log = std::fs::File::create(dir.path().join("server.log"))?;
@@ -199,6 +253,10 @@ impl Server {
                     .arg(format!("127.0.0.1:{mqtt_port}"))
                     .env("HERALD_ADMIN_TOKEN", ADMIN)
                     .env("HERALD_LOG", "warn");
+                if !link_addrs.is_empty() {
+                    c.env("HERALD_LINK_GATEWAYS", link_addrs.join(","))
+                        .env("HERALD_LINK_CERTS", &certs);
+                }
                 c
             }
             Kind::Mosquitto => {
@@ -261,13 +319,34 @@ next_connection_delay_ms = 0
         if kind == Kind::Herald {
             wait_port(http_port, "herald http", &mut child).await?;
         }
+        // Every gateway says when the worker linked to it.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for i in 0..gateway_children.len() {
+            let log = dir.path().join(format!("gateway-{i}.log"));
+            while !std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("delivery worker linked")
+            {
+                if Instant::now() > deadline {
+                    bail!("herald gateway {i} was not linked within 30 s");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
         Ok(Server {
             kind,
             mqtt_port,
             http_port,
+            gateway_ports,
             child,
+            gateways: gateway_children,
             _dir: dir,
         })
+    }
+
+    /// The process ids of its gateway processes.
+    pub fn gateway_pids(&self) -> Vec<u32> {
+        self.gateways.iter().filter_map(|c| c.id()).collect()
     }
 
     /// Its process id.
@@ -285,8 +364,11 @@ next_connection_delay_ms = 0
         self._dir.path()
     }
 
-    /// Stops it.
+    /// Stops it (and its gateway processes).
     pub async fn stop(mut self) {
+        for g in &mut self.gateways {
+            let _ = g.kill().await;
+        }
         let _ = self.child.kill().await;
     }
 }
