@@ -56,6 +56,8 @@ pub struct FileConfig {
     pub link_gateways: Option<Vec<SocketAddr>>,
     /// The directory `herald certs` wrote the link's certificates into.
     pub link_certs: Option<PathBuf>,
+    /// How often a gateway tells navigation it is alive, in milliseconds.
+    pub heartbeat_ms: Option<u64>,
 }
 
 impl FileConfig {
@@ -114,6 +116,8 @@ pub struct Config {
     pub link_gateways: Vec<SocketAddr>,
     /// The link's certificates.
     pub link_certs: Option<PathBuf>,
+    /// Gateway heartbeat interval, ms.
+    pub heartbeat_ms: u64,
 }
 
 /// Values from flags and environment variables (clap reads both).
@@ -143,6 +147,8 @@ pub struct Overrides {
     pub link_gateways: Option<Vec<SocketAddr>>,
     /// `--link-certs` / `HERALD_LINK_CERTS`.
     pub link_certs: Option<PathBuf>,
+    /// `HERALD_HEARTBEAT_MS`.
+    pub heartbeat_ms: Option<u64>,
 }
 
 fn advertised(scheme: &str, addr: SocketAddr, path: &str) -> String {
@@ -207,6 +213,7 @@ impl Config {
                 .or(file.link_gateways)
                 .unwrap_or_default(),
             link_certs: o.link_certs.or(file.link_certs),
+            heartbeat_ms: o.heartbeat_ms.or(file.heartbeat_ms).unwrap_or(5000),
         };
         c.validate()?;
         Ok(c)
@@ -242,6 +249,9 @@ impl Config {
         }
         if self.max_connections == 0 {
             bail!("max_connections must be at least 1");
+        }
+        if !(100..=60_000).contains(&self.heartbeat_ms) {
+            bail!("heartbeat_ms must be between 100 and 60000");
         }
         if self.gateway_id.is_empty() || self.gateway_id.len() > 128 {
             bail!("gateway_id must be 1 to 128 characters");

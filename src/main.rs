@@ -167,6 +167,17 @@ fn load_config(
     config::Config::resolve(file, overrides)
 }
 
+/// `HERALD_HEARTBEAT_MS`, if set.
+fn heartbeat_from_env() -> anyhow::Result<Option<u64>> {
+    match std::env::var("HERALD_HEARTBEAT_MS") {
+        Ok(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| anyhow::anyhow!("HERALD_HEARTBEAT_MS must be a number of milliseconds")),
+        Err(_) => Ok(None),
+    }
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -189,6 +200,7 @@ fn main() -> anyhow::Result<()> {
                 idempotency_window_s: args.idempotency_window_s,
                 link_gateways: Some(args.link_gateways),
                 link_certs: args.link_certs,
+                heartbeat_ms: heartbeat_from_env()?,
                 ..config::Overrides::default()
             };
             let config = load_config(args.config.as_deref(), overrides)?;
@@ -200,6 +212,7 @@ fn main() -> anyhow::Result<()> {
                 link_addr: args.link_addr,
                 link_certs: args.link_certs,
                 gateway_id: args.gateway_id,
+                heartbeat_ms: heartbeat_from_env()?,
                 ..config::Overrides::default()
             };
             let config = load_config(args.config.as_deref(), overrides)?;

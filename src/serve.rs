@@ -198,6 +198,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let worker_task = tokio::spawn(worker.run(shutdown.clone()));
+    // Navigation learns the live gateways (this one included) from their heartbeats.
+    {
+        let nav = ingest.navigator();
+        let (log, shutdown) = (log.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = nav.follow(log, shutdown).await {
+                tracing::error!(error = %e, "navigation stopped following the log");
+            }
+        });
+    }
     let gateway_task = tokio::spawn(gateway.serve(mqtt, shutdown.clone()));
     let mut http_shutdown = shutdown.clone();
     let http_task = tokio::spawn(async move {
@@ -246,6 +256,9 @@ pub fn gateway_config(config: &Config) -> GatewayConfig {
             max_pending: config.max_pending,
         },
         write_timeout: Duration::from_secs(30),
+        advertised_mqtt: config.advertised_mqtt.clone(),
+        advertised_ws: config.advertised_ws.clone(),
+        heartbeat: Duration::from_millis(config.heartbeat_ms),
     }
 }
 

@@ -1,7 +1,9 @@
 //! Gateways in their own processes (`herald gateway`), linked over QUIC to `herald serve`:
 //! a stock mosquitto_sub on a gateway process gets its backlog and live pushes and its
 //! acks reach the log; a gateway killed with SIGKILL and started again loses nothing and
-//! its device sees nothing twice; a gateway without the link's certificates is refused.
+//! its device sees nothing twice; a gateway without the link's certificates is refused;
+//! devices connect where navigation sends them, and a gateway that dies moves only its
+//! own devices.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -66,6 +68,7 @@ impl GatewayProc {
             .arg(&self.certs)
             .args(["--gateway-id", &self.id])
             .env("HERALD_LOG", "info,herald_gateway=debug")
+            .env("HERALD_HEARTBEAT_MS", "300")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -109,6 +112,7 @@ async fn serve_with(gateways: &[&GatewayProc], certs: &Path) -> Server {
     Server::start_with(&[
         ("HERALD_LINK_GATEWAYS", &list.join(",")),
         ("HERALD_LINK_CERTS", certs.to_str().unwrap()),
+        ("HERALD_HEARTBEAT_MS", "300"),
     ])
     .await
 }
@@ -260,4 +264,103 @@ async fn a_gateway_with_another_cas_certificate_is_refused() {
     let app = create_app(&server).await;
     let dev = app.register().await;
     app.push(&dev.device_id, json!({"ok": true})).await;
+}
+
+async fn nav(base: &str, device_id: &str) -> Value {
+    let r = reqwest::get(format!("{base}/v1/nav?device_id={device_id}"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_connect_where_navigation_sends_them_and_a_dead_gateway_moves_only_its_own() {
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = make_certs(tmp.path());
+    let mut a = GatewayProc::start(&certs, "gw-a", tmp.path());
+    let b = GatewayProc::start(&certs, "gw-b", tmp.path());
+    let server = serve_with(&[&a, &b], &certs).await;
+    a.wait_linked(1).await;
+    b.wait_linked(1).await;
+    let base = server.base();
+
+    // Bad input is a clear 400.
+    for q in ["", "?device_id=not-a-uuid", "?device_id"] {
+        let r = reqwest::get(format!("{base}/v1/nav{q}")).await.unwrap();
+        assert_eq!(r.status(), 400, "{q}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "invalid_query");
+    }
+
+    // Navigation hears all three gateways (herald serve's own, gw-a, gw-b).
+    let app = create_app(&server).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut devices = Vec::new();
+    loop {
+        let dev = app.register().await;
+        let placed = nav(&base, &dev.device_id).await;
+        // Registration answered the same gateway as GET /v1/nav.
+        assert_eq!(
+            format!("mqtt://{}:{}", dev.mqtt_host, dev.mqtt_port),
+            placed["mqtt"].as_str().unwrap()
+        );
+        devices.push((dev, placed["gateway_id"].as_str().unwrap().to_string()));
+        let ids: std::collections::BTreeSet<&str> =
+            devices.iter().map(|(_, g)| g.as_str()).collect();
+        if devices.len() >= 60 && ids.len() == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "navigation knows {ids:?}");
+    }
+
+    // Every device connects where it was sent and gets its push and a broadcast.
+    let mut opts = DeviceOptions::default();
+    opts.backoff.initial_delay = Duration::from_millis(50);
+    let mut running = Vec::new();
+    for (dev, _) in &devices {
+        running.push(Device::start(dev, opts.clone()).await.unwrap());
+    }
+    for (dev, _) in &devices {
+        app.push(&dev.device_id, json!({"to": dev.device_id})).await;
+    }
+    app.broadcast(json!({"all": true})).await;
+    for ((dev, gw), device) in devices.iter().zip(running.iter_mut()) {
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            let m = tokio::time::timeout(Duration::from_secs(20), device.next())
+                .await
+                .unwrap_or_else(|_| panic!("{} on {gw} got {got:?}", dev.device_id))
+                .unwrap();
+            got.push(m.envelope().data.clone());
+        }
+        assert!(got.contains(&json!({"to": dev.device_id})), "{got:?}");
+        assert!(got.contains(&json!({"all": true})), "{got:?}");
+    }
+
+    // gw-a dies: after three missed heartbeats its devices are sent elsewhere; every
+    // other device keeps its gateway.
+    a.kill9();
+    let before: Vec<(String, String)> = devices
+        .iter()
+        .map(|(d, g)| (d.device_id.clone(), g.clone()))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut moved_ok = true;
+        for (id, was) in &before {
+            let now = nav(&base, id).await;
+            let now = now["gateway_id"].as_str().unwrap();
+            if was == "gw-a" {
+                moved_ok &= now != "gw-a";
+            } else {
+                assert_eq!(now, was, "a device of a live gateway moved");
+            }
+        }
+        if moved_ok {
+            break;
+        }
+        assert!(Instant::now() < deadline, "gw-a's devices were not moved");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

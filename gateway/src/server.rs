@@ -10,7 +10,8 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use herald_eventlog::{Append, Record};
 use herald_schemas::events::{
-    self, DeviceAcked, DeviceConnected, DeviceDisconnected, DeviceReceived, Event, Kind,
+    self, DeviceAcked, DeviceConnected, DeviceDisconnected, DeviceReceived, Event,
+    GatewayHeartbeat, Kind,
 };
 use herald_schemas::link::BacklogPage;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -61,6 +62,12 @@ pub struct GatewayConfig {
     pub limits: SessionLimits,
     /// How long a write to a device may take before the connection is closed.
     pub write_timeout: Duration,
+    /// Where devices reach this gateway (in its heartbeats, for navigation).
+    pub advertised_mqtt: String,
+    /// Where devices reach this gateway over WebSocket.
+    pub advertised_ws: String,
+    /// How often the gateway writes a `GatewayHeartbeat` to the log.
+    pub heartbeat: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -72,6 +79,9 @@ impl Default for GatewayConfig {
             max_connections: 100_000,
             limits: SessionLimits::default(),
             write_timeout: Duration::from_secs(30),
+            advertised_mqtt: "mqtt://127.0.0.1:9493".into(),
+            advertised_ws: "ws://127.0.0.1:8083/mqtt".into(),
+            heartbeat: Duration::from_secs(5),
         }
     }
 }
@@ -139,6 +149,7 @@ impl Gateway {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let permits = Arc::new(Semaphore::new(self.config.max_connections));
+        tokio::spawn(self.clone().heartbeats(shutdown.clone()));
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
@@ -165,6 +176,37 @@ impl Gateway {
                 gw.connection(stream, shutdown).await;
                 drop(permit);
             });
+        }
+    }
+
+    /// Tells navigation, through the log, that this gateway is alive, every
+    /// `config.heartbeat` until `shutdown`.
+    async fn heartbeats(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut every = tokio::time::interval(self.config.heartbeat);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = every.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            let event = Event::new(
+                now_ms(),
+                Kind::GatewayHeartbeat(GatewayHeartbeat {
+                    gateway_id: self.config.gateway_id.clone(),
+                    mqtt_url: self.config.advertised_mqtt.clone(),
+                    ws_url: self.config.advertised_ws.clone(),
+                    connected: self.hub.connected() as u64,
+                    interval_ms: u32::try_from(self.config.heartbeat.as_millis())
+                        .unwrap_or(u32::MAX),
+                }),
+            );
+            let record = Record {
+                key: self.config.gateway_id.as_bytes().to_vec(),
+                value: events::encode(&event),
+            };
+            if let Err(e) = self.log.append(vec![record]).await {
+                tracing::warn!(error = %e, "cannot write the gateway heartbeat");
+            }
         }
     }
 

@@ -84,6 +84,7 @@ pub struct Ingest {
     keyring: Keyring,
     tokens: Tokens,
     idempotency_locks: Vec<tokio::sync::Mutex<()>>,
+    nav: Arc<nav::Navigator>,
 }
 
 /// How many locks serialize requests with an Idempotency-Key (by hash of app and key).
@@ -103,6 +104,11 @@ impl Ingest {
         jwt_secret: &[u8],
     ) -> Arc<Self> {
         let tokens = Tokens::new(jwt_secret, config.token_ttl_s);
+        let nav = Arc::new(nav::Navigator::new(nav::Placement {
+            gateway_id: "default".into(),
+            mqtt: config.gateway_mqtt.clone(),
+            ws: config.gateway_ws.clone(),
+        }));
         Arc::new(Ingest {
             config,
             log,
@@ -113,7 +119,14 @@ impl Ingest {
             idempotency_locks: (0..IDEMPOTENCY_LOCKS)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
+            nav,
         })
+    }
+
+    /// Navigation: feed it with [`nav::Navigator::follow`] over the log, or devices are
+    /// sent to the configured gateway addresses.
+    pub fn navigator(&self) -> Arc<nav::Navigator> {
+        self.nav.clone()
     }
 
     /// Appends records and waits until they are durable.

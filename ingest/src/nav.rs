@@ -170,6 +170,181 @@ impl Ring {
     }
 }
 
+/// Where a device should connect: the gateway's id and addresses.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct Placement {
+    /// The gateway's id.
+    pub gateway_id: String,
+    /// MQTT over TCP, e.g. `mqtt://host:9493`.
+    pub mqtt: String,
+    /// MQTT over WebSocket, e.g. `ws://host:8083/mqtt`.
+    pub ws: String,
+}
+
+/// A gateway navigation has heard from.
+#[derive(Debug, Clone)]
+struct Known {
+    mqtt: String,
+    ws: String,
+    last_seen: std::time::Instant,
+    interval: std::time::Duration,
+}
+
+/// Heartbeats missed before a gateway is taken off the ring.
+pub const MISSED_HEARTBEATS: u32 = 3;
+
+/// How many records back from the log's end navigation reads at start-up, to learn the
+/// gateways that are alive without waiting for their next heartbeat.
+pub const FOLLOW_BACK: u64 = 50_000;
+
+/// Navigation: the ring over the gateways whose heartbeats arrived lately.
+pub struct Navigator {
+    state: std::sync::Mutex<(Ring, HashMap<String, Known>)>,
+    fallback: Placement,
+}
+
+impl std::fmt::Debug for Navigator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Navigator")
+            .field("gateways", &self.live())
+            .finish()
+    }
+}
+
+impl Navigator {
+    /// A navigator that answers `fallback` until it has heard from a gateway.
+    pub fn new(fallback: Placement) -> Self {
+        Navigator {
+            state: std::sync::Mutex::new((Ring::default(), HashMap::new())),
+            fallback,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Ring, HashMap<String, Known>)> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A gateway said it is alive, `age` ago.
+    pub fn heard(
+        &self,
+        hb: &herald_schemas::events::GatewayHeartbeat,
+        age: std::time::Duration,
+        now: std::time::Instant,
+    ) {
+        if hb.gateway_id.is_empty() || hb.mqtt_url.is_empty() {
+            return;
+        }
+        let interval = std::time::Duration::from_millis(u64::from(hb.interval_ms.max(100)));
+        let last_seen = now.checked_sub(age).unwrap_or(now);
+        if age > interval * MISSED_HEARTBEATS {
+            return;
+        }
+        let mut st = self.lock();
+        let (ring, known) = &mut *st;
+        if !known.contains_key(&hb.gateway_id) {
+            tracing::info!(gateway = %hb.gateway_id, mqtt = %hb.mqtt_url, "gateway joined navigation");
+            ring.add_gateway(&hb.gateway_id);
+        }
+        let entry = known.entry(hb.gateway_id.clone()).or_insert(Known {
+            mqtt: hb.mqtt_url.clone(),
+            ws: hb.ws_url.clone(),
+            last_seen,
+            interval,
+        });
+        entry.mqtt.clone_from(&hb.mqtt_url);
+        entry.ws.clone_from(&hb.ws_url);
+        entry.interval = interval;
+        entry.last_seen = entry.last_seen.max(last_seen);
+    }
+
+    /// Takes gateways that missed [`MISSED_HEARTBEATS`] heartbeats off the ring; returns
+    /// their ids. Only their devices move.
+    pub fn expire(&self, now: std::time::Instant) -> Vec<String> {
+        let mut st = self.lock();
+        let (ring, known) = &mut *st;
+        let gone: Vec<String> = known
+            .iter()
+            .filter(|(_, k)| {
+                now.saturating_duration_since(k.last_seen) > k.interval * MISSED_HEARTBEATS
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &gone {
+            known.remove(id);
+            let moved = ring.remove_gateway(id);
+            tracing::warn!(gateway = %id, moved = moved.len(), "gateway left navigation (heartbeats stopped)");
+        }
+        gone
+    }
+
+    /// The gateway `device_id` should use.
+    pub fn place(&self, device_id: &str) -> Placement {
+        let mut st = self.lock();
+        let (ring, known) = &mut *st;
+        match ring
+            .place(device_id)
+            .and_then(|g| known.get(&*g).map(|k| (g, k)))
+        {
+            Some((g, k)) => Placement {
+                gateway_id: g.to_string(),
+                mqtt: k.mqtt.clone(),
+                ws: k.ws.clone(),
+            },
+            None => self.fallback.clone(),
+        }
+    }
+
+    /// The gateways on the ring, with their loads.
+    pub fn live(&self) -> Vec<(String, usize)> {
+        self.lock()
+            .0
+            .loads()
+            .map(|(g, l)| (g.to_string(), l))
+            .collect()
+    }
+
+    /// Follows the log: learns gateways from their heartbeats (starting a little before
+    /// the end, so gateways alive now are known at once) and expires silent ones, until
+    /// `shutdown`.
+    pub async fn follow(
+        self: std::sync::Arc<Self>,
+        log: std::sync::Arc<dyn herald_eventlog::EventLog>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), herald_eventlog::Error> {
+        use herald_schemas::events::{self, Kind};
+        let mut end = log.durable_end();
+        let mut from = end.borrow().saturating_sub(FOLLOW_BACK);
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+        loop {
+            let records = log.read(from, 4096).await?;
+            if let Some(last) = records.last() {
+                from = last.offset + 1;
+            }
+            let now = std::time::Instant::now();
+            let wall = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            for r in &records {
+                if let Ok(ev) = events::decode(&r.value)
+                    && let Some(Kind::GatewayHeartbeat(hb)) = &ev.kind
+                {
+                    let age = std::time::Duration::from_millis(wall.saturating_sub(ev.ts_ms));
+                    self.heard(hb, age, now);
+                }
+            }
+            self.expire(now);
+            if records.is_empty() {
+                tokio::select! {
+                    r = end.changed() => if r.is_err() { return Ok(()) },
+                    _ = tick.tick() => {}
+                    _ = shutdown.changed() => if *shutdown.borrow() { return Ok(()) },
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,6 +408,67 @@ mod tests {
             fresh > 500,
             "the new gateway got {fresh} of 1,000 new devices"
         );
+    }
+
+    fn hb(id: &str) -> herald_schemas::events::GatewayHeartbeat {
+        herald_schemas::events::GatewayHeartbeat {
+            gateway_id: id.into(),
+            mqtt_url: format!("mqtt://{id}:9493"),
+            ws_url: format!("ws://{id}:8083/mqtt"),
+            connected: 0,
+            interval_ms: 1000,
+        }
+    }
+
+    #[test]
+    fn navigation_follows_heartbeats_and_moves_only_a_silent_gateways_devices() {
+        use std::time::{Duration, Instant};
+        let fallback = Placement {
+            gateway_id: "self".into(),
+            mqtt: "mqtt://self:9493".into(),
+            ws: "ws://self:8083/mqtt".into(),
+        };
+        let nav = Navigator::new(fallback.clone());
+        assert_eq!(
+            nav.place("d"),
+            fallback,
+            "no gateway heard yet: the fallback"
+        );
+        let t0 = Instant::now();
+        for g in ["a", "b", "c"] {
+            nav.heard(&hb(g), Duration::ZERO, t0);
+        }
+        // A heartbeat too old to count is ignored.
+        nav.heard(&hb("stale"), Duration::from_secs(10), t0);
+        assert_eq!(nav.live().len(), 3);
+        let before: Vec<Placement> = (0..300).map(|i| nav.place(&device(i))).collect();
+        assert!(
+            before
+                .iter()
+                .all(|p| p.mqtt == format!("mqtt://{}:9493", p.gateway_id))
+        );
+        // b and c keep beating; a goes quiet.
+        let t1 = t0 + Duration::from_millis(2500);
+        for g in ["b", "c"] {
+            nav.heard(&hb(g), Duration::ZERO, t1);
+        }
+        assert!(
+            nav.expire(t1).is_empty(),
+            "2.5 s of silence is under three intervals"
+        );
+        let t2 = t0 + Duration::from_millis(3500);
+        for g in ["b", "c"] {
+            nav.heard(&hb(g), Duration::ZERO, t2);
+        }
+        assert_eq!(nav.expire(t2), vec!["a".to_string()]);
+        for (i, was) in before.iter().enumerate() {
+            let now = nav.place(&device(i as u64));
+            if was.gateway_id == "a" {
+                assert_ne!(now.gateway_id, "a");
+            } else {
+                assert_eq!(&now, was, "a device of a live gateway stays");
+            }
+        }
     }
 
     proptest! {

@@ -314,6 +314,13 @@ fn visit<'e>(kind: &'e Kind, f: &mut impl Fields<'e>) {
             f.str("message_id", &e.message_id);
             f.str("gateway_id", &e.gateway_id);
         }
+        Kind::GatewayHeartbeat(e) => {
+            f.str("gateway_id", &e.gateway_id);
+            f.str("mqtt_url", &e.mqtt_url);
+            f.str("ws_url", &e.ws_url);
+            f.u64("connected", e.connected);
+            f.u64("interval_ms", e.interval_ms.into());
+        }
         Kind::DeviceConnected(e) => {
             f.str("device_id", &e.device_id);
             f.str("gateway_id", &e.gateway_id);

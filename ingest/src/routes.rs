@@ -302,14 +302,16 @@ async fn register_device(
     if let Some(&o) = offsets.last() {
         ingest.wait_applied(o).await?;
     }
+    // The same answer GET /v1/nav gives for this device.
+    let placed = ingest.nav.place(&device_id);
     Ok((
         StatusCode::CREATED,
         Json(RegisterDeviceResponse {
             device_id,
             device_token,
             gateway: GatewayAddresses {
-                mqtt: ingest.config.gateway_mqtt.clone(),
-                ws: ingest.config.gateway_ws.clone(),
+                mqtt: placed.mqtt,
+                ws: placed.ws,
             },
         }),
     ))
@@ -770,11 +772,41 @@ impl Modify for SecuritySchemes {
     }
 }
 
+/// `GET /v1/nav` query.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct NavQuery {
+    /// The device id (a UUID).
+    pub device_id: Option<String>,
+}
+
+/// The gateway a device should connect to: chosen by a consistent hash ring with bounded
+/// loads over the gateways alive now, and stable while that gateway stays alive. The same
+/// answer as in the device's registration response. Needs no token: it reveals nothing
+/// about whether the device exists.
+#[utoipa::path(get, path = "/v1/nav", params(NavQuery),
+    responses(
+        (status = 200, description = "Where to connect", body = crate::nav::Placement),
+        (status = 400, description = "device_id missing or not a UUID", body = ErrorBody)))]
+async fn navigate(
+    State(ingest): State<Arc<Ingest>>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Result<Json<crate::nav::Placement>, ApiError> {
+    let q: NavQuery = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
+        .map_err(|e| ApiError::bad_request("invalid_query", format!("invalid query: {e}")))?;
+    let id = q
+        .device_id
+        .ok_or_else(|| ApiError::bad_request("invalid_query", "device_id is required"))?;
+    let id = Uuid::parse_str(&id)
+        .map_err(|_| ApiError::bad_request("invalid_query", "device_id must be a UUID"))?
+        .to_string();
+    Ok(Json(ingest.nav.place(&id)))
+}
+
 /// The OpenAPI description of the API, generated from the handlers above.
 #[derive(OpenApi)]
 #[openapi(
     info(title = "herald", description = "Durable, real-time push-message delivery."),
-    paths(create_app, oauth_token, register_device, push, message_status, recall, healthz),
+    paths(create_app, oauth_token, register_device, push, message_status, recall, navigate, healthz),
     modifiers(&SecuritySchemes)
 )]
 pub struct ApiDoc;
@@ -798,6 +830,7 @@ pub(crate) fn router(ingest: Arc<Ingest>) -> Router {
         .route("/v1/devices", post(register_device))
         .route("/v1/messages", post(push))
         .route("/v1/messages/{id}", get(message_status).delete(recall))
+        .route("/v1/nav", get(navigate))
         .route("/healthz", get(healthz))
         .route("/openapi.json", get(openapi_json))
         .merge(crate::admin::routes())

@@ -63,6 +63,8 @@ pub fn apply(tx: &mut Tx<'_>, event: &Event) -> Result<(), StoreError> {
             }
         }
         Some(Kind::PushAccepted(e)) => apply_push(tx, ts, e)?,
+        // Navigation's soft state (which gateways are alive), not a projection.
+        Some(Kind::GatewayHeartbeat(_)) => true,
         Some(Kind::DeviceConnected(e)) => {
             tx.writes.presence.insert(
                 e.device_id.clone(),

@@ -14,7 +14,7 @@ pub use event::Kind;
 pub use target::To;
 
 /// The revision of `events.proto` this build writes.
-pub const CURRENT_SCHEMA_VERSION: u32 = 2;
+pub const CURRENT_SCHEMA_VERSION: u32 = 3;
 
 /// Why bytes could not be read as an event.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +55,7 @@ impl Event {
             Some(Kind::DeviceAcked(_)) => "DeviceAcked",
             Some(Kind::MessageRecalled(_)) => "MessageRecalled",
             Some(Kind::DeviceReceived(_)) => "DeviceReceived",
+            Some(Kind::GatewayHeartbeat(_)) => "GatewayHeartbeat",
             None => "Empty",
         }
     }

@@ -171,6 +171,19 @@ fn newer_samples(ts: u64) -> Vec<(&'static str, Event)> {
                 }),
             ),
         ),
+        (
+            "gateway_heartbeat",
+            Event::new(
+                ts,
+                Kind::GatewayHeartbeat(GatewayHeartbeat {
+                    gateway_id: "gw-1".into(),
+                    mqtt_url: "mqtt://10.0.0.1:9493".into(),
+                    ws_url: "ws://10.0.0.1:8083/mqtt".into(),
+                    connected: 1234,
+                    interval_ms: 5000,
+                }),
+            ),
+        ),
     ]
 }
 
