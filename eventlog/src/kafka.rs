@@ -195,31 +195,15 @@ impl KafkaLog {
     /// Appends `records` and resolves with their positions once every in-sync replica has
     /// them. Records with one key keep their order.
     pub async fn append(&self, records: Vec<Record>) -> Result<Vec<Position>, Error> {
-        let sends = records.iter().map(|r| {
-            let record = FutureRecord::to(&self.config.topic)
-                .key(&r.key)
-                .payload(&r.value)
-                .partition(self.partition_of(&r.key));
-            // The producer's own queue is the bound; a full queue waits as long as a send.
-            let sent = self.producer.send(record, self.config.timeout);
-            async move {
-                match sent.await {
-                    Ok(d) => Ok(Position {
-                        partition: d.partition,
-                        offset: d.offset,
-                    }),
-                    Err((
-                        KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
-                        _,
-                    )) => Err(Error::RecordTooLarge {
-                        size: r.key.len() + r.value.len(),
-                        max: 1_000_000,
-                    }),
-                    Err((e, _)) => Err(unavailable("Kafka did not acknowledge the append", e)),
-                }
-            }
-        });
-        try_join_all(sends).await
+        let partitions = self.partitions;
+        produce(
+            &self.producer,
+            &self.config.topic,
+            self.config.timeout,
+            records,
+            |key| partition_for(key, partitions),
+        )
+        .await
     }
 
     /// Joins consumer group `group`. `start` tells where to begin reading a partition
@@ -264,6 +248,41 @@ impl KafkaLog {
             }),
         })
     }
+}
+
+/// Produces `records` (to the partition `partition_of` picks for each key) and resolves
+/// once every in-sync replica has them.
+async fn produce(
+    producer: &FutureProducer,
+    topic: &str,
+    timeout: Duration,
+    records: Vec<Record>,
+    partition_of: impl Fn(&[u8]) -> i32,
+) -> Result<Vec<Position>, Error> {
+    let sends = records.iter().map(|r| {
+        let record = FutureRecord::to(topic)
+            .key(&r.key)
+            .payload(&r.value)
+            .partition(partition_of(&r.key));
+        // The producer's own queue is the bound; a full queue waits as long as a send.
+        let sent = producer.send(record, timeout);
+        async move {
+            match sent.await {
+                Ok(d) => Ok(Position {
+                    partition: d.partition,
+                    offset: d.offset,
+                }),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _)) => {
+                    Err(Error::RecordTooLarge {
+                        size: r.key.len() + r.value.len(),
+                        max: 1_000_000,
+                    })
+                }
+                Err((e, _)) => Err(unavailable("Kafka did not acknowledge the append", e)),
+            }
+        }
+    });
+    try_join_all(sends).await
 }
 
 /// What changed in a member's assignment.
@@ -492,6 +511,213 @@ impl GroupConsumer {
                 },
             )
             .collect())
+    }
+}
+
+/// The log as one Kafka partition: a single total order with dense offsets, so it is an
+/// [`EventLog`] like the embedded one and `herald serve` can keep its log on Kafka. (The
+/// partitioned roles read [`GroupConsumer`]s instead.)
+///
+/// The durable end is the partition's high watermark: raised by this process's own
+/// acknowledged appends at once, and by other writers' within [`WATERMARK_POLL`].
+pub struct OrderedKafkaLog {
+    log: KafkaLog,
+    reader: tokio::sync::Mutex<OrderedReader>,
+    /// Asks the broker for the high watermark (a blocking call, on its own client).
+    watermarks: std::sync::Arc<BaseConsumer>,
+    end: tokio::sync::watch::Sender<crate::Offset>,
+}
+
+/// How often the high watermark is asked for, to see other processes' appends.
+pub const WATERMARK_POLL: Duration = Duration::from_millis(200);
+
+struct OrderedReader {
+    consumer: StreamConsumer,
+    /// The offset the consumer delivers next, if it is positioned.
+    next: Option<i64>,
+}
+
+impl OrderedKafkaLog {
+    /// Connects to the topic of `config` (created with one partition if missing; a topic
+    /// with more partitions is refused).
+    pub async fn open(mut config: KafkaConfig) -> Result<std::sync::Arc<Self>, Error> {
+        config.partitions = 1;
+        let log = KafkaLog::connect(config).await?;
+        if log.partitions() != 1 {
+            return Err(Error::Storage(format!(
+                "topic {} has {} partitions; one ordered log needs exactly one",
+                log.config().topic,
+                log.partitions()
+            )));
+        }
+        let mut c = log.config().client();
+        c.set("group.id", "herald-ordered-reader")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("fetch.wait.max.ms", "10");
+        let consumer: StreamConsumer = c
+            .create()
+            .map_err(|e| unavailable("cannot create the Kafka reader", e))?;
+        let watermarks: std::sync::Arc<BaseConsumer> = std::sync::Arc::new(
+            c.create()
+                .map_err(|e| unavailable("cannot create the Kafka reader", e))?,
+        );
+        let high = watermark(
+            watermarks.clone(),
+            log.config().topic.clone(),
+            log.config().timeout,
+        )
+        .await?;
+        let this = std::sync::Arc::new(OrderedKafkaLog {
+            log,
+            reader: tokio::sync::Mutex::new(OrderedReader {
+                consumer,
+                next: None,
+            }),
+            watermarks,
+            end: tokio::sync::watch::channel(high).0,
+        });
+        tokio::spawn(poll_watermark(std::sync::Arc::downgrade(&this)));
+        Ok(this)
+    }
+
+    fn raise_end(&self, to: crate::Offset) {
+        self.end.send_if_modified(|e| {
+            if to > *e {
+                *e = to;
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+async fn watermark(
+    consumer: std::sync::Arc<BaseConsumer>,
+    topic: String,
+    timeout: Duration,
+) -> Result<u64, Error> {
+    let (_, high) =
+        tokio::task::spawn_blocking(move || consumer.fetch_watermarks(&topic, 0, timeout))
+            .await
+            .map_err(|e| Error::Storage(e.to_string()))?
+            .map_err(|e| unavailable("cannot read the partition's high watermark", e))?;
+    Ok(u64::try_from(high).unwrap_or(0))
+}
+
+async fn poll_watermark(weak: std::sync::Weak<OrderedKafkaLog>) {
+    loop {
+        tokio::time::sleep(WATERMARK_POLL).await;
+        let Some(log) = weak.upgrade() else { return };
+        let (consumer, topic) = (log.watermarks.clone(), log.log.config().topic.clone());
+        // Release the log while waiting, so that dropping it ends this task.
+        drop(log);
+        let high = watermark(consumer, topic, Duration::from_secs(1)).await;
+        if let (Ok(high), Some(log)) = (high, weak.upgrade()) {
+            log.raise_end(high);
+        }
+    }
+}
+
+impl crate::Append for OrderedKafkaLog {
+    fn append(
+        &self,
+        records: Vec<Record>,
+    ) -> futures::future::BoxFuture<'static, Result<Vec<crate::Offset>, Error>> {
+        // The future must be 'static: the producer and the watch are cheap to clone.
+        let producer = self.log.producer.clone();
+        let topic = self.log.config.topic.clone();
+        let timeout = self.log.config.timeout;
+        let end = self.end.clone();
+        Box::pin(async move {
+            let positions = produce(&producer, &topic, timeout, records, |_| 0).await?;
+            let offsets: Vec<crate::Offset> = positions
+                .iter()
+                .map(|p| u64::try_from(p.offset).unwrap_or(0))
+                .collect();
+            if let Some(&last) = offsets.iter().max() {
+                end.send_if_modified(|e| {
+                    if last + 1 > *e {
+                        *e = last + 1;
+                        true
+                    } else {
+                        false
+                    }
+                });
+            }
+            Ok(offsets)
+        })
+    }
+}
+
+impl crate::EventLog for OrderedKafkaLog {
+    fn read(
+        &self,
+        from: crate::Offset,
+        max: usize,
+    ) -> futures::future::BoxFuture<'_, Result<Vec<crate::Stored>, Error>> {
+        Box::pin(async move {
+            let end = *self.end.borrow();
+            if from >= end || max == 0 {
+                return Ok(Vec::new());
+            }
+            let want = usize::try_from(end - from).unwrap_or(usize::MAX).min(max);
+            let from =
+                i64::try_from(from).map_err(|_| Error::Storage("offset too large".into()))?;
+            let mut reader = self.reader.lock().await;
+            if reader.next != Some(from) {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(&self.log.config.topic, 0, KafkaOffset::Offset(from))
+                    .map_err(|e| unavailable("cannot position the reader", e))?;
+                reader
+                    .consumer
+                    .assign(&tpl)
+                    .map_err(|e| unavailable("cannot position the reader", e))?;
+                reader.next = Some(from);
+            }
+            let OrderedReader { consumer, next } = &mut *reader;
+            let mut out = Vec::with_capacity(want.min(4096));
+            while out.len() < want {
+                // The records are below the high watermark: they come, unless the broker
+                // is away, and then the caller retries when the end moves.
+                let wait = if out.is_empty() {
+                    Duration::from_secs(2)
+                } else {
+                    Duration::from_millis(20)
+                };
+                let m = match tokio::time::timeout(wait, consumer.recv()).await {
+                    Ok(Ok(m)) => m,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "Kafka read failed");
+                        break;
+                    }
+                    Err(_) => break,
+                };
+                let expected = next.unwrap_or(from);
+                if m.offset() != expected {
+                    let found = m.offset();
+                    *next = None;
+                    return Err(Error::Corrupt {
+                        offset: u64::try_from(expected).unwrap_or(0),
+                        reason: format!(
+                            "the Kafka partition skips from offset {expected} to {found}: compaction or transactions on the topic?"
+                        ),
+                    });
+                }
+                out.push(crate::Stored {
+                    offset: u64::try_from(m.offset()).unwrap_or(0),
+                    key: m.key().map(<[u8]>::to_vec).unwrap_or_default(),
+                    value: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                });
+                *next = Some(m.offset() + 1);
+            }
+            Ok(out)
+        })
+    }
+
+    fn durable_end(&self) -> tokio::sync::watch::Receiver<crate::Offset> {
+        self.end.subscribe()
     }
 }
 

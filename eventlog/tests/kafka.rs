@@ -300,3 +300,62 @@ async fn no_broker_is_a_clear_unavailable_error_not_a_hang() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn one_partition_is_an_ordered_event_log_that_other_processes_can_tail() {
+    use herald_eventlog::kafka::OrderedKafkaLog;
+    use herald_eventlog::{Append, EventLog};
+    let Some(b) = broker() else { return };
+    let cfg = config(&b, "ordered", 1);
+    let writer = OrderedKafkaLog::open(cfg.clone()).await.expect("open");
+    assert_eq!(*writer.durable_end().borrow(), 0);
+    let offsets = writer
+        .append(
+            (0..100)
+                .map(|i| record(&format!("k{}", i % 7), i.to_string()))
+                .collect(),
+        )
+        .await
+        .expect("append");
+    assert_eq!(
+        offsets,
+        (0..100).collect::<Vec<u64>>(),
+        "dense offsets in append order"
+    );
+    assert_eq!(
+        *writer.durable_end().borrow(),
+        100,
+        "own appends raise the end at once"
+    );
+
+    // Reads from any offset, in order, up to the end.
+    let all = writer.read(0, 1000).await.expect("read");
+    assert_eq!(all.len(), 100);
+    assert!(
+        all.iter()
+            .enumerate()
+            .all(|(i, r)| r.offset == i as u64 && r.value == i.to_string().into_bytes())
+    );
+    let middle = writer.read(42, 5).await.expect("read");
+    assert_eq!(
+        middle.iter().map(|r| r.offset).collect::<Vec<_>>(),
+        vec![42, 43, 44, 45, 46]
+    );
+    assert!(writer.read(100, 10).await.expect("read").is_empty());
+
+    // Another process sees the end move when the writer appends more.
+    let reader = OrderedKafkaLog::open(cfg).await.expect("open");
+    assert_eq!(*reader.durable_end().borrow(), 100);
+    let mut end = reader.durable_end();
+    writer
+        .append(vec![record("k", "late".into())])
+        .await
+        .expect("append");
+    tokio::time::timeout(Duration::from_secs(10), end.wait_for(|e| *e == 101))
+        .await
+        .expect("the end moves within the watermark poll")
+        .expect("watch");
+    let late = reader.read(100, 10).await.expect("read");
+    assert_eq!(late.len(), 1);
+    assert_eq!(late[0].value, b"late");
+}
