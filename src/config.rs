@@ -58,6 +58,14 @@ pub struct FileConfig {
     pub link_certs: Option<PathBuf>,
     /// How often a gateway tells navigation it is alive, in milliseconds.
     pub heartbeat_ms: Option<u64>,
+    /// Kafka bootstrap servers: when set, `herald serve` keeps its event log on Kafka.
+    pub kafka_brokers: Option<String>,
+    /// The Kafka topic of the event log.
+    pub kafka_topic: Option<String>,
+    /// Replication factor of the topic when herald creates it.
+    pub kafka_replication: Option<i32>,
+    /// How long an append may wait for Kafka before the API answers 503, in milliseconds.
+    pub kafka_timeout_ms: Option<u64>,
 }
 
 impl FileConfig {
@@ -118,6 +126,14 @@ pub struct Config {
     pub link_certs: Option<PathBuf>,
     /// Gateway heartbeat interval, ms.
     pub heartbeat_ms: u64,
+    /// Kafka bootstrap servers, if the log is on Kafka.
+    pub kafka_brokers: Option<String>,
+    /// The event log's topic.
+    pub kafka_topic: String,
+    /// Its replication factor when created.
+    pub kafka_replication: i32,
+    /// Append timeout, ms.
+    pub kafka_timeout_ms: u64,
 }
 
 /// Values from flags and environment variables (clap reads both).
@@ -149,6 +165,10 @@ pub struct Overrides {
     pub link_certs: Option<PathBuf>,
     /// `HERALD_HEARTBEAT_MS`.
     pub heartbeat_ms: Option<u64>,
+    /// `--kafka-brokers` / `HERALD_KAFKA_BROKERS`.
+    pub kafka_brokers: Option<String>,
+    /// `--kafka-topic` / `HERALD_KAFKA_TOPIC`.
+    pub kafka_topic: Option<String>,
 }
 
 fn advertised(scheme: &str, addr: SocketAddr, path: &str) -> String {
@@ -214,6 +234,16 @@ impl Config {
                 .unwrap_or_default(),
             link_certs: o.link_certs.or(file.link_certs),
             heartbeat_ms: o.heartbeat_ms.or(file.heartbeat_ms).unwrap_or(5000),
+            kafka_brokers: o
+                .kafka_brokers
+                .or(file.kafka_brokers)
+                .filter(|b| !b.is_empty()),
+            kafka_topic: o
+                .kafka_topic
+                .or(file.kafka_topic)
+                .unwrap_or_else(|| "herald.events".into()),
+            kafka_replication: file.kafka_replication.unwrap_or(1),
+            kafka_timeout_ms: file.kafka_timeout_ms.unwrap_or(10_000),
         };
         c.validate()?;
         Ok(c)
@@ -249,6 +279,15 @@ impl Config {
         }
         if self.max_connections == 0 {
             bail!("max_connections must be at least 1");
+        }
+        if !(1..=16).contains(&self.kafka_replication) {
+            bail!("kafka_replication must be between 1 and 16");
+        }
+        if !(500..=300_000).contains(&self.kafka_timeout_ms) {
+            bail!("kafka_timeout_ms must be between 500 and 300000");
+        }
+        if self.kafka_topic.is_empty() || self.kafka_topic.len() > 249 {
+            bail!("kafka_topic must be 1 to 249 characters");
         }
         if !(100..=60_000).contains(&self.heartbeat_ms) {
             bail!("heartbeat_ms must be between 100 and 60000");

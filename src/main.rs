@@ -110,6 +110,15 @@ struct ServeArgs {
     /// The link certificates' directory (from `herald certs`); needed with --link-gateway.
     #[arg(long, env = "HERALD_LINK_CERTS")]
     link_certs: Option<PathBuf>,
+    /// Keep the event log on Apache Kafka at these bootstrap servers (host:port,…) instead
+    /// of in the data dir; the projections stay in the data dir. Needs a herald built
+    /// with `--features kafka`.
+    #[arg(long, env = "HERALD_KAFKA_BROKERS")]
+    kafka_brokers: Option<String>,
+    /// The Kafka topic of the event log (created with one partition if missing)
+    /// [default: herald.events].
+    #[arg(long, env = "HERALD_KAFKA_TOPIC")]
+    kafka_topic: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -201,6 +210,8 @@ fn main() -> anyhow::Result<()> {
                 link_gateways: Some(args.link_gateways),
                 link_certs: args.link_certs,
                 heartbeat_ms: heartbeat_from_env()?,
+                kafka_brokers: args.kafka_brokers,
+                kafka_topic: args.kafka_topic,
                 ..config::Overrides::default()
             };
             let config = load_config(args.config.as_deref(), overrides)?;

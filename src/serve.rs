@@ -107,8 +107,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let keyring = Keyring::new(1, &payload_key);
     let (jwt_secret, _) = secret_file(&dir.join("jwt.key"), || random_b64(32))?;
 
-    let log: Arc<dyn EventLog> =
-        Arc::new(EmbeddedLog::open(&dir.join("log")).context("cannot open the event log")?);
+    let log = open_log(&config).await?;
     let db = open_database(&dir.join("store"))?;
     let mut embedded = EmbeddedStore::open(db.clone(), "")?;
     let log_end = *log.durable_end().borrow();
@@ -242,6 +241,34 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .context("final sync of the embedded database failed")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The event log: on Kafka when `kafka_brokers` is set, else in the data dir.
+async fn open_log(config: &Config) -> anyhow::Result<Arc<dyn EventLog>> {
+    let Some(brokers) = &config.kafka_brokers else {
+        return Ok(Arc::new(
+            EmbeddedLog::open(&config.data_dir.join("log")).context("cannot open the event log")?,
+        ));
+    };
+    #[cfg(feature = "kafka")]
+    {
+        use herald_eventlog::kafka::{KafkaConfig, OrderedKafkaLog};
+        let mut k = KafkaConfig::new(brokers.clone());
+        k.topic.clone_from(&config.kafka_topic);
+        k.replication_factor = config.kafka_replication;
+        k.timeout = Duration::from_millis(config.kafka_timeout_ms);
+        let log = OrderedKafkaLog::open(k)
+            .await
+            .with_context(|| format!("cannot open the event log on Kafka at {brokers}"))?;
+        tracing::info!(%brokers, topic = %config.kafka_topic, "event log on Kafka");
+        Ok(log)
+    }
+    #[cfg(not(feature = "kafka"))]
+    {
+        bail!(
+            "kafka_brokers is set ({brokers}), but this herald was built without Kafka support: build it with `cargo build --release --features kafka`"
+        )
+    }
 }
 
 /// The gateway settings of `config` (shared by `herald serve` and `herald gateway`).
