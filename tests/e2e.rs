@@ -6,8 +6,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Command, Stdio};
+use std::io::{Read, Write};
 use std::time::Duration;
 
 use common::*;
@@ -25,38 +24,14 @@ async fn mosquitto_sub_receives_pushes_and_status_reports_acked() {
     // The first push waits in the inbox (backlog); the second goes out live.
     let m1 = app.push(&dev.device_id, json!({"text": "first"})).await;
 
-    let mut sub = Command::new(mosquitto_sub)
-        .args(["-h", "127.0.0.1", "-p", &server.mqtt_port.to_string()])
-        .args([
-            "-i",
-            &dev.device_id,
-            "-u",
-            &dev.device_id,
-            "-P",
-            &dev.device_token,
-        ])
-        .args(["-t", "inbox", "-q", "1", "-c", "-C", "2"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let stdout = sub.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let line1: Value = serde_json::from_str(&next_line(&mut rx).await).unwrap();
+    let mut sub = MosquittoSub::start(&mosquitto_sub, server.mqtt_port, &dev, 1, 2);
+    let line1 = sub.next().await;
     assert_eq!(line1["id"], m1.as_str());
     assert_eq!(line1["seq"], 1);
     assert_eq!(line1["data"], json!({"text": "first"}));
 
     let m2 = app.push(&dev.device_id, json!({"text": "second"})).await;
-    let line2: Value = serde_json::from_str(&next_line(&mut rx).await).unwrap();
+    let line2 = sub.next().await;
     assert_eq!(line2["id"], m2.as_str());
     assert_eq!(line2["seq"], 2);
     assert_eq!(line2["data"]["text"], "second");
@@ -68,15 +43,8 @@ async fn mosquitto_sub_receives_pushes_and_status_reports_acked() {
         assert_eq!(s["targeted"], 1);
         assert_eq!(s["delivered"], 1);
     }
-    let status = sub.wait().unwrap();
+    let status = sub.child.wait().unwrap();
     assert!(status.success(), "mosquitto_sub: {status}");
-}
-
-async fn next_line(rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> String {
-    tokio::time::timeout(Duration::from_secs(20), rx.recv())
-        .await
-        .expect("mosquitto_sub printed nothing in time")
-        .expect("mosquitto_sub exited")
 }
 
 /// Item 2: 1,000 pushes to an offline device arrive once each, in seq order.

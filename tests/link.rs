@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -117,14 +116,6 @@ async fn serve_with(gateways: &[&GatewayProc], certs: &Path) -> Server {
     .await
 }
 
-async fn next_line(rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> Value {
-    let line = tokio::time::timeout(Duration::from_secs(20), rx.recv())
-        .await
-        .expect("mosquitto_sub printed nothing in time")
-        .expect("mosquitto_sub exited");
-    serde_json::from_str(&line).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stock_client_on_a_gateway_process_gets_backlog_and_live_pushes() {
     let Some(mosquitto_sub) = tool("mosquitto_sub") else {
@@ -140,32 +131,8 @@ async fn a_stock_client_on_a_gateway_process_gets_backlog_and_live_pushes() {
     let dev = app.register().await;
     let m1 = app.push(&dev.device_id, json!({"n": 1})).await;
 
-    let mut sub = Command::new(mosquitto_sub)
-        .args(["-h", "127.0.0.1", "-p", &gw.mqtt_port.to_string()])
-        .args([
-            "-i",
-            &dev.device_id,
-            "-u",
-            &dev.device_id,
-            "-P",
-            &dev.device_token,
-        ])
-        .args(["-t", "inbox", "-q", "1", "-c", "-C", "2"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let stdout = sub.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let first = next_line(&mut rx).await;
+    let mut sub = MosquittoSub::start(&mosquitto_sub, gw.mqtt_port, &dev, 1, 2);
+    let first = sub.next().await;
     assert_eq!(
         first["id"],
         m1.as_str(),
@@ -173,7 +140,7 @@ async fn a_stock_client_on_a_gateway_process_gets_backlog_and_live_pushes() {
     );
     assert_eq!(first["seq"], 1);
     let m2 = app.push(&dev.device_id, json!({"n": 2})).await;
-    let second = next_line(&mut rx).await;
+    let second = sub.next().await;
     assert_eq!(
         second["id"],
         m2.as_str(),
@@ -184,7 +151,7 @@ async fn a_stock_client_on_a_gateway_process_gets_backlog_and_live_pushes() {
         let s = app.wait_acked(m, 1).await;
         assert_eq!(s["delivered"], 1, "the gateway's ack reached the log: {s}");
     }
-    assert!(sub.wait().unwrap().success());
+    assert!(sub.child.wait().unwrap().success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

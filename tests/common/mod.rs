@@ -309,3 +309,46 @@ pub fn tool(name: &str) -> Option<PathBuf> {
     }
     found
 }
+
+/// A stock `mosquitto_sub` subscribed to `inbox` as a device, printing each envelope as
+/// a line, exiting after `count` messages.
+pub struct MosquittoSub {
+    pub child: Child,
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl MosquittoSub {
+    /// Connects as `dev` to the MQTT port `port` (QoS `qos`, a persistent session).
+    pub fn start(tool: &Path, port: u16, dev: &DeviceCredentials, qos: u8, count: usize) -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new(tool)
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-i", &dev.device_id, "-u", &dev.device_id])
+            .args(["-P", &dev.device_token, "-t", "inbox", "-c"])
+            .args(["-q", &qos.to_string(), "-C", &count.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        MosquittoSub { child, lines }
+    }
+
+    /// The next envelope it printed (fails the test after 20 s).
+    pub async fn next(&mut self) -> Value {
+        let line = tokio::time::timeout(Duration::from_secs(20), self.lines.recv())
+            .await
+            .expect("mosquitto_sub printed nothing in time")
+            .expect("mosquitto_sub exited");
+        serde_json::from_str(&line).unwrap()
+    }
+}
