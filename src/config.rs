@@ -52,8 +52,8 @@ pub struct FileConfig {
     pub max_connections: Option<usize>,
     /// Where a gateway in its own process listens for delivery workers (QUIC).
     pub link_addr: Option<SocketAddr>,
-    /// Gateways in other processes that `herald serve` links to.
-    pub link_gateways: Option<Vec<SocketAddr>>,
+    /// Gateways in other processes that `herald serve` links to (`host:port`).
+    pub link_gateways: Option<Vec<String>>,
     /// The directory `herald certs` wrote the link's certificates into.
     pub link_certs: Option<PathBuf>,
     /// How often a gateway tells navigation it is alive, in milliseconds.
@@ -120,8 +120,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Where a gateway process listens for workers.
     pub link_addr: SocketAddr,
-    /// Gateway processes to link to.
-    pub link_gateways: Vec<SocketAddr>,
+    /// Gateway processes to link to (`host:port`).
+    pub link_gateways: Vec<String>,
     /// The link's certificates.
     pub link_certs: Option<PathBuf>,
     /// Gateway heartbeat interval, ms.
@@ -160,7 +160,9 @@ pub struct Overrides {
     /// `--link-addr` / `HERALD_LINK_ADDR`.
     pub link_addr: Option<SocketAddr>,
     /// `--link-gateway` / `HERALD_LINK_GATEWAYS`.
-    pub link_gateways: Option<Vec<SocketAddr>>,
+    pub link_gateways: Option<Vec<String>>,
+    /// `--advertised-mqtt` / `HERALD_ADVERTISED_MQTT`.
+    pub advertised_mqtt: Option<String>,
     /// `--link-certs` / `HERALD_LINK_CERTS`.
     pub link_certs: Option<PathBuf>,
     /// `HERALD_HEARTBEAT_MS`.
@@ -199,8 +201,9 @@ impl Config {
             mqtt_addr,
             admin_token: o.admin_token.or(file.admin_token).filter(|t| !t.is_empty()),
             payload_key: o.payload_key.or(file.payload_key).filter(|k| !k.is_empty()),
-            advertised_mqtt: file
+            advertised_mqtt: o
                 .advertised_mqtt
+                .or(file.advertised_mqtt)
                 .unwrap_or_else(|| advertised("mqtt", mqtt_addr, "")),
             advertised_ws: file
                 .advertised_ws
@@ -294,6 +297,15 @@ impl Config {
         }
         if self.gateway_id.is_empty() || self.gateway_id.len() > 128 {
             bail!("gateway_id must be 1 to 128 characters");
+        }
+        for g in &self.link_gateways {
+            match g.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
+                _ => bail!("link_gateways: {g:?} is not host:port"),
+            }
+        }
+        if !self.advertised_mqtt.starts_with("mqtt://") {
+            bail!("advertised_mqtt must be mqtt://host:port");
         }
         if !self.link_gateways.is_empty() && self.link_certs.is_none() {
             bail!(

@@ -106,7 +106,11 @@ struct ServeArgs {
         env = "HERALD_LINK_GATEWAYS",
         value_delimiter = ','
     )]
-    link_gateways: Vec<SocketAddr>,
+    link_gateways: Vec<String>,
+    /// The MQTT address devices are told to use for this process's own listener
+    /// [default: mqtt://<mqtt_addr>].
+    #[arg(long, env = "HERALD_ADVERTISED_MQTT")]
+    advertised_mqtt: Option<String>,
     /// The link certificates' directory (from `herald certs`); needed with --link-gateway.
     #[arg(long, env = "HERALD_LINK_CERTS")]
     link_certs: Option<PathBuf>,
@@ -138,6 +142,10 @@ struct GatewayArgs {
     /// This gateway's id, in its devices' events [default: gateway-1].
     #[arg(long, env = "HERALD_GATEWAY_ID")]
     gateway_id: Option<String>,
+    /// The MQTT address devices are told to use for this gateway (navigation)
+    /// [default: mqtt://<mqtt_addr>].
+    #[arg(long, env = "HERALD_ADVERTISED_MQTT")]
+    advertised_mqtt: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -208,6 +216,7 @@ fn main() -> anyhow::Result<()> {
                 max_data_bytes: args.max_data_bytes,
                 idempotency_window_s: args.idempotency_window_s,
                 link_gateways: Some(args.link_gateways),
+                advertised_mqtt: args.advertised_mqtt,
                 link_certs: args.link_certs,
                 heartbeat_ms: heartbeat_from_env()?,
                 kafka_brokers: args.kafka_brokers,
@@ -223,6 +232,7 @@ fn main() -> anyhow::Result<()> {
                 link_addr: args.link_addr,
                 link_certs: args.link_certs,
                 gateway_id: args.gateway_id,
+                advertised_mqtt: args.advertised_mqtt,
                 heartbeat_ms: heartbeat_from_env()?,
                 ..config::Overrides::default()
             };

@@ -30,8 +30,8 @@ use crate::link::Link;
 /// Where a worker's link goes.
 #[derive(Debug, Clone)]
 pub struct QuicLinkConfig {
-    /// The gateways' link addresses.
-    pub gateways: Vec<SocketAddr>,
+    /// The gateways' link addresses, `host:port` (names are looked up at each connect).
+    pub gateways: Vec<String>,
     /// The link's mutual-TLS files.
     pub tls: LinkTls,
     /// This worker's name, for the gateways' logs.
@@ -40,7 +40,7 @@ pub struct QuicLinkConfig {
 
 /// One gateway, as the worker sees it.
 struct Gateway {
-    addr: SocketAddr,
+    addr: String,
     /// The queue to its link, while it is up.
     tx: Mutex<Option<mpsc::Sender<wire::Down>>>,
     /// Devices whose sessions must reread their inbox (their entries did not fit).
@@ -87,6 +87,15 @@ struct Answers {
     log: Arc<dyn Append>,
 }
 
+/// The first address `host:port` resolves to.
+async fn resolve(addr: &str) -> Result<SocketAddr, LinkError> {
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| LinkError::Protocol(format!("cannot resolve {addr}: {e}")))?
+        .next()
+        .ok_or_else(|| LinkError::Protocol(format!("{addr} resolves to no address")))
+}
+
 fn down(body: down::Body) -> wire::Down {
     wire::Down { body: Some(body) }
 }
@@ -109,18 +118,15 @@ impl QuicLink {
     /// with the directory that worker keeps fresh.
     pub fn new(config: QuicLinkConfig) -> Result<Arc<Self>, LinkError> {
         let client = config.tls.client_config()?;
-        let bind: SocketAddr = if config.gateways.iter().all(|a| a.is_ipv4()) {
-            SocketAddr::from(([0, 0, 0, 0], 0))
-        } else {
-            SocketAddr::from(([0u16; 8], 0))
-        };
-        let endpoint = quinn::Endpoint::client(bind)?;
+        // One socket for IPv4 and IPv6 peers where the system allows it.
+        let endpoint = quinn::Endpoint::client(SocketAddr::from(([0u16; 8], 0)))
+            .or_else(|_| quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0))))?;
         let gateways = config
             .gateways
             .iter()
-            .map(|&addr| {
+            .map(|addr| {
                 Arc::new(Gateway {
-                    addr,
+                    addr: addr.clone(),
                     tx: Mutex::new(None),
                     resync: Mutex::new(HashSet::new()),
                     resync_all: AtomicBool::new(false),
@@ -178,20 +184,25 @@ impl QuicLink {
         answers: Arc<Answers>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let addr = self.gateways[idx].addr;
+        let addr = self.gateways[idx].addr.clone();
         let mut backoff = Duration::from_millis(100);
         loop {
             if *shutdown.borrow() {
                 return;
             }
-            match gwlink::connect(
-                &self.endpoint,
-                self.client.clone(),
-                addr,
-                &self.config.worker_id,
-            )
-            .await
-            {
+            let connected = match resolve(&addr).await {
+                Ok(sock) => {
+                    gwlink::connect(
+                        &self.endpoint,
+                        self.client.clone(),
+                        sock,
+                        &self.config.worker_id,
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            match connected {
                 Ok((conn, send, recv)) => {
                     backoff = Duration::from_millis(100);
                     self.linked.send_modify(|n| *n += 1);

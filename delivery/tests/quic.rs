@@ -94,7 +94,7 @@ fn worker(s: &Setup, tls: LinkTls) -> (Arc<QuicLink>, watch::Sender<bool>) {
     let (stop, shutdown) = watch::channel(false);
     let link = QuicLink::start(
         QuicLinkConfig {
-            gateways: vec![s.server.local_addr().expect("addr")],
+            gateways: vec![s.server.local_addr().expect("addr").to_string()],
             tls,
             worker_id: "worker-test".into(),
         },
