@@ -262,3 +262,58 @@ async fn when_a_link_comes_back_every_session_rereads_its_inbox() {
         "the session was told to reread its inbox"
     );
 }
+
+#[tokio::test]
+async fn a_gateway_never_takes_entries_for_a_device_it_does_not_hold() {
+    use herald_schemas::link::delivery_to_wire;
+    use herald_schemas::link::wire::{self, down};
+    let s = setup();
+    let held = s.hub.register("dev-1".into());
+    // A worker (with a valid certificate) sends entries for a device held here and for
+    // one that is not.
+    let tls = LinkTls::in_dir(&s.certs, "worker");
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let (conn, mut send, _recv) = link::connect(
+        &endpoint,
+        tls.client_config().expect("client config"),
+        s.server.local_addr().expect("addr"),
+        "worker",
+    )
+    .await
+    .expect("connect");
+    eventually("linked", || s.server.linked() == 1).await;
+    let _ = held.mailbox.take_overflow();
+    let frame = wire::Down {
+        body: Some(down::Body::Deliver(wire::Deliver {
+            entries: vec![
+                delivery_to_wire(&entry("dev-9", 1)),
+                delivery_to_wire(&entry("dev-1", 1)),
+            ],
+        })),
+    };
+    link::write_frame(&mut send, &frame).await.expect("write");
+    // (The link's start woke the session to reread its inbox; skip to the entries.)
+    let mut got: Vec<Delivery> = Vec::new();
+    while got.is_empty() {
+        tokio::time::timeout(Duration::from_secs(5), held.mailbox.wait())
+            .await
+            .expect("the held device's entry arrives");
+        got.extend(held.mailbox.take().into_iter().flat_map(|c| match c {
+            Command::Deliver(d) => d,
+            Command::Withdraw(_) => Vec::new(),
+        }));
+    }
+    assert_eq!(
+        got,
+        vec![entry("dev-1", 1)],
+        "only the held device's entry is taken"
+    );
+    assert!(
+        !s.hub.is_connected("dev-9"),
+        "no session appears for the other device"
+    );
+    // A session that connects later reads its inbox; nothing was kept for it.
+    let late = s.hub.register("dev-9".into());
+    assert!(late.mailbox.take().is_empty());
+    assert!(conn.close_reason().is_none(), "the link stays up");
+}
