@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use herald_bench::procs::{Bins, Kind, Server, Sim, cpu_time, rss_bytes};
+use herald_bench::procs::{Bins, Kafka, Kind, Server, Sim, cpu_time, rss_bytes};
 use herald_bench::publisher::Publisher;
 use herald_bench::{api, now_ms, now_us};
 use serde_json::{Value, json};
@@ -28,7 +28,9 @@ struct Args {
     /// Small sizes for every scenario (seconds, not minutes): what CI runs.
     #[arg(long)]
     quick: bool,
-    /// Run only these scenarios (repeatable): e2e, broadcast, idle, latency, fanout.
+    /// Run only these scenarios (repeatable): e2e, e2e-kafka, broadcast, idle, latency,
+    /// fanout. e2e-kafka uses the broker HERALD_KAFKA names, or starts one with
+    /// scripts/kafka-up.
     #[arg(long = "scenario")]
     scenarios: Vec<String>,
     /// Idle connections per server in the idle scenario [default: 100000; quick: 1000].
@@ -41,6 +43,9 @@ struct Args {
     #[arg(long)]
     out: Option<std::path::PathBuf>,
 }
+
+/// Extra environment for `herald serve`.
+type Env = Vec<(String, String)>;
 
 /// Concurrent REST requests of the e2e publisher (an app server's connection pool).
 const E2E_CONCURRENCY: usize = 256;
@@ -326,7 +331,17 @@ async fn herald_connected(
     devices: usize,
     expect: usize,
 ) -> anyhow::Result<Connected> {
-    let server = Server::start(Kind::Herald, &ctx.bins).await?;
+    herald_connected_env(ctx, tag, devices, expect, &[]).await
+}
+
+async fn herald_connected_env(
+    ctx: &Ctx,
+    tag: &str,
+    devices: usize,
+    expect: usize,
+    env: &[(String, String)],
+) -> anyhow::Result<Connected> {
+    let server = Server::start_opts(Kind::Herald, &ctx.bins, 0, env).await?;
     let (who, app, ids) = devices_for(ctx, &server, devices, tag).await?;
     let app = app.context("herald app")?;
     let mut args = ctx.sim_args(server.mqtt_port, &who);
@@ -347,14 +362,20 @@ async fn herald_connected(
     })
 }
 
-/// e2e: unicast pushes over REST, round robin over connected devices.
-async fn e2e(ctx: &Ctx, devices: usize, pushes: usize) -> anyhow::Result<(f64, f64, f64)> {
+/// e2e: unicast pushes over REST, round robin over connected devices; with `env`, on the
+/// deployment it names (the event log on Kafka).
+async fn e2e(
+    ctx: &Ctx,
+    devices: usize,
+    pushes: usize,
+    env: &[(String, String)],
+) -> anyhow::Result<(f64, f64, f64)> {
     let Connected {
         server,
         app,
         device_ids: ids,
         mut sim,
-    } = herald_connected(ctx, "e2e", devices, pushes).await?;
+    } = herald_connected_env(ctx, "e2e", devices, pushes, env).await?;
     ctx.step(format!("e2e: {pushes} pushes over REST"));
     let ids = std::sync::Arc::new(ids);
     let start = Instant::now();
@@ -579,7 +600,7 @@ async fn run(args: Args) -> anyhow::Result<Vec<Row>> {
         bar,
         ip_block: std::sync::atomic::AtomicU8::new(0),
     };
-    let all = ["e2e", "broadcast", "idle", "latency", "fanout"];
+    let all = ["e2e", "e2e-kafka", "broadcast", "idle", "latency", "fanout"];
     let wanted: Vec<&str> = if args.scenarios.is_empty() {
         all.to_vec()
     } else {
@@ -602,46 +623,87 @@ async fn run(args: Args) -> anyhow::Result<Vec<Row>> {
         unit,
     };
 
-    if wanted.contains(&"e2e") {
+    if wanted.contains(&"e2e") || wanted.contains(&"e2e-kafka") {
         let (d, p) = if q { (200, 2_000) } else { (10_000, 100_000) };
-        let name = format!(
-            "e2e: {p} unicast pushes over REST ({E2E_CONCURRENCY} concurrent) to {d} devices (QoS 1)"
-        );
-        match e2e(&ctx, d, p).await {
-            Ok((secs, api_rate, p99)) => {
-                rows.push(herald_only(
-                    &name,
-                    "first request → last device receipt",
-                    Better::Lower,
-                    Some(secs),
-                    "s",
-                ));
-                rows.push(herald_only(
-                    &name,
-                    "accepted at the API (202, fsync'd)",
-                    Better::Higher,
-                    Some(api_rate),
-                    "/s",
-                ));
-                rows.push(herald_only(
-                    &name,
-                    "p99 push → receipt",
-                    Better::Lower,
-                    Some(p99),
-                    "ms",
-                ));
-            }
-            Err(e) => {
-                eprintln!("e2e failed: {e:#}");
-                rows.push(herald_only(
-                    &name,
-                    "first request → last device receipt",
-                    Better::Lower,
-                    None,
-                    "s",
-                ));
+        let mut plans: Vec<(String, &str, Env)> = Vec::new();
+        let mut kafka = None;
+        if wanted.contains(&"e2e") {
+            plans.push((
+                format!(
+                    "e2e: {p} unicast pushes over REST ({E2E_CONCURRENCY} concurrent) to {d} devices (QoS 1)"
+                ),
+                "accepted at the API (202, fsync'd)",
+                Vec::new(),
+            ));
+        }
+        if wanted.contains(&"e2e-kafka") {
+            let name = format!(
+                "e2e on Kafka (herald serve --kafka-brokers, one partition, acks=all): {p} unicast pushes over REST to {d} devices"
+            );
+            ctx.step("e2e-kafka: starting Apache Kafka");
+            match Kafka::get().await {
+                Ok(k) => {
+                    let topic = format!("herald.bench.{}.{}", std::process::id(), now_ms());
+                    plans.push((
+                        name,
+                        "accepted at the API (202, acked by Kafka)",
+                        vec![
+                            ("HERALD_KAFKA_BROKERS".into(), k.addr.clone()),
+                            ("HERALD_KAFKA_TOPIC".into(), topic),
+                        ],
+                    ));
+                    kafka = Some(k);
+                }
+                Err(e) => {
+                    eprintln!("e2e-kafka: no Kafka broker: {e:#}");
+                    rows.push(herald_only(
+                        &name,
+                        "first request → last device receipt",
+                        Better::Lower,
+                        None,
+                        "s",
+                    ));
+                }
             }
         }
+        for (name, api_metric, env) in plans {
+            match e2e(&ctx, d, p, &env).await {
+                Ok((secs, api_rate, p99)) => {
+                    rows.push(herald_only(
+                        &name,
+                        "first request → last device receipt",
+                        Better::Lower,
+                        Some(secs),
+                        "s",
+                    ));
+                    rows.push(herald_only(
+                        &name,
+                        api_metric,
+                        Better::Higher,
+                        Some(api_rate),
+                        "/s",
+                    ));
+                    rows.push(herald_only(
+                        &name,
+                        "p99 push → receipt",
+                        Better::Lower,
+                        Some(p99),
+                        "ms",
+                    ));
+                }
+                Err(e) => {
+                    eprintln!("{name} failed: {e:#}");
+                    rows.push(herald_only(
+                        &name,
+                        "first request → last device receipt",
+                        Better::Lower,
+                        None,
+                        "s",
+                    ));
+                }
+            }
+        }
+        drop(kafka);
     }
     if wanted.contains(&"broadcast") {
         // One process can hold PER_PROCESS connections here: beyond that the devices

@@ -196,6 +196,17 @@ impl Server {
         bins: &Bins,
         gateways: usize,
     ) -> anyhow::Result<Server> {
+        Self::start_opts(kind, bins, gateways, &[]).await
+    }
+
+    /// Like [`Server::start_with_gateways`], with extra environment for `herald serve`
+    /// (for example `HERALD_KAFKA_BROKERS`).
+    pub async fn start_opts(
+        kind: Kind,
+        bins: &Bins,
+        gateways: usize,
+        env: &[(String, String)],
+    ) -> anyhow::Result<Server> {
         let dir = tempdir::Dir::new(kind.name())?;
         let mut gateway_children = Vec::new();
         let mut gateway_ports = Vec::new();
@@ -257,6 +268,7 @@ impl Server {
                     c.env("HERALD_LINK_GATEWAYS", link_addrs.join(","))
                         .env("HERALD_LINK_CERTS", &certs);
                 }
+                c.envs(env.iter().map(|(k, v)| (k, v)));
                 c
             }
             Kind::Mosquitto => {
@@ -421,5 +433,57 @@ impl Sim {
         let done = self.wait_event("done").await;
         let _ = self.child.wait().await;
         done
+    }
+}
+
+/// A Kafka broker for the benchmarks: the one `HERALD_KAFKA` names, or one started with
+/// `scripts/kafka-up` on free ports (and stopped on drop).
+pub struct Kafka {
+    /// host:port.
+    pub addr: String,
+    dir: Option<PathBuf>,
+}
+
+impl Kafka {
+    /// Finds or starts a broker; an error says why none is available.
+    pub async fn get() -> anyhow::Result<Kafka> {
+        if let Ok(addr) = std::env::var("HERALD_KAFKA")
+            && !addr.is_empty()
+        {
+            return Ok(Kafka { addr, dir: None });
+        }
+        let port = loop {
+            let p = free_port()?;
+            if p < 65000 && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+                break p;
+            }
+        };
+        let dir = std::env::temp_dir().join(format!("herald-bench-kafka-{}", std::process::id()));
+        let out = Command::new("scripts/kafka-up")
+            .env("HERALD_KAFKA_PORT", port.to_string())
+            .env("HERALD_KAFKA_DIR", &dir)
+            .output()
+            .await
+            .context("cannot run scripts/kafka-up (run the bench from the repository root)")?;
+        if !out.status.success() {
+            bail!(
+                "scripts/kafka-up failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(Kafka {
+            addr: format!("127.0.0.1:{port}"),
+            dir: Some(dir),
+        })
+    }
+}
+
+impl Drop for Kafka {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.dir {
+            let _ = std::process::Command::new("scripts/kafka-down")
+                .env("HERALD_KAFKA_DIR", dir)
+                .status();
+        }
     }
 }
