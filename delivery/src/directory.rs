@@ -58,8 +58,17 @@ impl StoreDirectory {
 pub struct Envelopes<'a> {
     store: &'a dyn Store,
     keyring: &'a Keyring,
-    opened: HashMap<String, Option<Arc<[u8]>>>,
+    /// Per message: its id (shared by every delivery), its payload, and the envelope's
+    /// shared part; `None` if its payload cannot be opened.
+    opened: HashMap<String, Option<Opened>>,
     recalled: HashMap<String, bool>,
+}
+
+/// A message's opened payload and what every delivery of it shares.
+struct Opened {
+    message_id: Arc<str>,
+    data: Vec<u8>,
+    shared: envelope::Shared,
 }
 
 impl<'a> Envelopes<'a> {
@@ -107,7 +116,11 @@ impl<'a> Envelopes<'a> {
                         ciphertext: p.ciphertext,
                     };
                     match self.keyring.open(&sealed, &entry.message_id) {
-                        Ok(plain) => Some(Arc::<[u8]>::from(plain)),
+                        Ok(plain) => Some(Opened {
+                            message_id: entry.message_id.as_str().into(),
+                            shared: envelope::Shared::new(&entry.message_id, entry.ts_ms, &plain),
+                            data: plain,
+                        }),
                         Err(e) => {
                             tracing::error!(message_id = %entry.message_id, error = %e, "cannot open payload");
                             None
@@ -121,15 +134,18 @@ impl<'a> Envelopes<'a> {
             };
             self.opened.insert(entry.message_id.clone(), data);
         }
-        let Some(Some(data)) = self.opened.get(&entry.message_id) else {
+        let Some(Some(o)) = self.opened.get_mut(&entry.message_id) else {
             return Ok(None);
         };
+        if o.shared.ts_ms() != entry.ts_ms {
+            o.shared = envelope::Shared::new(&o.message_id, entry.ts_ms, &o.data);
+        }
         Ok(Some(Delivery {
             device_id: device_id.clone(),
             seq: entry.seq,
-            message_id: entry.message_id.as_str().into(),
+            message_id: o.message_id.clone(),
             expires_at_ms: entry.expires_at_ms,
-            envelope: envelope::encode(&entry.message_id, entry.seq, entry.ts_ms, data).into(),
+            envelope: o.shared.with_seq(entry.seq),
             released: entry.received,
         }))
     }
