@@ -76,10 +76,18 @@ pub struct QuicLink {
     client: quinn::ClientConfig,
     endpoint: quinn::Endpoint,
     gateways: Vec<Arc<Gateway>>,
-    /// Device -> the index of the gateway that holds it.
-    routes: RwLock<HashMap<Arc<str>, usize>>,
+    /// Device -> the gateways that say they hold it, the newest claim last. Reports from
+    /// different links arrive in any order: a stale "gone" from the gateway a device
+    /// left removes only that gateway's claim.
+    routes: RwLock<HashMap<Arc<str>, Claims>>,
     linked: watch::Sender<usize>,
 }
+
+/// The gateways claiming a device, the newest last (rarely more than one).
+type Claims = Vec<usize>;
+
+/// Most bytes of entries in one Deliver frame (well under the link's frame limit).
+const DELIVER_FRAME_BYTES: usize = 1 << 20;
 
 /// What answers the gateways' requests.
 struct Answers {
@@ -166,7 +174,7 @@ impl QuicLink {
         self.linked.subscribe()
     }
 
-    fn routes_write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Arc<str>, usize>> {
+    fn routes_write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Arc<str>, Claims>> {
         self.routes.write().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -175,7 +183,15 @@ impl QuicLink {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(device_id)
-            .copied()
+            .and_then(|c| c.last().copied())
+    }
+
+    /// Drops every claim of gateway `idx` (its link went, or it said everything again).
+    fn forget_gateway(routes: &mut HashMap<Arc<str>, Claims>, idx: usize) {
+        routes.retain(|_, c| {
+            c.retain(|g| *g != idx);
+            !c.is_empty()
+        });
     }
 
     async fn keep_linked(
@@ -215,7 +231,7 @@ impl QuicLink {
                         .tx
                         .lock()
                         .unwrap_or_else(|e| e.into_inner()) = None;
-                    self.routes_write().retain(|_, g| *g != idx);
+                    Self::forget_gateway(&mut self.routes_write(), idx);
                     match outcome {
                         Ok(()) => {
                             conn.close(quinn::VarInt::from_u32(gwlink::CLOSE_NORMAL), b"bye");
@@ -310,14 +326,19 @@ impl QuicLink {
             Some(up::Body::Presence(p)) => {
                 let mut routes = self.routes_write();
                 if p.full {
-                    routes.retain(|_, g| *g != idx);
+                    Self::forget_gateway(&mut routes, idx);
                 }
                 for d in p.connected {
-                    routes.insert(d.into(), idx);
+                    let claims = routes.entry(d.into()).or_default();
+                    claims.retain(|g| *g != idx);
+                    claims.push(idx);
                 }
                 for d in p.gone {
-                    if routes.get(d.as_str()) == Some(&idx) {
-                        routes.remove(d.as_str());
+                    if let Some(claims) = routes.get_mut(d.as_str()) {
+                        claims.retain(|g| *g != idx);
+                        if claims.is_empty() {
+                            routes.remove(d.as_str());
+                        }
                     }
                 }
             }
@@ -388,17 +409,33 @@ impl Link for QuicLink {
         {
             let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
             for d in batch {
-                if let Some(&g) = routes.get(&d.device_id) {
+                if let Some(&g) = routes.get(&d.device_id).and_then(|c| c.last()) {
                     by_gateway.entry(g).or_default().push(d);
                 }
             }
         }
         for (g, entries) in by_gateway {
-            let frame = down(down::Body::Deliver(wire::Deliver {
-                entries: entries.iter().map(delivery_to_wire).collect(),
-            }));
-            if self.gateways[g].send(frame).is_err() {
-                self.gateways[g].resync_later(entries.into_iter().map(|d| d.device_id));
+            // Frames of at most about DELIVER_FRAME_BYTES: a broadcast to many devices on
+            // one gateway must not exceed the link's frame limit.
+            let mut rest = entries.as_slice();
+            while !rest.is_empty() {
+                let mut bytes = 0;
+                let n = rest
+                    .iter()
+                    .take_while(|d| {
+                        bytes += d.envelope.len() + d.device_id.len() + d.message_id.len() + 32;
+                        bytes <= DELIVER_FRAME_BYTES
+                    })
+                    .count()
+                    .max(1);
+                let (chunk, tail) = rest.split_at(n);
+                rest = tail;
+                let frame = down(down::Body::Deliver(wire::Deliver {
+                    entries: chunk.iter().map(delivery_to_wire).collect(),
+                }));
+                if self.gateways[g].send(frame).is_err() {
+                    self.gateways[g].resync_later(chunk.iter().map(|d| d.device_id.clone()));
+                }
             }
         }
     }

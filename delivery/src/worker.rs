@@ -78,9 +78,19 @@ impl Worker {
             }
             let records = self.log.read(from, MAX_BATCH_RECORDS).await?;
             if records.is_empty() {
-                tokio::select! {
-                    r = end.changed() => if r.is_err() { return Ok(()) },
-                    _ = shutdown.changed() => {},
+                if *end.borrow_and_update() > from {
+                    // Durable records the log could not hand over just now (a remote log
+                    // whose server is away): try again shortly rather than wait for an
+                    // append that may never come.
+                    tokio::select! {
+                        _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {},
+                        _ = shutdown.changed() => {},
+                    }
+                } else {
+                    tokio::select! {
+                        r = end.changed() => if r.is_err() { return Ok(()) },
+                        _ = shutdown.changed() => {},
+                    }
                 }
                 continue;
             }

@@ -316,4 +316,113 @@ async fn a_gateway_never_takes_entries_for_a_device_it_does_not_hold() {
     let late = s.hub.register("dev-9".into());
     assert!(late.mailbox.take().is_empty());
     assert!(conn.close_reason().is_none(), "the link stays up");
+
+    // A resync of every session (a withdrawal for everyone did not fit) reaches them all.
+    let _ = held.mailbox.take_overflow();
+    let _ = late.mailbox.take_overflow();
+    let frame = wire::Down {
+        body: Some(down::Body::Resync(wire::Resync {
+            device_ids: Vec::new(),
+            all: true,
+        })),
+    };
+    link::write_frame(&mut send, &frame).await.expect("write");
+    let (mut held_told, mut late_told) = (false, false);
+    eventually("every session rereads its inbox", || {
+        held_told |= held.mailbox.take_overflow();
+        late_told |= late.mailbox.take_overflow();
+        held_told && late_told
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_device_that_moves_gateways_is_routed_to_the_new_one_whatever_order_reports_come_in() {
+    // Two gateways, one worker linked to both.
+    let a = setup();
+    let b_hub = Arc::new(Hub::default());
+    let b = LinkServer::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        &LinkTls::in_dir(&a.certs, "gateway"),
+        b_hub.clone(),
+        "gw-b",
+    )
+    .expect("bind");
+    let (_stop_b, shutdown_b) = watch::channel(false);
+    tokio::spawn(b.clone().serve(shutdown_b));
+    let (_stop, shutdown) = watch::channel(false);
+    let w = QuicLink::start(
+        QuicLinkConfig {
+            gateways: vec![
+                a.server.local_addr().expect("addr").to_string(),
+                b.local_addr().expect("addr").to_string(),
+            ],
+            tls: LinkTls::in_dir(&a.certs, "worker"),
+            worker_id: "worker-test".into(),
+        },
+        Arc::new(OneDevice),
+        a.log.clone(),
+        shutdown,
+    )
+    .expect("start");
+    eventually("linked to both", || *w.linked().borrow() == 2).await;
+
+    // dev-1 holds a session on B; a report that it connected on A arrives later (a newer
+    // claim), then A's session ends. B's session is still there: entries go to B.
+    let on_b = b_hub.register("dev-1".into());
+    eventually("dev-1 wanted", || w.wants("dev-1")).await;
+    let on_a = a.hub.register("dev-1".into());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    a.hub.unregister("dev-1", on_a.conn_id);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(w.wants("dev-1"), "A's gone must not remove B's claim");
+    let _ = on_b.mailbox.take_overflow();
+    w.deliver(vec![entry("dev-1", 7)]);
+    let mut got = Vec::new();
+    while got.is_empty() {
+        tokio::time::timeout(Duration::from_secs(5), on_b.mailbox.wait())
+            .await
+            .expect("the entry goes to B");
+        got.extend(on_b.mailbox.take().into_iter().flat_map(|c| match c {
+            Command::Deliver(d) => d,
+            Command::Withdraw(_) => Vec::new(),
+        }));
+    }
+    assert_eq!(got, vec![entry("dev-1", 7)]);
+}
+
+#[tokio::test]
+async fn a_broadcast_bigger_than_a_frame_crosses_in_several_and_the_link_stays_up() {
+    let s = setup();
+    let (w, _stop) = worker(&s, LinkTls::in_dir(&s.certs, "worker"));
+    let reg = s.hub.register("dev-1".into());
+    eventually("dev-1 wanted", || w.wants("dev-1")).await;
+    let _ = reg.mailbox.take_overflow();
+    // 24 MiB of entries for one gateway: over the 16 MiB frame limit in one frame.
+    let big: Arc<[u8]> = vec![b'x'; 4096].into();
+    let entries: Vec<Delivery> = (1..=6000)
+        .map(|seq| Delivery {
+            envelope: big.clone(),
+            ..entry("dev-1", seq)
+        })
+        .collect();
+    w.deliver(entries);
+    let mut got = 0;
+    while got < 6000 {
+        tokio::time::timeout(Duration::from_secs(10), reg.mailbox.wait())
+            .await
+            .unwrap_or_else(|_| panic!("got {got} of 6000 entries"));
+        got += reg
+            .mailbox
+            .take()
+            .into_iter()
+            .map(|c| match c {
+                Command::Deliver(d) => d.len(),
+                Command::Withdraw(_) => 0,
+            })
+            .sum::<usize>();
+    }
+    assert_eq!(got, 6000);
+    assert_eq!(s.server.linked(), 1, "the link stayed up");
+    assert!(!reg.mailbox.take_overflow(), "no resync was needed");
 }

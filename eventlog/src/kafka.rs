@@ -452,10 +452,12 @@ impl GroupConsumer {
             };
             let mut ev = self.events()?;
             if ev.gather() {
-                // The change came first: a record read with it waits until it is reported.
+                // The change's callback ran inside this `recv`, before the record it
+                // returned: that record comes after the change (a partition revoked and
+                // assigned again keeps it) and waits until the change is reported. Only
+                // the records read before the change are dropped for revoked partitions.
                 let revoked = ev.revoked();
-                ev.carried
-                    .extend(record.filter(|r| !revoked.contains(&r.position.partition)));
+                ev.carried.extend(record);
                 out.retain(|r| !revoked.contains(&r.position.partition));
                 if out.is_empty()
                     && let Some(r) = ev.seen.pop_front()
@@ -695,6 +697,10 @@ impl crate::EventLog for OrderedKafkaLog {
                     Err(_) => break,
                 };
                 let expected = next.unwrap_or(from);
+                if m.offset() < expected {
+                    // Already handed over (a fetch delivered it again): skip it.
+                    continue;
+                }
                 if m.offset() != expected {
                     let found = m.offset();
                     *next = None;

@@ -138,7 +138,10 @@ impl Hub {
     pub fn register(&self, device_id: Arc<str>) -> Registration {
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let mailbox = Arc::new(Mailbox::default());
-        let old = self.lock().insert(
+        // Presence is told under the lock, so "connected" and "gone" of one device are
+        // sent in the order they happened.
+        let mut sessions = self.lock();
+        let old = sessions.insert(
             device_id.clone(),
             Handle {
                 conn_id,
@@ -155,6 +158,7 @@ impl Hub {
                 });
             }
         }
+        drop(sessions);
         Registration { conn_id, mailbox }
     }
 

@@ -224,54 +224,81 @@ struct Peer {
     up: mpsc::Sender<wire::Up>,
 }
 
+/// A request waiting for its reply: which link it went out on, and where the reply goes.
+type Waiting = (u64, oneshot::Sender<reply::Body>);
+
 /// What the gateway's links share: the open links, and the requests waiting for replies.
 #[derive(Default)]
 struct Links {
     peers: Mutex<Vec<Peer>>,
-    pending: Mutex<HashMap<u64, oneshot::Sender<reply::Body>>>,
+    pending: Mutex<HashMap<u64, Waiting>>,
     next_id: AtomicU64,
 }
 
+/// Removes a request from `pending` however its caller stops waiting.
+struct PendingGuard<'a> {
+    links: &'a Links,
+    id: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.links
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
+
 impl Links {
-    fn newest(&self) -> Option<mpsc::Sender<wire::Up>> {
+    fn newest(&self) -> Option<(u64, mpsc::Sender<wire::Up>)> {
         self.peers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .last()
-            .map(|p| p.up.clone())
+            .map(|p| (p.id, p.up.clone()))
     }
 
     async fn request(&self, body: wire::request::Body) -> Result<reply::Body, String> {
-        let up = self.newest().ok_or("no delivery worker is linked")?;
+        let (peer, up) = self.newest().ok_or("no delivery worker is linked")?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id, tx);
+            .insert(id, (peer, tx));
+        let _guard = PendingGuard { links: self, id };
         let frame = wire::Up {
             body: Some(up::Body::Request(wire::Request {
                 id,
                 body: Some(body),
             })),
         };
-        let result = async {
+        // The whole request, queueing included, is bounded: a peer that stops reading
+        // cannot hold a device's connect or backlog forever.
+        let exchange = async {
             up.send(frame)
                 .await
                 .map_err(|_| "the link closed".to_string())?;
-            match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
-                Ok(Ok(reply::Body::Error(e))) => Err(e),
-                Ok(Ok(r)) => Ok(r),
-                Ok(Err(_)) => Err("the link closed before the reply".to_string()),
-                Err(_) => Err("the delivery worker did not answer in time".to_string()),
+            match rx.await {
+                Ok(reply::Body::Error(e)) => Err(e),
+                Ok(r) => Ok(r),
+                Err(_) => Err("the link closed before the reply".to_string()),
             }
+        };
+        match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
+            Ok(r) => r,
+            Err(_) => Err("the delivery worker did not answer in time".to_string()),
         }
-        .await;
+    }
+
+    /// Fails the requests that went out on link `peer` (it closed).
+    fn fail_pending(&self, peer: u64) {
         self.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
-        result
+            .retain(|_, (p, _)| *p != peer);
     }
 
     fn answer(&self, r: wire::Reply) {
@@ -280,7 +307,7 @@ impl Links {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&r.id);
-        if let (Some(w), Some(body)) = (waiter, r.body) {
+        if let (Some((_, w)), Some(body)) = (waiter, r.body) {
             let _ = w.send(body);
         }
     }
@@ -434,11 +461,10 @@ impl LinkServer {
 
         let writer = async {
             loop {
+                // Presence first: a device's "connected" must reach the worker before any
+                // request its session makes, or an entry stored meanwhile is never sent live.
                 tokio::select! {
-                    f = up_rx.recv() => match f {
-                        Some(f) => write_frame(&mut send, &f).await?,
-                        None => return Ok::<(), LinkError>(()),
-                    },
+                    biased;
                     change = presence.recv() => {
                         let frame = match change {
                             Ok(PresenceChange { device_id, connected }) => wire::Presence {
@@ -446,16 +472,23 @@ impl LinkServer {
                                 gone: if connected { Vec::new() } else { vec![device_id.to_string()] },
                                 full: false,
                             },
-                            // Missed changes: say everything again.
-                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => wire::Presence {
-                                connected: self.hub.devices().iter().map(|d| d.to_string()).collect(),
-                                gone: Vec::new(),
-                                full: true,
-                            },
+                            // Missed changes: drop the stale ones and say everything again.
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                                presence = presence.resubscribe();
+                                wire::Presence {
+                                    connected: self.hub.devices().iter().map(|d| d.to_string()).collect(),
+                                    gone: Vec::new(),
+                                    full: true,
+                                }
+                            }
                             Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
                         };
                         write_frame(&mut send, &wire::Up { body: Some(up::Body::Presence(frame)) }).await?;
                     }
+                    f = up_rx.recv() => match f {
+                        Some(f) => write_frame(&mut send, &f).await?,
+                        None => return Ok::<(), LinkError>(()),
+                    },
                 }
             }
         };
@@ -476,6 +509,7 @@ impl LinkServer {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|p| p.id != peer_id);
+        self.links.fail_pending(peer_id);
         match outcome {
             Ok(()) => {
                 conn.close(quinn::VarInt::from_u32(CLOSE_NORMAL), b"bye");
@@ -507,8 +541,12 @@ impl LinkServer {
                 );
             }
             Some(down::Body::Resync(r)) => {
-                let devices: Vec<Arc<str>> = r.device_ids.into_iter().map(Arc::from).collect();
-                self.hub.resync(&devices);
+                if r.all {
+                    self.hub.resync_all();
+                } else {
+                    let devices: Vec<Arc<str>> = r.device_ids.into_iter().map(Arc::from).collect();
+                    self.hub.resync(&devices);
+                }
             }
             Some(down::Body::Reply(r)) => self.links.answer(r),
             Some(down::Body::WorkerHello(_)) | None => {}

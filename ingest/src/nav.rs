@@ -114,29 +114,42 @@ impl Ring {
             .collect()
     }
 
-    /// The gateway `device` should use: where it already is, or a new placement. `None`
-    /// when no gateway is live.
+    /// The gateway `device` should use: where it already is, or a new placement, which is
+    /// remembered. `None` when no gateway is live.
     pub fn place(&mut self, device: &str) -> Option<Arc<str>> {
         if let Some(g) = self.placed.get(device) {
             return Some(g.clone());
         }
-        if self.loads.is_empty() {
-            return None;
-        }
-        let cap = self.cap(self.placed.len() + 1);
-        let start = point(device.as_bytes());
-        let gateway = self
-            .points
-            .range(start..)
-            .chain(self.points.range(..start))
-            .map(|(_, g)| g)
-            .find(|g| self.loads.get(&***g).is_some_and(|&l| l < cap))
-            .cloned()?;
+        let gateway = self.choose(device)?;
         if let Some(l) = self.loads.get_mut(&gateway) {
             *l += 1;
         }
         self.placed.insert(device.into(), gateway.clone());
         Some(gateway)
+    }
+
+    /// Where `device` is, or would be placed now, remembering nothing (for ids that may
+    /// not belong to a device at all).
+    pub fn peek(&self, device: &str) -> Option<Arc<str>> {
+        match self.placed.get(device) {
+            Some(g) => Some(g.clone()),
+            None => self.choose(device),
+        }
+    }
+
+    /// The first gateway clockwise from `device` with room under the cap.
+    fn choose(&self, device: &str) -> Option<Arc<str>> {
+        if self.loads.is_empty() {
+            return None;
+        }
+        let cap = self.cap(self.placed.len() + 1);
+        let start = point(device.as_bytes());
+        self.points
+            .range(start..)
+            .chain(self.points.range(..start))
+            .map(|(_, g)| g)
+            .find(|g| self.loads.get(&***g).is_some_and(|&l| l < cap))
+            .cloned()
     }
 
     /// Forgets a device (it was deleted), freeing its place.
@@ -277,20 +290,34 @@ impl Navigator {
         gone
     }
 
-    /// The gateway `device_id` should use.
+    /// The gateway `device_id` should use; the placement is remembered (for devices
+    /// that exist: remembering every id asked about would let anyone grow it).
     pub fn place(&self, device_id: &str) -> Placement {
         let mut st = self.lock();
         let (ring, known) = &mut *st;
-        match ring
-            .place(device_id)
-            .and_then(|g| known.get(&*g).map(|k| (g, k)))
-        {
+        let g = ring.place(device_id);
+        Self::answer(g, known, &self.fallback)
+    }
+
+    /// Where `device_id` would be placed now, remembering nothing.
+    pub fn peek(&self, device_id: &str) -> Placement {
+        let st = self.lock();
+        let (ring, known) = &*st;
+        Self::answer(ring.peek(device_id), known, &self.fallback)
+    }
+
+    fn answer(
+        gateway: Option<Arc<str>>,
+        known: &HashMap<String, Known>,
+        fallback: &Placement,
+    ) -> Placement {
+        match gateway.and_then(|g| known.get(&*g).map(|k| (g, k))) {
             Some((g, k)) => Placement {
                 gateway_id: g.to_string(),
                 mqtt: k.mqtt.clone(),
                 ws: k.ws.clone(),
             },
-            None => self.fallback.clone(),
+            None => fallback.clone(),
         }
     }
 
@@ -441,6 +468,10 @@ mod tests {
         // A heartbeat too old to count is ignored.
         nav.heard(&hb("stale"), Duration::from_secs(10), t0);
         assert_eq!(nav.live().len(), 3);
+        // Asking about an id remembers nothing; placing does, and both agree.
+        let asked = nav.peek(&device(0));
+        assert_eq!(nav.live().iter().map(|(_, l)| l).sum::<usize>(), 0);
+        assert_eq!(nav.place(&device(0)), asked);
         let before: Vec<Placement> = (0..300).map(|i| nav.place(&device(i))).collect();
         assert!(
             before

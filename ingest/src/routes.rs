@@ -799,7 +799,13 @@ async fn navigate(
     let id = Uuid::parse_str(&id)
         .map_err(|_| ApiError::bad_request("invalid_query", "device_id must be a UUID"))?
         .to_string();
-    Ok(Json(ingest.nav.place(&id)))
+    // Only a registered device's placement is remembered (the answer looks the same
+    // either way, so it tells nothing about which ids exist).
+    if ingest.store.device(&id)?.is_some() {
+        Ok(Json(ingest.nav.place(&id)))
+    } else {
+        Ok(Json(ingest.nav.peek(&id)))
+    }
 }
 
 /// The OpenAPI description of the API, generated from the handlers above.
