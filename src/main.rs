@@ -5,6 +5,8 @@ mod config;
 mod gateway;
 mod rebuild;
 mod replay;
+#[cfg(feature = "kafka")]
+mod roles;
 mod serve;
 
 use std::net::SocketAddr;
@@ -60,6 +62,20 @@ enum Command {
     /// example `herald serve --link-gateway ADDR`); until one is linked, devices are
     /// refused with "server unavailable" and retry.
     Gateway(GatewayArgs),
+    /// Run the REST API alone, on the shared Kafka log (one role per process).
+    ///
+    /// Appends to the Kafka topic and keeps the projections it reads in --data-dir. Every
+    /// role process must be given the same HERALD_PAYLOAD_KEY and HERALD_ADMIN_TOKEN.
+    Ingest(RoleArgs),
+    /// Run a delivery worker on the shared Kafka log (one role per process).
+    ///
+    /// Folds the log into --data-dir. Of all `herald deliver` processes, the one the Kafka
+    /// consumer group gives the topic's partition is active: it links to the gateways
+    /// (--link-gateway), forwards new entries and answers their requests; the others stand
+    /// by, folding, and one takes over within seconds when the active one dies.
+    Deliver(RoleArgs),
+    /// Run navigation alone (GET /v1/nav), from the gateways' heartbeats in the Kafka log.
+    Nav(RoleArgs),
     /// Write a link CA and the certificates it signs (for gateways and workers).
     ///
     /// Writes ca.crt, ca.key, gateway.crt, gateway.key, worker.crt and worker.key into
@@ -149,6 +165,38 @@ struct GatewayArgs {
 }
 
 #[derive(Debug, clap::Args)]
+struct RoleArgs {
+    /// A TOML config file (see herald.example.toml); flags and HERALD_* variables win.
+    #[arg(long, env = "HERALD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where this process keeps its projections [default: ./herald-data].
+    #[arg(long, env = "HERALD_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// HTTP listen address (ingest, nav) [default: 0.0.0.0:8080].
+    #[arg(long, env = "HERALD_HTTP_ADDR")]
+    http_addr: Option<SocketAddr>,
+    /// The Kafka bootstrap servers (host:port,…) of the shared log.
+    #[arg(long, env = "HERALD_KAFKA_BROKERS")]
+    kafka_brokers: Option<String>,
+    /// The Kafka topic of the log (one partition) [default: herald.events].
+    #[arg(long, env = "HERALD_KAFKA_TOPIC")]
+    kafka_topic: Option<String>,
+    /// A gateway to link to (deliver; repeatable, comma-separated in the variable).
+    #[arg(
+        long = "link-gateway",
+        env = "HERALD_LINK_GATEWAYS",
+        value_delimiter = ','
+    )]
+    link_gateways: Vec<String>,
+    /// The link certificates' directory, from `herald certs` (deliver).
+    #[arg(long, env = "HERALD_LINK_CERTS")]
+    link_certs: Option<PathBuf>,
+    /// The MQTT address devices are told when no gateway is known yet (ingest, nav).
+    #[arg(long, env = "HERALD_ADVERTISED_MQTT")]
+    advertised_mqtt: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
 struct CertsArgs {
     /// Where to write the files.
     #[arg(long, default_value = "herald-certs")]
@@ -182,6 +230,47 @@ fn load_config(
         None => config::FileConfig::default(),
     };
     config::Config::resolve(file, overrides)
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Role {
+    Ingest,
+    Deliver,
+    Nav,
+}
+
+fn run_role(args: RoleArgs, role: Role) -> anyhow::Result<()> {
+    let overrides = config::Overrides {
+        data_dir: args.data_dir,
+        http_addr: args.http_addr,
+        admin_token: std::env::var("HERALD_ADMIN_TOKEN").ok(),
+        payload_key: std::env::var("HERALD_PAYLOAD_KEY").ok(),
+        link_gateways: Some(args.link_gateways),
+        link_certs: args.link_certs,
+        advertised_mqtt: args.advertised_mqtt,
+        kafka_brokers: args.kafka_brokers,
+        kafka_topic: args.kafka_topic,
+        heartbeat_ms: heartbeat_from_env()?,
+        ..config::Overrides::default()
+    };
+    let config = load_config(args.config.as_deref(), overrides)?;
+    #[cfg(feature = "kafka")]
+    {
+        runtime()?.block_on(async move {
+            match role {
+                Role::Ingest => roles::ingest(config).await,
+                Role::Deliver => roles::deliver(config).await,
+                Role::Nav => roles::nav(config).await,
+            }
+        })
+    }
+    #[cfg(not(feature = "kafka"))]
+    {
+        let _ = config;
+        anyhow::bail!(
+            "herald {role:?} runs on Kafka, and this herald was built without Kafka support: build it with `cargo build --release --features kafka`"
+        )
+    }
 }
 
 /// `HERALD_HEARTBEAT_MS`, if set.
@@ -239,6 +328,9 @@ fn main() -> anyhow::Result<()> {
             let config = load_config(args.config.as_deref(), overrides)?;
             runtime()?.block_on(gateway::run(config))
         }
+        Command::Ingest(args) => run_role(args, Role::Ingest),
+        Command::Deliver(args) => run_role(args, Role::Deliver),
+        Command::Nav(args) => run_role(args, Role::Nav),
         Command::Certs(args) => {
             herald_gateway::link::generate_certs(&args.out, &args.names)?;
             println!(

@@ -73,12 +73,24 @@ fn decode_key(text: &str, what: &str) -> anyhow::Result<[u8; KEY_BYTES]> {
         .map_err(|_| anyhow::anyhow!("{what} must be {KEY_BYTES} bytes"))
 }
 
-/// Runs until Ctrl-C or SIGTERM.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// The secrets a process needs: the admin token, the payload keyring and the JWT
+/// secret. Each is taken from the config, or (only where one process holds them all)
+/// generated into the data dir on first start.
+pub struct Secrets {
+    /// The admin bearer token.
+    pub admin_token: String,
+    /// Opens and seals payloads.
+    pub keyring: Keyring,
+    /// Signs app access tokens.
+    pub jwt_secret: String,
+}
+
+/// Loads the secrets. `shared`: several processes must agree on them (the roles), so
+/// the payload key must be configured rather than generated per process.
+pub fn load_secrets(config: &Config, shared: bool) -> anyhow::Result<Secrets> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let dir = &config.data_dir;
-
     let admin_token = match &config.admin_token {
         Some(t) => t.clone(),
         None => {
@@ -99,21 +111,34 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let payload_key = match &config.payload_key {
         Some(k) => decode_key(k, "payload_key (HERALD_PAYLOAD_KEY)")?,
+        None if shared => bail!(
+            "payload_key (HERALD_PAYLOAD_KEY) must be set: every role process must seal and open payloads with the same key"
+        ),
         None => {
             let (k, _) = secret_file(&dir.join("payload.key"), || random_b64(KEY_BYTES))?;
             decode_key(&k, "payload.key in the data dir")?
         }
     };
-    let keyring = Keyring::new(1, &payload_key);
     let (jwt_secret, _) = secret_file(&dir.join("jwt.key"), || random_b64(32))?;
+    Ok(Secrets {
+        admin_token,
+        keyring: Keyring::new(1, &payload_key),
+        jwt_secret,
+    })
+}
 
-    let log = open_log(&config).await?;
-    let db = open_database(&dir.join("store"))?;
+/// Opens the projection store in the data dir, rebuilding it if it is ahead of `log`.
+pub fn open_store(
+    config: &Config,
+    log: &Arc<dyn EventLog>,
+) -> anyhow::Result<(fjall::Database, Arc<dyn Store>)> {
+    let db = open_database(&config.data_dir.join("store"))?;
     let mut embedded = EmbeddedStore::open(db.clone(), "")?;
     let log_end = *log.durable_end().borrow();
     if embedded.checkpoint()? > log_end {
         // The projections hold events the log no longer has (it lost a tail that had
-        // been synced: a disk fault). The log is the record: fold it again from the start.
+        // been synced: a disk fault, or another topic). The log is the record: fold it
+        // again from the start.
         tracing::error!(
             checkpoint = embedded.checkpoint()?,
             log_end,
@@ -122,7 +147,34 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         embedded.destroy()?;
         embedded = EmbeddedStore::open(db.clone(), "")?;
     }
-    let store: Arc<dyn Store> = Arc::new(embedded);
+    Ok((db, Arc::new(embedded)))
+}
+
+/// The API settings of `config`.
+pub fn ingest_config(config: &Config, admin_token: String) -> IngestConfig {
+    IngestConfig {
+        admin_token,
+        token_ttl_s: config.token_ttl_s,
+        max_data_bytes: config.max_data_bytes,
+        max_body_bytes: config.max_body_bytes,
+        default_ttl_s: config.default_ttl_s,
+        max_ttl_s: config.max_ttl_s,
+        gateway_mqtt: config.advertised_mqtt.clone(),
+        gateway_ws: config.advertised_ws.clone(),
+        idempotency_window_s: config.idempotency_window_s,
+    }
+}
+
+/// Runs until Ctrl-C or SIGTERM.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let Secrets {
+        admin_token,
+        keyring,
+        jwt_secret,
+    } = load_secrets(&config, false)?;
+    let dir = &config.data_dir;
+    let log = open_log(&config).await?;
+    let (db, store) = open_store(&config, &log)?;
 
     let hub = Arc::new(Hub::default());
     let (shutdown_tx, shutdown) = watch::channel(false);
@@ -156,17 +208,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let ingest = Ingest::new(
-        IngestConfig {
-            admin_token,
-            token_ttl_s: config.token_ttl_s,
-            max_data_bytes: config.max_data_bytes,
-            max_body_bytes: config.max_body_bytes,
-            default_ttl_s: config.default_ttl_s,
-            max_ttl_s: config.max_ttl_s,
-            gateway_mqtt: config.advertised_mqtt.clone(),
-            gateway_ws: config.advertised_ws.clone(),
-            idempotency_window_s: config.idempotency_window_s,
-        },
+        ingest_config(&config, admin_token),
         log.clone(),
         store.clone(),
         applied,
@@ -244,7 +286,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// The event log: on Kafka when `kafka_brokers` is set, else in the data dir.
-async fn open_log(config: &Config) -> anyhow::Result<Arc<dyn EventLog>> {
+pub async fn open_log(config: &Config) -> anyhow::Result<Arc<dyn EventLog>> {
     let Some(brokers) = &config.kafka_brokers else {
         return Ok(Arc::new(
             EmbeddedLog::open(&config.data_dir.join("log")).context("cannot open the event log")?,

@@ -9,102 +9,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
 use herald_client::{Device, DeviceCredentials, DeviceOptions};
 use serde_json::{Value, json};
-
-fn make_certs(dir: &Path) -> PathBuf {
-    let out = dir.join("certs");
-    let status = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["certs", "--out"])
-        .arg(&out)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success(), "herald certs failed");
-    out
-}
-
-/// A running `herald gateway`.
-struct GatewayProc {
-    child: Option<Child>,
-    mqtt_port: u16,
-    link_port: u16,
-    certs: PathBuf,
-    log: PathBuf,
-    id: String,
-}
-
-impl GatewayProc {
-    fn start(certs: &Path, id: &str, dir: &Path) -> GatewayProc {
-        let mut g = GatewayProc {
-            child: None,
-            mqtt_port: free_port(),
-            link_port: free_port(),
-            certs: certs.to_path_buf(),
-            log: dir.join(format!("{id}.log")),
-            id: id.to_string(),
-        };
-        g.spawn();
-        g
-    }
-
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_herald"))
-            .arg("gateway")
-            .args(["--mqtt-addr", &format!("127.0.0.1:{}", self.mqtt_port)])
-            .args(["--link-addr", &format!("127.0.0.1:{}", self.link_port)])
-            .arg("--link-certs")
-            .arg(&self.certs)
-            .args(["--gateway-id", &self.id])
-            .env("HERALD_LOG", "info,herald_gateway=debug")
-            .env("HERALD_HEARTBEAT_MS", "300")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-    }
-
-    fn link_addr(&self) -> String {
-        format!("127.0.0.1:{}", self.link_port)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Waits until the gateway says a worker is linked.
-    async fn wait_linked(&self, times: usize) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.log().matches("delivery worker linked").count() < times {
-            assert!(Instant::now() < deadline, "never linked: {}", self.log());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for GatewayProc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
 
 async fn serve_with(gateways: &[&GatewayProc], certs: &Path) -> Server {
     let list: Vec<String> = gateways.iter().map(|g| g.link_addr()).collect();

@@ -192,18 +192,48 @@ impl StoreDirectory {
     }
 }
 
+/// How long a connect with an unknown device id waits for the log to show its
+/// registration (it may come from another process).
+const UNKNOWN_DEVICE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl DeviceDirectory for StoreDirectory {
     fn authenticate(
         &self,
         device_id: &str,
         token: &[u8],
     ) -> BoxFuture<'static, Result<bool, DirectoryError>> {
-        let result = self
-            .store
-            .device(device_id)
-            .map_err(|e| DirectoryError(e.to_string()))
-            .map(|d| d.is_some_and(|d| constant_time_eq(&Sha256::digest(token), &d.token_sha256)));
-        Box::pin(async move { result })
+        let check = |store: &dyn Store, device_id: &str, token: &[u8]| {
+            store
+                .device(device_id)
+                .map_err(|e| DirectoryError(e.to_string()))
+                .map(|d| d.map(|d| constant_time_eq(&Sha256::digest(token), &d.token_sha256)))
+        };
+        let result = check(&*self.store, device_id, token);
+        let Some(f) = &self.freshness else {
+            return Box::pin(async move { Ok(result?.unwrap_or(false)) });
+        };
+        if !matches!(result, Ok(None)) {
+            return Box::pin(async move { Ok(result?.unwrap_or(false)) });
+        }
+        // An unknown device may be one registered a moment ago through another process
+        // (its registration is in the log, not yet folded here): look again once the
+        // projections have caught up with the log, for a short while.
+        let (log_end, mut applied) = (f.log_end.clone(), f.applied.clone());
+        let (store, device_id, token) = (self.store.clone(), device_id.to_string(), token.to_vec());
+        Box::pin(async move {
+            let deadline = tokio::time::Instant::now() + UNKNOWN_DEVICE_WAIT;
+            loop {
+                let target = *log_end.borrow();
+                let _ = tokio::time::timeout_at(deadline, applied.wait_for(|a| *a >= target)).await;
+                if let Some(ok) = check(&*store, &device_id, &token)? {
+                    return Ok(ok);
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Ok(false);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        })
     }
 
     fn backlog(

@@ -74,3 +74,65 @@ impl Link for Links {
         }
     }
 }
+
+/// No gateway at all: a process that only follows the log to keep its projections (an
+/// API process, navigation) forwards nothing.
+pub struct NoLink;
+
+impl Link for NoLink {
+    fn wants(&self, _device_id: &str) -> bool {
+        false
+    }
+    fn deliver(&self, _batch: Vec<Delivery>) {}
+    fn withdraw(&self, _withdrawals: Vec<Withdrawal>) {}
+    fn resync(&self, _devices: Vec<Arc<str>>) {}
+}
+
+/// A link that is used only while this worker is the active one of its group (a standby
+/// folds the log but forwards nothing; when it takes over, the gateways' sessions reread
+/// their inboxes from it).
+pub struct Gated {
+    inner: Arc<dyn Link>,
+    active: std::sync::atomic::AtomicBool,
+}
+
+impl Gated {
+    /// `inner`, closed until [`Gated::set_active`].
+    pub fn new(inner: Arc<dyn Link>) -> Self {
+        Gated {
+            inner,
+            active: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Opens or closes the link.
+    pub fn set_active(&self, active: bool) {
+        self.active
+            .store(active, std::sync::atomic::Ordering::Release);
+    }
+
+    fn on(&self) -> bool {
+        self.active.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl Link for Gated {
+    fn wants(&self, device_id: &str) -> bool {
+        self.on() && self.inner.wants(device_id)
+    }
+    fn deliver(&self, batch: Vec<Delivery>) {
+        if self.on() {
+            self.inner.deliver(batch);
+        }
+    }
+    fn withdraw(&self, withdrawals: Vec<Withdrawal>) {
+        if self.on() {
+            self.inner.withdraw(withdrawals);
+        }
+    }
+    fn resync(&self, devices: Vec<Arc<str>>) {
+        if self.on() {
+            self.inner.resync(devices);
+        }
+    }
+}

@@ -214,11 +214,29 @@ impl KafkaLog {
         group: &str,
         start: impl Fn(i32) -> Option<i64> + Send + Sync + 'static,
     ) -> Result<GroupConsumer, Error> {
+        self.group_member(group, Box::new(start), false)
+    }
+
+    /// Joins consumer group `group` only to learn which partitions the group gives this
+    /// member (it reads nothing: assigned partitions are paused). With a one-partition
+    /// topic, the member that holds partition 0 is the group's one active member, and
+    /// another takes over when it dies: leader election by the broker.
+    pub fn membership(&self, group: &str) -> Result<GroupConsumer, Error> {
+        self.group_member(group, Box::new(|_| None), true)
+    }
+
+    fn group_member(
+        &self,
+        group: &str,
+        start: StartFn,
+        pause: bool,
+    ) -> Result<GroupConsumer, Error> {
         let (tx, rx) = mpsc::unbounded_channel();
         let context = GroupContext {
             topic: self.config.topic.clone(),
-            start: Box::new(start),
+            start,
             events: tx,
+            pause,
         };
         let mut c = self.config.client();
         c.set("group.id", group)
@@ -316,10 +334,15 @@ pub enum Polled {
     Rebalance(Rebalance),
 }
 
+/// Where a member starts reading an assigned partition.
+type StartFn = Box<dyn Fn(i32) -> Option<i64> + Send + Sync>;
+
 struct GroupContext {
     topic: String,
-    start: Box<dyn Fn(i32) -> Option<i64> + Send + Sync>,
+    start: StartFn,
     events: mpsc::UnboundedSender<Rebalance>,
+    /// Membership only: assigned partitions are paused, nothing is fetched.
+    pause: bool,
 }
 
 impl ClientContext for GroupContext {}
@@ -349,6 +372,11 @@ impl ConsumerContext for GroupContext {
                 if let Err(e) = consumer.assign(&assign) {
                     tracing::error!(error = %e, "cannot take the assigned partitions");
                     return;
+                }
+                if self.pause
+                    && let Err(e) = consumer.pause(&assign)
+                {
+                    tracing::error!(error = %e, "cannot pause the assigned partitions");
                 }
                 tracing::info!(?partitions, "partitions assigned");
                 let _ = self.events.send(Rebalance::Assigned(partitions));
@@ -540,6 +568,11 @@ struct OrderedReader {
 }
 
 impl OrderedKafkaLog {
+    /// The topic's producer and group membership.
+    pub fn kafka(&self) -> &KafkaLog {
+        &self.log
+    }
+
     /// Connects to the topic of `config` (created with one partition if missing; a topic
     /// with more partitions is refused).
     pub async fn open(mut config: KafkaConfig) -> Result<std::sync::Arc<Self>, Error> {

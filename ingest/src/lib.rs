@@ -166,3 +166,8 @@ impl Ingest {
 pub fn router(ingest: Arc<Ingest>) -> Router {
     routes::router(ingest)
 }
+
+/// Navigation's router alone (`GET /v1/nav`, `/healthz`), for a `herald nav` process.
+pub fn nav_router(ingest: Arc<Ingest>) -> Router {
+    routes::nav_router(ingest)
+}

@@ -828,6 +828,15 @@ async fn openapi_json() -> impl IntoResponse {
     Json(openapi())
 }
 
+/// Navigation alone (`herald nav`): `GET /v1/nav` and `/healthz`.
+pub(crate) fn nav_router(ingest: Arc<Ingest>) -> Router {
+    Router::new()
+        .route("/v1/nav", get(navigate))
+        .route("/healthz", get(healthz))
+        .fallback(not_found)
+        .with_state(ingest)
+}
+
 pub(crate) fn router(ingest: Arc<Ingest>) -> Router {
     let limit = ingest.config.max_body_bytes;
     Router::new()

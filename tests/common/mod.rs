@@ -352,3 +352,93 @@ impl MosquittoSub {
         serde_json::from_str(&line).unwrap()
     }
 }
+
+/// Link certificates for tests, written by `herald certs`.
+pub fn make_certs(dir: &Path) -> PathBuf {
+    let out = dir.join("certs");
+    let status = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["certs", "--out"])
+        .arg(&out)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "herald certs failed");
+    out
+}
+
+/// A running `herald gateway`.
+pub struct GatewayProc {
+    pub child: Option<Child>,
+    pub mqtt_port: u16,
+    pub link_port: u16,
+    pub certs: PathBuf,
+    pub log: PathBuf,
+    pub id: String,
+}
+
+impl GatewayProc {
+    pub fn start(certs: &Path, id: &str, dir: &Path) -> GatewayProc {
+        let mut g = GatewayProc {
+            child: None,
+            mqtt_port: free_port(),
+            link_port: free_port(),
+            certs: certs.to_path_buf(),
+            log: dir.join(format!("{id}.log")),
+            id: id.to_string(),
+        };
+        g.spawn();
+        g
+    }
+
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_herald"))
+            .arg("gateway")
+            .args(["--mqtt-addr", &format!("127.0.0.1:{}", self.mqtt_port)])
+            .args(["--link-addr", &format!("127.0.0.1:{}", self.link_port)])
+            .arg("--link-certs")
+            .arg(&self.certs)
+            .args(["--gateway-id", &self.id])
+            .env("HERALD_LOG", "info,herald_gateway=debug")
+            .env("HERALD_HEARTBEAT_MS", "300")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    pub fn link_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.link_port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits until the gateway says a worker is linked.
+    pub async fn wait_linked(&self, times: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.log().matches("delivery worker linked").count() < times {
+            assert!(Instant::now() < deadline, "never linked: {}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for GatewayProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

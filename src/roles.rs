@@ -1,0 +1,238 @@
+//! One role per process, all on the same Kafka topic (a herald built with `--features
+//! kafka`): `herald ingest` (the REST API), `herald deliver` (delivery workers: one active,
+//! the others standing by, chosen by a Kafka consumer group), `herald nav` (navigation).
+//! Gateways are `herald gateway` processes (see `gateway.rs`).
+//!
+//! Every role process keeps the projections it reads in its own data dir, folded from the
+//! one-partition topic: one total order, so every process's fold is the same and a
+//! standby that takes over numbers every entry exactly as the worker it replaces.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use herald_delivery::directory::StoreDirectory;
+use herald_delivery::link::{Gated, Link, NoLink};
+use herald_delivery::quic::{QuicLink, QuicLinkConfig};
+use herald_delivery::worker::Worker;
+use herald_eventlog::EventLog;
+use herald_eventlog::kafka::{KafkaConfig, OrderedKafkaLog, Polled, Rebalance};
+use herald_gateway::link::LinkTls;
+use herald_ingest::Ingest;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::serve::{Secrets, ingest_config, load_secrets, open_store, shutdown_signal};
+
+/// The consumer group whose one member holding partition 0 is the active worker.
+pub const DELIVER_GROUP: &str = "herald-deliver";
+
+async fn open_kafka(config: &Config) -> anyhow::Result<Arc<OrderedKafkaLog>> {
+    let Some(brokers) = &config.kafka_brokers else {
+        bail!(
+            "the roles share one log on Kafka: set kafka_brokers (--kafka-brokers, HERALD_KAFKA_BROKERS)"
+        );
+    };
+    let mut k = KafkaConfig::new(brokers.clone());
+    k.topic.clone_from(&config.kafka_topic);
+    k.replication_factor = config.kafka_replication;
+    k.timeout = Duration::from_millis(config.kafka_timeout_ms);
+    OrderedKafkaLog::open(k)
+        .await
+        .with_context(|| format!("cannot open the event log on Kafka at {brokers}"))
+}
+
+/// Runs `serve_http` and the follower `worker` until a signal or a failure.
+async fn run_until_signal(
+    worker: Worker,
+    http: Option<(TcpListener, axum::Router)>,
+    shutdown_tx: watch::Sender<bool>,
+) -> anyhow::Result<()> {
+    let shutdown = shutdown_tx.subscribe();
+    let mut worker_task = tokio::spawn(worker.run(shutdown.clone()));
+    let http_task = http.map(|(listener, router)| {
+        let mut stop = shutdown.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+        })
+    });
+    let result = tokio::select! {
+        _ = shutdown_signal() => { tracing::info!("shutting down"); Ok(()) }
+        r = &mut worker_task => match r {
+            Ok(Ok(())) => Err(anyhow::anyhow!("the log follower stopped unexpectedly")),
+            Ok(Err(e)) => Err(anyhow::anyhow!("the log follower failed: {e}")),
+            Err(e) => Err(anyhow::anyhow!("the log follower panicked: {e}")),
+        },
+    };
+    let _ = shutdown_tx.send(true);
+    if let Some(t) = http_task {
+        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+    }
+    result
+}
+
+/// `herald ingest`: the REST API. Appends to Kafka; reads its own projections.
+pub async fn ingest(config: Config) -> anyhow::Result<()> {
+    let Secrets {
+        admin_token,
+        keyring,
+        jwt_secret,
+    } = load_secrets(&config, true)?;
+    let kafka = open_kafka(&config).await?;
+    let log: Arc<dyn EventLog> = kafka.clone();
+    let (_db, store) = open_store(&config, &log)?;
+    let worker = Worker::new(
+        log.clone(),
+        store.clone(),
+        Arc::new(NoLink),
+        keyring.clone(),
+    )?;
+    let ingest = Ingest::new(
+        ingest_config(&config, admin_token),
+        log.clone(),
+        store,
+        worker.applied(),
+        keyring,
+        jwt_secret.as_bytes(),
+    );
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    follow_navigation(&ingest, log, shutdown);
+    let http = TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("cannot listen on {} (http_addr)", config.http_addr))?;
+    tracing::info!(http = %http.local_addr()?, topic = %config.kafka_topic, "herald ingest serving");
+    run_until_signal(
+        worker,
+        Some((http, herald_ingest::router(ingest))),
+        shutdown_tx,
+    )
+    .await
+}
+
+/// `herald nav`: `GET /v1/nav` alone, from the gateways' heartbeats in the log.
+pub async fn nav(config: Config) -> anyhow::Result<()> {
+    let Secrets {
+        admin_token,
+        keyring,
+        jwt_secret,
+    } = load_secrets(&config, true)?;
+    let kafka = open_kafka(&config).await?;
+    let log: Arc<dyn EventLog> = kafka.clone();
+    let (_db, store) = open_store(&config, &log)?;
+    let worker = Worker::new(
+        log.clone(),
+        store.clone(),
+        Arc::new(NoLink),
+        keyring.clone(),
+    )?;
+    let ingest = Ingest::new(
+        ingest_config(&config, admin_token),
+        log.clone(),
+        store,
+        worker.applied(),
+        keyring,
+        jwt_secret.as_bytes(),
+    );
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    follow_navigation(&ingest, log, shutdown);
+    let http = TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("cannot listen on {} (http_addr)", config.http_addr))?;
+    tracing::info!(http = %http.local_addr()?, "herald nav serving");
+    run_until_signal(
+        worker,
+        Some((http, herald_ingest::nav_router(ingest))),
+        shutdown_tx,
+    )
+    .await
+}
+
+fn follow_navigation(
+    ingest: &Arc<Ingest>,
+    log: Arc<dyn EventLog>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let nav = ingest.navigator();
+    tokio::spawn(async move {
+        if let Err(e) = nav.follow(log, shutdown).await {
+            tracing::error!(error = %e, "navigation stopped following the log");
+        }
+    });
+}
+
+/// `herald deliver`: folds the log and, while it is the group's active worker, links to
+/// the gateways, forwards new entries and answers their requests.
+pub async fn deliver(config: Config) -> anyhow::Result<()> {
+    let Secrets { keyring, .. } = load_secrets(&config, true)?;
+    if config.link_gateways.is_empty() {
+        bail!("herald deliver needs the gateways to link to: link_gateways (--link-gateway)");
+    }
+    let certs = config
+        .link_certs
+        .clone()
+        .context("herald deliver needs link_certs (--link-certs)")?;
+    let kafka = open_kafka(&config).await?;
+    let log: Arc<dyn EventLog> = kafka.clone();
+    let (_db, store) = open_store(&config, &log)?;
+    let quic = QuicLink::new(QuicLinkConfig {
+        gateways: config.link_gateways.clone(),
+        tls: LinkTls::in_dir(&certs, "worker"),
+        worker_id: format!("deliver:{}", std::process::id()),
+    })
+    .context("cannot set up the link to the gateways")?;
+    let gated = Arc::new(Gated::new(quic.clone() as Arc<dyn Link>));
+    let worker = Worker::new(log.clone(), store.clone(), gated.clone(), keyring.clone())?;
+    let directory = Arc::new(
+        StoreDirectory::new(store, keyring).with_freshness(log.durable_end(), worker.applied()),
+    );
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let member = kafka
+        .kafka()
+        .membership(DELIVER_GROUP)
+        .context("cannot join the delivery workers' group")?;
+    tracing::info!(gateways = ?config.link_gateways, "herald deliver standing by");
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        // While this member holds partition 0 it is the active worker.
+        let mut active: Option<watch::Sender<bool>> = None;
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            match member.poll(16, Duration::from_millis(200)).await {
+                Ok(Polled::Rebalance(Rebalance::Assigned(p))) if p.contains(&0) => {
+                    if active.is_none() {
+                        tracing::info!(
+                            "this worker is now the active one: linking to the gateways"
+                        );
+                        let (tx, rx) = watch::channel(false);
+                        gated.set_active(true);
+                        quic.run(directory.clone(), log.clone(), rx);
+                        active = Some(tx);
+                    }
+                }
+                Ok(Polled::Rebalance(Rebalance::Revoked(p))) if p.contains(&0) => {
+                    if let Some(tx) = active.take() {
+                        tracing::info!("this worker stands by again: unlinking");
+                        gated.set_active(false);
+                        let _ = tx.send(true);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "delivery group membership");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+        if let Some(tx) = active {
+            let _ = tx.send(true);
+        }
+    });
+    run_until_signal(worker, None, shutdown_tx).await
+}

@@ -1,0 +1,278 @@
+//! One role per process on a real Kafka broker: `herald ingest`, two `herald deliver`
+//! (one active, one standing by), three `herald gateway` and `herald nav`, all on
+//! loopback. 300 devices connect to the gateway navigation names; unicast and broadcast
+//! pushes arrive, in order, and are acknowledged; the active worker is killed with
+//! SIGKILL and the standby takes over with nothing lost and nothing shown twice.
+//!
+//! Runs when `HERALD_KAFKA` names a broker (scripts/test starts one).
+#![cfg(feature = "kafka")]
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use herald_client::{Device, DeviceCredentials, DeviceOptions, parse_mqtt_url};
+use serde_json::{Value, json};
+
+const PAYLOAD_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+fn broker() -> Option<String> {
+    match std::env::var("HERALD_KAFKA") {
+        Ok(b) if !b.is_empty() => Some(b),
+        _ if std::env::var_os("HERALD_REQUIRE_TOOLS").is_some() => {
+            panic!("HERALD_KAFKA is not set, and HERALD_REQUIRE_TOOLS says not to skip")
+        }
+        _ => {
+            eprintln!("skipped: HERALD_KAFKA is not set (scripts/test starts Kafka)");
+            None
+        }
+    }
+}
+
+/// A role process.
+struct Role {
+    child: Option<Child>,
+    log: PathBuf,
+    http_port: u16,
+}
+
+impl Role {
+    fn start(role: &str, name: &str, dir: &Path, args: &[String]) -> Role {
+        let http_port = free_port();
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_herald"))
+            .arg(role)
+            .arg("--data-dir")
+            .arg(dir.join(name))
+            .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
+            .args(args)
+            .env("HERALD_ADMIN_TOKEN", ADMIN)
+            .env("HERALD_PAYLOAD_KEY", PAYLOAD_KEY)
+            .env("HERALD_HEARTBEAT_MS", "300")
+            .env("HERALD_LOG", "info,herald_gateway=debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Role {
+            child: Some(child),
+            log,
+            http_port,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    async fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = reqwest::get(format!("{}/healthz", self.base())).await
+                && r.status().is_success()
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "not healthy: {}", self.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn wait_log(&self, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.log().contains(what) {
+            assert!(
+                Instant::now() < deadline,
+                "never logged {what:?}: {}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+async fn nav(base: &str, device_id: &str) -> Value {
+    reqwest::get(format!("{base}/v1/nav?device_id={device_id}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_in_their_own_processes_deliver_and_a_standby_worker_takes_over() {
+    let Some(brokers) = broker() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = make_certs(tmp.path());
+    let gateways: Vec<GatewayProc> = (0..3)
+        .map(|i| GatewayProc::start(&certs, &format!("gw-{i}"), tmp.path()))
+        .collect();
+    let topic = format!(
+        "herald.test.roles.{}.{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos()
+    );
+    let shared = vec![
+        "--kafka-brokers".to_string(),
+        brokers,
+        "--kafka-topic".into(),
+        topic,
+    ];
+    let mut deliver_args = shared.clone();
+    deliver_args.extend([
+        "--link-gateway".into(),
+        gateways
+            .iter()
+            .map(|g| g.link_addr())
+            .collect::<Vec<_>>()
+            .join(","),
+        "--link-certs".into(),
+        certs.display().to_string(),
+    ]);
+    let ingest = Role::start("ingest", "ingest", tmp.path(), &shared);
+    let nav_proc = Role::start("nav", "nav", tmp.path(), &shared);
+    let mut workers = [
+        Role::start("deliver", "deliver-a", tmp.path(), &deliver_args),
+        Role::start("deliver", "deliver-b", tmp.path(), &deliver_args),
+    ];
+    ingest.wait_healthy().await;
+    nav_proc.wait_healthy().await;
+    for g in &gateways {
+        g.wait_linked(1).await;
+    }
+    let active = workers
+        .iter()
+        .position(|w| w.log().contains("now the active one"))
+        .expect("one worker is active");
+    assert!(
+        !workers[1 - active].log().contains("now the active one"),
+        "only one worker is active"
+    );
+
+    // Navigation hears the three gateways (their heartbeats go through the active worker
+    // into the log).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut ids = BTreeSet::new();
+        for i in 0..40 {
+            let id = format!("00000000-0000-4000-8000-{i:012}");
+            ids.insert(nav(&nav_proc.base(), &id).await["gateway_id"].to_string());
+        }
+        if ids.len() == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nav knows {ids:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // 300 devices, each connecting where nav sends it.
+    let app = create_app_at(ingest.base()).await;
+    let mut opts = DeviceOptions::default();
+    opts.backoff.initial_delay = Duration::from_millis(50);
+    opts.backoff.max_delay = Duration::from_millis(500);
+    let mut devices: Vec<(DeviceCredentials, Device)> = Vec::new();
+    let mut per_gateway: HashMap<String, usize> = HashMap::new();
+    for _ in 0..300 {
+        let mut dev = app.register().await;
+        let placed = nav(&nav_proc.base(), &dev.device_id).await;
+        let (host, port) = parse_mqtt_url(placed["mqtt"].as_str().unwrap()).unwrap();
+        dev.mqtt_host = host;
+        dev.mqtt_port = port;
+        *per_gateway
+            .entry(placed["gateway_id"].as_str().unwrap().to_string())
+            .or_default() += 1;
+        let device = Device::start(&dev, opts.clone()).await.unwrap();
+        devices.push((dev, device));
+    }
+    assert_eq!(per_gateway.len(), 3, "{per_gateway:?}");
+
+    // A unicast to each and one broadcast: everyone gets both, in order.
+    let mut sent: HashMap<String, Vec<String>> = HashMap::new();
+    for (dev, _) in &devices {
+        let id = app.push(&dev.device_id, json!({"to": dev.device_id})).await;
+        sent.entry(dev.device_id.clone()).or_default().push(id);
+    }
+    let all = app.broadcast(json!({"all": true})).await;
+    for (dev, _) in &devices {
+        sent.get_mut(&dev.device_id).unwrap().push(all.clone());
+    }
+    let mut seen: HashMap<String, Vec<(String, u64)>> = HashMap::new();
+    for (dev, device) in devices.iter_mut() {
+        let got = seen.entry(dev.device_id.clone()).or_default();
+        while got.len() < 2 {
+            let m = tokio::time::timeout(Duration::from_secs(30), device.next())
+                .await
+                .unwrap_or_else(|_| panic!("{} got {got:?}", dev.device_id))
+                .unwrap();
+            got.push((m.envelope().id.clone(), m.envelope().seq));
+        }
+    }
+    let status = app.wait_acked(&all, 300).await;
+    assert_eq!(status["targeted"], 300, "{status}");
+
+    // The active worker dies; pushes go on; the standby takes over.
+    workers[active].kill9();
+    for (dev, _) in devices.iter().take(30) {
+        let id = app.push(&dev.device_id, json!({"after": true})).await;
+        sent.get_mut(&dev.device_id).unwrap().push(id);
+    }
+    workers[1 - active].wait_log("now the active one").await;
+    for (dev, device) in devices.iter_mut().take(30) {
+        let got = seen.get_mut(&dev.device_id).unwrap();
+        while got.len() < 3 {
+            let m = tokio::time::timeout(Duration::from_secs(60), device.next())
+                .await
+                .unwrap_or_else(|_| panic!("{} got {got:?} after the failover", dev.device_id))
+                .unwrap();
+            got.push((m.envelope().id.clone(), m.envelope().seq));
+        }
+    }
+    // Every device saw exactly what was sent to it, once, in seq order.
+    for (dev, device) in devices.iter_mut() {
+        let got = &seen[&dev.device_id];
+        let ids: Vec<&str> = got.iter().map(|(id, _)| id.as_str()).collect();
+        let mut want: Vec<&str> = sent[&dev.device_id].iter().map(String::as_str).collect();
+        // The unicast and the broadcast may be numbered in either order.
+        let mut first_two: Vec<&str> = ids.iter().take(2).copied().collect();
+        first_two.sort_unstable();
+        let mut want_two: Vec<&str> = want.drain(..2).collect();
+        want_two.sort_unstable();
+        assert_eq!(first_two, want_two, "{}", dev.device_id);
+        assert_eq!(&ids[2..], want.as_slice(), "{}", dev.device_id);
+        assert!(
+            got.windows(2).all(|w| w[0].1 < w[1].1),
+            "{} saw seqs out of order: {got:?}",
+            dev.device_id
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), device.next())
+                .await
+                .is_err(),
+            "{} saw something twice",
+            dev.device_id
+        );
+    }
+}
