@@ -72,9 +72,13 @@ enum Command {
     /// Folds the log into --data-dir. Of all `herald deliver` processes, the one the Kafka
     /// consumer group gives the topic's partition is active: it links to the gateways
     /// (--link-gateway), forwards new entries and answers their requests; the others stand
-    /// by, folding, and one takes over within seconds when the active one dies.
+    /// by, folding, and one takes over within seconds when the active one dies. Every role
+    /// process must be given the same HERALD_PAYLOAD_KEY and HERALD_ADMIN_TOKEN.
     Deliver(RoleArgs),
     /// Run navigation alone (GET /v1/nav), from the gateways' heartbeats in the Kafka log.
+    ///
+    /// Every role process must be given the same HERALD_PAYLOAD_KEY and
+    /// HERALD_ADMIN_TOKEN.
     Nav(RoleArgs),
     /// Write a link CA and the certificates it signs (for gateways and workers).
     ///
