@@ -2,7 +2,8 @@
 //! (one active, one standing by), three `herald gateway` and `herald nav`, all on
 //! loopback. 300 devices connect to the gateway navigation names; unicast and broadcast
 //! pushes arrive, in order, and are acknowledged; the active worker is killed with
-//! SIGKILL and the standby takes over with nothing lost and nothing shown twice.
+//! SIGKILL and the standby takes over; a gateway is killed and its devices reconnect
+//! where navigation sends them and get their backlog: nothing lost, nothing shown twice.
 //!
 //! Runs when `HERALD_KAFKA` names a broker (scripts/test starts one).
 #![cfg(feature = "kafka")]
@@ -127,7 +128,7 @@ async fn roles_in_their_own_processes_deliver_and_a_standby_worker_takes_over() 
     let Some(brokers) = broker() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let certs = make_certs(tmp.path());
-    let gateways: Vec<GatewayProc> = (0..3)
+    let mut gateways: Vec<GatewayProc> = (0..3)
         .map(|i| GatewayProc::start(&certs, &format!("gw-{i}"), tmp.path()))
         .collect();
     let topic = format!(
@@ -193,17 +194,20 @@ async fn roles_in_their_own_processes_deliver_and_a_standby_worker_takes_over() 
     let mut opts = DeviceOptions::default();
     opts.backoff.initial_delay = Duration::from_millis(50);
     opts.backoff.max_delay = Duration::from_millis(500);
+    // On every reconnect the SDK asks navigation where to go.
+    opts.nav_url = Some(nav_proc.base());
     let mut devices: Vec<(DeviceCredentials, Device)> = Vec::new();
     let mut per_gateway: HashMap<String, usize> = HashMap::new();
+    let mut gateway_of: HashMap<String, String> = HashMap::new();
     for _ in 0..300 {
         let mut dev = app.register().await;
         let placed = nav(&nav_proc.base(), &dev.device_id).await;
         let (host, port) = parse_mqtt_url(placed["mqtt"].as_str().unwrap()).unwrap();
         dev.mqtt_host = host;
         dev.mqtt_port = port;
-        *per_gateway
-            .entry(placed["gateway_id"].as_str().unwrap().to_string())
-            .or_default() += 1;
+        let gw = placed["gateway_id"].as_str().unwrap().to_string();
+        gateway_of.insert(dev.device_id.clone(), gw.clone());
+        *per_gateway.entry(gw).or_default() += 1;
         let device = Device::start(&dev, opts.clone()).await.unwrap();
         devices.push((dev, device));
     }
@@ -250,6 +254,40 @@ async fn roles_in_their_own_processes_deliver_and_a_standby_worker_takes_over() 
             got.push((m.envelope().id.clone(), m.envelope().seq));
         }
     }
+    // A gateway dies: its devices ask navigation again, reconnect to the others and get
+    // what was pushed to them meanwhile.
+    gateways[0].kill9();
+    let orphans: Vec<usize> = devices
+        .iter()
+        .enumerate()
+        .filter(|(_, (d, _))| gateway_of[&d.device_id] == "gw-0")
+        .map(|(i, _)| i)
+        .collect();
+    assert!(!orphans.is_empty());
+    for &i in &orphans {
+        let dev = &devices[i].0;
+        let id = app.push(&dev.device_id, json!({"moved": true})).await;
+        sent.get_mut(&dev.device_id).unwrap().push(id);
+    }
+    for &i in &orphans {
+        let (dev, device) = &mut devices[i];
+        let got = seen.get_mut(&dev.device_id).unwrap();
+        let want = sent[&dev.device_id].len();
+        while got.len() < want {
+            let m = tokio::time::timeout(Duration::from_secs(60), device.next())
+                .await
+                .unwrap_or_else(|_| panic!("{} got {got:?} after its gateway died", dev.device_id))
+                .unwrap();
+            got.push((m.envelope().id.clone(), m.envelope().seq));
+        }
+        let now = nav(&nav_proc.base(), &dev.device_id).await;
+        assert_ne!(
+            now["gateway_id"], "gw-0",
+            "navigation moved {}",
+            dev.device_id
+        );
+    }
+
     // Every device saw exactly what was sent to it, once, in seq order.
     for (dev, device) in devices.iter_mut() {
         let got = &seen[&dev.device_id];

@@ -87,6 +87,11 @@ pub struct DeviceOptions {
     /// Connection events kept for a slow [`events`](Device::events) receiver before it
     /// lags (it then skips the oldest).
     pub events_capacity: usize,
+    /// herald's navigation (`http://host:port`, the API or `herald nav`). When set, the
+    /// device asks `GET /v1/nav` for its gateway before every reconnect, so it follows
+    /// navigation when its gateway is gone; when navigation cannot be reached it retries
+    /// the gateway it had.
+    pub nav_url: Option<String>,
 }
 
 impl Default for DeviceOptions {
@@ -103,6 +108,7 @@ impl Default for DeviceOptions {
             state_sync: true,
             max_recent_ids: 1024,
             events_capacity: 256,
+            nav_url: None,
         }
     }
 }
@@ -750,6 +756,7 @@ impl Driver {
             if !self.pause(delay).await {
                 break None;
             }
+            self.navigate().await;
         };
         self.control.status.send_modify(|s| {
             s.connected = false;
@@ -757,6 +764,40 @@ impl Driver {
         });
         self.control.emit(DeviceEvent::Stopped);
         stopped_by
+    }
+
+    /// Asks navigation where to reconnect (when a nav URL is set); keeps the gateway it
+    /// had if navigation cannot answer.
+    async fn navigate(&mut self) {
+        let Some(base) = &self.opts.nav_url else {
+            return;
+        };
+        let url = format!(
+            "{}/v1/nav?device_id={}",
+            base.trim_end_matches('/'),
+            self.creds.device_id
+        );
+        let answer = async {
+            let r = reqwest::Client::new()
+                .get(&url)
+                .timeout(self.opts.connect_timeout)
+                .send()
+                .await?
+                .error_for_status()?;
+            let v: serde_json::Value = r.json().await?;
+            let mqtt = v["mqtt"].as_str().unwrap_or_default().to_string();
+            anyhow::Ok(crate::parse_mqtt_url(&mqtt)?)
+        };
+        match answer.await {
+            Ok((host, port)) => {
+                if (host.as_str(), port) != (self.creds.mqtt_host.as_str(), self.creds.mqtt_port) {
+                    tracing::info!(%host, port, "navigation moved this device to another gateway");
+                }
+                self.creds.mqtt_host = host;
+                self.creds.mqtt_port = port;
+            }
+            Err(e) => tracing::debug!(error = %e, "navigation did not answer; keeping the gateway"),
+        }
     }
 
     /// Waits before the next attempt; `false` if the device is to stop instead. A kill
