@@ -241,3 +241,83 @@ async fn devices_connect_where_navigation_sends_them_and_a_dead_gateway_moves_on
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_cut_and_restored_loses_nothing_and_shows_nothing_twice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = make_certs(tmp.path());
+    let gw = GatewayProc::start(&certs, "gw-cut", tmp.path());
+    // herald serve reaches the gateway's link through a relay this test can cut.
+    let relay = UdpCut::start(format!("127.0.0.1:{}", gw.link_port).parse().unwrap()).await;
+    let server = Server::start_with(&[
+        ("HERALD_LINK_GATEWAYS", &format!("127.0.0.1:{}", relay.port)),
+        ("HERALD_LINK_CERTS", certs.to_str().unwrap()),
+        ("HERALD_HEARTBEAT_MS", "300"),
+    ])
+    .await;
+    gw.wait_linked(1).await;
+
+    let app = create_app(&server).await;
+    let mut dev: DeviceCredentials = app.register().await;
+    dev.mqtt_host = "127.0.0.1".into();
+    dev.mqtt_port = gw.mqtt_port;
+    let mut opts = DeviceOptions::default();
+    opts.backoff.initial_delay = Duration::from_millis(50);
+    opts.backoff.max_delay = Duration::from_millis(500);
+    let mut device = Device::start(&dev, opts).await.unwrap();
+    let mut sent = Vec::new();
+    let mut seen = Vec::new();
+    for i in 0..3 {
+        sent.push(app.push(&dev.device_id, json!({"before": i})).await);
+    }
+    while seen.len() < 3 {
+        let m = tokio::time::timeout(Duration::from_secs(20), device.next())
+            .await
+            .expect("pushes arrive over the link")
+            .unwrap();
+        seen.push(m.envelope().clone());
+    }
+
+    // The link is cut for longer than its idle timeout: it breaks. Pushes are accepted
+    // meanwhile and wait in the inbox.
+    relay.set_cut(true);
+    let cut_at = Instant::now();
+    for i in 0..5 {
+        sent.push(app.push(&dev.device_id, json!({"during": i})).await);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !server.log().contains("gateway link broke") && !gw.log().contains("link closed") {
+        assert!(Instant::now() < deadline, "the cut link never broke");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(8).saturating_sub(cut_at.elapsed())).await;
+
+    // Restored: the worker links again, the session rereads its inbox.
+    relay.set_cut(false);
+    gw.wait_linked(2).await;
+    for i in 0..2 {
+        sent.push(app.push(&dev.device_id, json!({"after": i})).await);
+    }
+    while seen.len() < sent.len() {
+        let m = tokio::time::timeout(Duration::from_secs(30), device.next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "got {} of {} after the link came back",
+                    seen.len(),
+                    sent.len()
+                )
+            })
+            .unwrap();
+        seen.push(m.envelope().clone());
+    }
+    let ids: Vec<&str> = seen.iter().map(|e| e.id.as_str()).collect();
+    let want: Vec<&str> = sent.iter().map(String::as_str).collect();
+    assert_eq!(ids, want, "every push once, in order");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), device.next())
+            .await
+            .is_err(),
+        "nothing shown twice"
+    );
+}

@@ -442,3 +442,57 @@ impl Drop for GatewayProc {
         self.kill9();
     }
 }
+
+/// A UDP relay on loopback that can cut what crosses it: between a delivery worker and a
+/// gateway's QUIC link, to break the link and restore it.
+pub struct UdpCut {
+    pub port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl UdpCut {
+    /// Relays datagrams from one client to `target` and back.
+    pub async fn start(target: std::net::SocketAddr) -> UdpCut {
+        use std::sync::atomic::Ordering;
+        let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        back.connect(target).await.unwrap();
+        let port = front.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = cut.clone();
+        let task = tokio::spawn(async move {
+            let mut client: Option<std::net::SocketAddr> = None;
+            let (mut a, mut b) = (vec![0u8; 65536], vec![0u8; 65536]);
+            loop {
+                tokio::select! {
+                    r = front.recv_from(&mut a) => {
+                        let Ok((n, from)) = r else { return };
+                        client = Some(from);
+                        if !flag.load(Ordering::Relaxed) {
+                            let _ = back.send(&a[..n]).await;
+                        }
+                    }
+                    r = back.recv(&mut b) => {
+                        let Ok(n) = r else { continue };
+                        if let (false, Some(c)) = (flag.load(Ordering::Relaxed), client) {
+                            let _ = front.send_to(&b[..n], c).await;
+                        }
+                    }
+                }
+            }
+        });
+        UdpCut { port, cut, task }
+    }
+
+    /// Drops everything (`true`) or relays again (`false`).
+    pub fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for UdpCut {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
