@@ -11,8 +11,6 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -29,65 +27,6 @@ fn wanted() -> bool {
             eprintln!("skipped: HERALD_KAFKA is not set (scripts/test starts Kafka)");
             false
         }
-    }
-}
-
-/// A broker of this test's own, on a port whose next port (the controller's) is free too.
-struct Broker {
-    port: u16,
-    dir: PathBuf,
-}
-
-fn scripts() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts")
-}
-
-impl Broker {
-    fn start() -> Broker {
-        let port = loop {
-            let p = free_port();
-            if p < 65000 && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
-                break p;
-            }
-        };
-        let tmp =
-            std::env::temp_dir().join(format!("herald-kafka-test-{}-{port}", std::process::id()));
-        let b = Broker { port, dir: tmp };
-        b.up(false);
-        b
-    }
-
-    fn up(&self, keep: bool) {
-        let out = Command::new(scripts().join("kafka-up"))
-            .env("HERALD_KAFKA_PORT", self.port.to_string())
-            .env("HERALD_KAFKA_DIR", &self.dir)
-            .env("HERALD_KAFKA_KEEP", if keep { "1" } else { "0" })
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "kafka-up failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn down(&self, keep: bool) {
-        let status = Command::new(scripts().join("kafka-down"))
-            .env("HERALD_KAFKA_DIR", &self.dir)
-            .env("HERALD_KAFKA_KEEP", if keep { "1" } else { "0" })
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.down(false);
     }
 }
 

@@ -3,7 +3,8 @@
 //! loopback. 300 devices connect to the gateway navigation names; unicast and broadcast
 //! pushes arrive, in order, and are acknowledged; the active worker is killed with
 //! SIGKILL and the standby takes over; a gateway is killed and its devices reconnect
-//! where navigation sends them and get their backlog: nothing lost, nothing shown twice.
+//! where navigation sends them and get their backlog; the broker stops for ten seconds
+//! (ingest answers 503, never 202) and comes back: nothing lost, nothing shown twice.
 //!
 //! Runs when `HERALD_KAFKA` names a broker (scripts/test starts one).
 #![cfg(feature = "kafka")]
@@ -54,6 +55,7 @@ impl Role {
             .args(args)
             .env("HERALD_ADMIN_TOKEN", ADMIN)
             .env("HERALD_PAYLOAD_KEY", PAYLOAD_KEY)
+            .env("HERALD_CONFIG", dir.join("roles.toml"))
             .env("HERALD_HEARTBEAT_MS", "300")
             .env("HERALD_LOG", "info,herald_gateway=debug")
             .stdout(Stdio::null())
@@ -125,8 +127,15 @@ async fn nav(base: &str, device_id: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_in_their_own_processes_deliver_and_a_standby_worker_takes_over() {
-    let Some(brokers) = broker() else { return };
+    if broker().is_none() {
+        return;
+    }
+    // A broker of its own: this test stops it for a while.
+    let kafka = Broker::start();
+    let brokers = kafka.addr();
     let tmp = tempfile::tempdir().unwrap();
+    // Appends give up after 2 s, so a stopped broker shows as 503 quickly.
+    std::fs::write(tmp.path().join("roles.toml"), "kafka_timeout_ms = 2000\n").unwrap();
     let certs = make_certs(tmp.path());
     let mut gateways: Vec<GatewayProc> = (0..3)
         .map(|i| GatewayProc::start(&certs, &format!("gw-{i}"), tmp.path()))
@@ -288,6 +297,80 @@ async fn roles_in_their_own_processes_deliver_and_a_standby_worker_takes_over() 
         );
     }
 
+    // Kafka stops for about ten seconds: herald ingest refuses pushes with 503, never a
+    // 202 it cannot keep; once Kafka is back, the same Idempotency-Keys go through, once.
+    kafka.down(true);
+    let http = reqwest::Client::new();
+    let push_keyed = |dev: String, key: String| {
+        let (http, base, token) = (http.clone(), app.base.clone(), app.token.clone());
+        async move {
+            let r = http
+                .post(format!("{base}/v1/messages"))
+                .bearer_auth(token)
+                .header("Idempotency-Key", key)
+                .json(&json!({"to": {"device_id": dev}, "data": {"outage": true}}))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or_default())
+        }
+    };
+    let down_since = Instant::now();
+    let mut refused = Vec::new();
+    eprintln!("phase: kafka down");
+    for (dev, _) in devices.iter().skip(100).take(10) {
+        if down_since.elapsed() > Duration::from_secs(10) && !refused.is_empty() {
+            break;
+        }
+        let key = format!("outage-{}", dev.device_id);
+        let (status, body) = push_keyed(dev.device_id.clone(), key.clone()).await;
+        assert_eq!(status, 503, "accepted while Kafka was down: {body}");
+        refused.push((dev.device_id.clone(), key));
+    }
+    eprintln!(
+        "phase: refused {} pushes in {:?}",
+        refused.len(),
+        down_since.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(down_since.elapsed())).await;
+    kafka.up(true);
+    eprintln!("phase: kafka up again after {:?}", down_since.elapsed());
+    for (device_id, key) in &refused {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (status, body) = push_keyed(device_id.clone(), key.clone()).await;
+            if status == 202 {
+                sent.get_mut(device_id)
+                    .unwrap()
+                    .push(body["message_id"].as_str().unwrap().to_string());
+                break;
+            }
+            assert_eq!(status, 503, "{body}");
+            assert!(
+                Instant::now() < deadline,
+                "Kafka never came back for herald ingest"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    eprintln!("phase: retries accepted after {:?}", down_since.elapsed());
+    for (dev, device) in devices.iter_mut().skip(100).take(10) {
+        let got = seen.get_mut(&dev.device_id).unwrap();
+        let want = sent[&dev.device_id].len();
+        while got.len() < want {
+            let m = tokio::time::timeout(Duration::from_secs(60), device.next())
+                .await
+                .unwrap_or_else(|_| panic!("{} got {got:?} after Kafka returned", dev.device_id))
+                .unwrap();
+            got.push((m.envelope().id.clone(), m.envelope().seq));
+        }
+    }
+
+    eprintln!(
+        "phase: outage pushes received after {:?}",
+        down_since.elapsed()
+    );
     // Every device saw exactly what was sent to it, once, in seq order.
     for (dev, device) in devices.iter_mut() {
         let got = &seen[&dev.device_id];

@@ -496,3 +496,62 @@ impl Drop for UdpCut {
         self.task.abort();
     }
 }
+
+/// A Kafka broker of a test's own (scripts/kafka-up), on a port whose next port (the controller's) is free too.
+pub struct Broker {
+    pub port: u16,
+    dir: PathBuf,
+}
+
+pub fn scripts() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts")
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        let port = loop {
+            let p = free_port();
+            if p < 65000 && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+                break p;
+            }
+        };
+        let tmp =
+            std::env::temp_dir().join(format!("herald-kafka-test-{}-{port}", std::process::id()));
+        let b = Broker { port, dir: tmp };
+        b.up(false);
+        b
+    }
+
+    pub fn up(&self, keep: bool) {
+        let out = Command::new(scripts().join("kafka-up"))
+            .env("HERALD_KAFKA_PORT", self.port.to_string())
+            .env("HERALD_KAFKA_DIR", &self.dir)
+            .env("HERALD_KAFKA_KEEP", if keep { "1" } else { "0" })
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "kafka-up failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn down(&self, keep: bool) {
+        let status = Command::new(scripts().join("kafka-down"))
+            .env("HERALD_KAFKA_DIR", &self.dir)
+            .env("HERALD_KAFKA_KEEP", if keep { "1" } else { "0" })
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.down(false);
+    }
+}
