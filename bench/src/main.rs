@@ -47,6 +47,14 @@ struct Args {
 /// Extra environment for `herald serve`.
 type Env = Vec<(String, String)>;
 
+/// What the e2e scenario runs against.
+enum Deploy {
+    /// `herald serve` with this extra environment.
+    Serve(Env),
+    /// One process per role on this Kafka broker and topic.
+    Roles { kafka: String, topic: String },
+}
+
 /// Concurrent REST requests of the e2e publisher (an app server's connection pool).
 const E2E_CONCURRENCY: usize = 256;
 
@@ -331,17 +339,20 @@ async fn herald_connected(
     devices: usize,
     expect: usize,
 ) -> anyhow::Result<Connected> {
-    herald_connected_env(ctx, tag, devices, expect, &[]).await
+    herald_connected_on(ctx, tag, devices, expect, &Deploy::Serve(Vec::new())).await
 }
 
-async fn herald_connected_env(
+async fn herald_connected_on(
     ctx: &Ctx,
     tag: &str,
     devices: usize,
     expect: usize,
-    env: &[(String, String)],
+    deploy: &Deploy,
 ) -> anyhow::Result<Connected> {
-    let server = Server::start_opts(Kind::Herald, &ctx.bins, 0, env).await?;
+    let server = match deploy {
+        Deploy::Serve(env) => Server::start_opts(Kind::Herald, &ctx.bins, 0, env).await?,
+        Deploy::Roles { kafka, topic } => Server::start_roles(&ctx.bins, kafka, topic).await?,
+    };
     let (who, app, ids) = devices_for(ctx, &server, devices, tag).await?;
     let app = app.context("herald app")?;
     let mut args = ctx.sim_args(server.mqtt_port, &who);
@@ -368,14 +379,14 @@ async fn e2e(
     ctx: &Ctx,
     devices: usize,
     pushes: usize,
-    env: &[(String, String)],
+    deploy: &Deploy,
 ) -> anyhow::Result<(f64, f64, f64)> {
     let Connected {
         server,
         app,
         device_ids: ids,
         mut sim,
-    } = herald_connected_env(ctx, "e2e", devices, pushes, env).await?;
+    } = herald_connected_on(ctx, "e2e", devices, pushes, deploy).await?;
     ctx.step(format!("e2e: {pushes} pushes over REST"));
     let ids = std::sync::Arc::new(ids);
     let start = Instant::now();
@@ -625,7 +636,7 @@ async fn run(args: Args) -> anyhow::Result<Vec<Row>> {
 
     if wanted.contains(&"e2e") || wanted.contains(&"e2e-kafka") {
         let (d, p) = if q { (200, 2_000) } else { (10_000, 100_000) };
-        let mut plans: Vec<(String, &str, Env)> = Vec::new();
+        let mut plans: Vec<(String, &str, Deploy)> = Vec::new();
         let mut kafka = None;
         if wanted.contains(&"e2e") {
             plans.push((
@@ -633,7 +644,7 @@ async fn run(args: Args) -> anyhow::Result<Vec<Row>> {
                     "e2e: {p} unicast pushes over REST ({E2E_CONCURRENCY} concurrent) to {d} devices (QoS 1)"
                 ),
                 "accepted at the API (202, fsync'd)",
-                Vec::new(),
+                Deploy::Serve(Vec::new()),
             ));
         }
         if wanted.contains(&"e2e-kafka") {
@@ -647,10 +658,20 @@ async fn run(args: Args) -> anyhow::Result<Vec<Row>> {
                     plans.push((
                         name,
                         "accepted at the API (202, acked by Kafka)",
-                        vec![
+                        Deploy::Serve(vec![
                             ("HERALD_KAFKA_BROKERS".into(), k.addr.clone()),
-                            ("HERALD_KAFKA_TOPIC".into(), topic),
-                        ],
+                            ("HERALD_KAFKA_TOPIC".into(), topic.clone()),
+                        ]),
+                    ));
+                    plans.push((
+                        format!(
+                            "e2e on Kafka, one process per role (herald ingest, deliver, gateway): {p} unicast pushes over REST to {d} devices"
+                        ),
+                        "accepted at the API (202, acked by Kafka)",
+                        Deploy::Roles {
+                            kafka: k.addr.clone(),
+                            topic: format!("{topic}.roles"),
+                        },
                     ));
                     kafka = Some(k);
                 }
@@ -666,8 +687,8 @@ async fn run(args: Args) -> anyhow::Result<Vec<Row>> {
                 }
             }
         }
-        for (name, api_metric, env) in plans {
-            match e2e(&ctx, d, p, &env).await {
+        for (name, api_metric, deploy) in plans {
+            match e2e(&ctx, d, p, &deploy).await {
                 Ok((secs, api_rate, p99)) => {
                     rows.push(herald_only(
                         &name,

@@ -13,6 +13,9 @@ use tokio::process::{Child, ChildStdout, Command};
 /// The admin token the benchmark gives herald.
 pub const ADMIN: &str = "bench-admin-token-0123456789";
 
+/// The payload key every role process of a benchmark shares (32 bytes, base64).
+pub const BENCH_PAYLOAD_KEY: &str = "YmVuY2gtcGF5bG9hZC1rZXktMDEyMzQ1Njc4OWFiY2Q=";
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -352,6 +355,92 @@ next_connection_delay_ms = 0
             gateway_ports,
             child,
             gateways: gateway_children,
+            _dir: dir,
+        })
+    }
+
+    /// One process per role on Kafka at `kafka`, topic `topic`: `herald ingest` (its REST
+    /// port is this server's), one `herald deliver` and one `herald gateway` (its MQTT
+    /// port is this server's).
+    pub async fn start_roles(bins: &Bins, kafka: &str, topic: &str) -> anyhow::Result<Server> {
+        let dir = tempdir::Dir::new("roles")?;
+        let certs = dir.path().join("certs");
+        let status = Command::new(&bins.herald)
+            .arg("certs")
+            .arg("--out")
+            .arg(&certs)
+            .stdout(Stdio::null())
+            .status()
+            .await?;
+        if !status.success() {
+            bail!("herald certs failed: {status}");
+        }
+        let (mqtt, link, http) = (free_port()?, free_port()?, free_port()?);
+        let spawn = |args: Vec<String>, name: &str| -> anyhow::Result<Child> {
+            let log = std::fs::File::create(dir.path().join(format!("{name}.log")))?;
+            Command::new(&bins.herald)
+                .args(&args)
+                .env("HERALD_ADMIN_TOKEN", ADMIN)
+                .env("HERALD_PAYLOAD_KEY", BENCH_PAYLOAD_KEY)
+                .env("HERALD_LOG", "warn,herald_gateway::link=info")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("cannot start herald {name}"))
+        };
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<String>>();
+        let certs_s = certs.display().to_string();
+        let mut gateway = spawn(
+            s(&[
+                "gateway",
+                "--mqtt-addr",
+                &format!("127.0.0.1:{mqtt}"),
+                "--link-addr",
+                &format!("127.0.0.1:{link}"),
+                "--link-certs",
+                &certs_s,
+                "--gateway-id",
+                "gateway-0",
+            ]),
+            "gateway-0",
+        )?;
+        wait_port(mqtt, "herald gateway", &mut gateway).await?;
+        let kafka_args = ["--kafka-brokers", kafka, "--kafka-topic", topic];
+        let mut deliver_args = s(&["deliver", "--data-dir"]);
+        deliver_args.push(dir.path().join("deliver").display().to_string());
+        deliver_args.extend(s(&kafka_args));
+        deliver_args.extend(s(&[
+            "--link-gateway",
+            &format!("127.0.0.1:{link}"),
+            "--link-certs",
+            &certs_s,
+        ]));
+        let deliver = spawn(deliver_args, "deliver")?;
+        let mut ingest_args = s(&["ingest", "--data-dir"]);
+        ingest_args.push(dir.path().join("ingest").display().to_string());
+        ingest_args.extend(s(&kafka_args));
+        ingest_args.extend(s(&["--http-addr", &format!("127.0.0.1:{http}")]));
+        let mut ingest = spawn(ingest_args, "ingest")?;
+        wait_port(http, "herald ingest", &mut ingest).await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !std::fs::read_to_string(dir.path().join("gateway-0.log"))
+            .unwrap_or_default()
+            .contains("delivery worker linked")
+        {
+            if Instant::now() > deadline {
+                bail!("herald deliver did not link to the gateway within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Server {
+            kind: Kind::Herald,
+            mqtt_port: mqtt,
+            http_port: http,
+            gateway_ports: Vec::new(),
+            child: ingest,
+            gateways: vec![gateway, deliver],
             _dir: dir,
         })
     }
