@@ -28,6 +28,10 @@ use crate::serve::{Secrets, ingest_config, load_secrets, open_store, shutdown_si
 /// The consumer group whose one member holding partition 0 is the active worker.
 pub const DELIVER_GROUP: &str = "herald-deliver";
 
+/// How long an active worker keeps its links after its partition was revoked, waiting to
+/// be given it back in the same rebalance.
+const RELEASE_GRACE: Duration = Duration::from_secs(3);
+
 async fn open_kafka(config: &Config) -> anyhow::Result<Arc<OrderedKafkaLog>> {
     let Some(brokers) = &config.kafka_brokers else {
         bail!(
@@ -76,16 +80,20 @@ async fn run_until_signal(
     result
 }
 
-/// `herald ingest`: the REST API. Appends to Kafka; reads its own projections.
-pub async fn ingest(config: Config) -> anyhow::Result<()> {
+/// What `herald ingest` and `herald nav` share: the log, their own projections folded
+/// by a follower, the API state (with navigation following the heartbeats), and the
+/// HTTP listener.
+async fn api_process(
+    config: &Config,
+) -> anyhow::Result<(Worker, Arc<Ingest>, watch::Sender<bool>, TcpListener)> {
     let Secrets {
         admin_token,
         keyring,
         jwt_secret,
-    } = load_secrets(&config, true)?;
-    let kafka = open_kafka(&config).await?;
+    } = load_secrets(config, true)?;
+    let kafka = open_kafka(config).await?;
     let log: Arc<dyn EventLog> = kafka.clone();
-    let (_db, store) = open_store(&config, &log)?;
+    let (_db, store) = open_store(config, &log)?;
     let worker = Worker::new(
         log.clone(),
         store.clone(),
@@ -93,7 +101,7 @@ pub async fn ingest(config: Config) -> anyhow::Result<()> {
         keyring.clone(),
     )?;
     let ingest = Ingest::new(
-        ingest_config(&config, admin_token),
+        ingest_config(config, admin_token),
         log.clone(),
         store,
         worker.applied(),
@@ -105,6 +113,12 @@ pub async fn ingest(config: Config) -> anyhow::Result<()> {
     let http = TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("cannot listen on {} (http_addr)", config.http_addr))?;
+    Ok((worker, ingest, shutdown_tx, http))
+}
+
+/// `herald ingest`: the REST API. Appends to Kafka; reads its own projections.
+pub async fn ingest(config: Config) -> anyhow::Result<()> {
+    let (worker, ingest, shutdown_tx, http) = api_process(&config).await?;
     tracing::info!(http = %http.local_addr()?, topic = %config.kafka_topic, "herald ingest serving");
     run_until_signal(
         worker,
@@ -116,33 +130,7 @@ pub async fn ingest(config: Config) -> anyhow::Result<()> {
 
 /// `herald nav`: `GET /v1/nav` alone, from the gateways' heartbeats in the log.
 pub async fn nav(config: Config) -> anyhow::Result<()> {
-    let Secrets {
-        admin_token,
-        keyring,
-        jwt_secret,
-    } = load_secrets(&config, true)?;
-    let kafka = open_kafka(&config).await?;
-    let log: Arc<dyn EventLog> = kafka.clone();
-    let (_db, store) = open_store(&config, &log)?;
-    let worker = Worker::new(
-        log.clone(),
-        store.clone(),
-        Arc::new(NoLink),
-        keyring.clone(),
-    )?;
-    let ingest = Ingest::new(
-        ingest_config(&config, admin_token),
-        log.clone(),
-        store,
-        worker.applied(),
-        keyring,
-        jwt_secret.as_bytes(),
-    );
-    let (shutdown_tx, shutdown) = watch::channel(false);
-    follow_navigation(&ingest, log, shutdown);
-    let http = TcpListener::bind(config.http_addr)
-        .await
-        .with_context(|| format!("cannot listen on {} (http_addr)", config.http_addr))?;
+    let (worker, ingest, shutdown_tx, http) = api_process(&config).await?;
     tracing::info!(http = %http.local_addr()?, "herald nav serving");
     run_until_signal(
         worker,
@@ -179,6 +167,7 @@ pub async fn deliver(config: Config) -> anyhow::Result<()> {
     let kafka = open_kafka(&config).await?;
     let log: Arc<dyn EventLog> = kafka.clone();
     let (_db, store) = open_store(&config, &log)?;
+    let gateway_list = config.link_gateways.clone();
     let quic = QuicLink::new(QuicLinkConfig {
         gateways: config.link_gateways.clone(),
         tls: LinkTls::in_dir(&certs, "worker"),
@@ -188,24 +177,47 @@ pub async fn deliver(config: Config) -> anyhow::Result<()> {
     let gated = Arc::new(Gated::new(quic.clone() as Arc<dyn Link>));
     let worker = Worker::new(log.clone(), store.clone(), gated.clone(), keyring.clone())?;
     let directory = Arc::new(
-        StoreDirectory::new(store, keyring).with_freshness(log.durable_end(), worker.applied()),
+        StoreDirectory::new(store, keyring)
+            .with_freshness(log.durable_end(), worker.applied())
+            .waiting_for_registrations(),
     );
     let (shutdown_tx, shutdown) = watch::channel(false);
-    let member = kafka
-        .kafka()
-        .membership(DELIVER_GROUP)
-        .context("cannot join the delivery workers' group")?;
-    tracing::info!(gateways = ?config.link_gateways, "herald deliver standing by");
     let stop = shutdown.clone();
+    let mut applied = worker.applied();
+    let kafka_for_group = kafka.clone();
     tokio::spawn(async move {
-        // While this member holds partition 0 it is the active worker.
+        // Join the group only once this worker has folded the log as it stands: a worker
+        // that took over with a stale store would refuse devices it does not know yet.
+        let target = *log.durable_end().borrow();
+        tracing::info!(
+            target,
+            "catching up with the log before joining the delivery group"
+        );
+        if applied.wait_for(|a| *a >= target).await.is_err() {
+            return;
+        }
+        let member = match kafka_for_group.kafka().membership(DELIVER_GROUP) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot join the delivery workers' group");
+                return;
+            }
+        };
+        tracing::info!(gateways = ?gateway_list, "herald deliver standing by");
+        // While this member holds partition 0 it is the active worker. A revocation is
+        // acted on only if the partition is not given back within RELEASE_GRACE: every
+        // member joining or leaving revokes and reassigns (eager protocol), and the same
+        // member usually gets it back; relinking every gateway each time would make every
+        // session reread its inbox for nothing.
         let mut active: Option<watch::Sender<bool>> = None;
+        let mut release_at: Option<tokio::time::Instant> = None;
         loop {
             if *stop.borrow() {
                 break;
             }
             match member.poll(16, Duration::from_millis(200)).await {
                 Ok(Polled::Rebalance(Rebalance::Assigned(p))) if p.contains(&0) => {
+                    release_at = None;
                     if active.is_none() {
                         tracing::info!(
                             "this worker is now the active one: linking to the gateways"
@@ -217,16 +229,22 @@ pub async fn deliver(config: Config) -> anyhow::Result<()> {
                     }
                 }
                 Ok(Polled::Rebalance(Rebalance::Revoked(p))) if p.contains(&0) => {
-                    if let Some(tx) = active.take() {
-                        tracing::info!("this worker stands by again: unlinking");
-                        gated.set_active(false);
-                        let _ = tx.send(true);
+                    if active.is_some() && release_at.is_none() {
+                        release_at = Some(tokio::time::Instant::now() + RELEASE_GRACE);
                     }
                 }
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "delivery group membership");
                     tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+            if release_at.is_some_and(|t| tokio::time::Instant::now() >= t) {
+                release_at = None;
+                if let Some(tx) = active.take() {
+                    tracing::info!("this worker stands by again: unlinking");
+                    gated.set_active(false);
+                    let _ = tx.send(true);
                 }
             }
         }

@@ -119,7 +119,17 @@ pub fn load_secrets(config: &Config, shared: bool) -> anyhow::Result<Secrets> {
             decode_key(&k, "payload.key in the data dir")?
         }
     };
-    let (jwt_secret, _) = secret_file(&dir.join("jwt.key"), || random_b64(32))?;
+    // Role processes must agree on the token key too: there it is derived from the shared
+    // payload key (one secret to distribute); one process keeps a generated one.
+    let jwt_secret = if shared {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(b"herald app token key v1");
+        h.update(payload_key);
+        B64.encode(h.finalize())
+    } else {
+        secret_file(&dir.join("jwt.key"), || random_b64(32))?.0
+    };
     Ok(Secrets {
         admin_token,
         keyring: Keyring::new(1, &payload_key),

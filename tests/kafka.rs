@@ -14,7 +14,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use herald_client::{Device, DeviceOptions};
+use herald_client::Device;
 use serde_json::json;
 
 fn wanted() -> bool {
@@ -53,9 +53,7 @@ async fn serve_on_kafka_never_accepts_what_the_broker_does_not_have() {
 
     let app = create_app(&server).await;
     let dev = app.register().await;
-    let mut opts = DeviceOptions::default();
-    opts.backoff.initial_delay = Duration::from_millis(50);
-    opts.backoff.max_delay = Duration::from_millis(500);
+    let opts = quick_options();
     let mut device = Device::start(&dev, opts).await.unwrap();
     let mut accepted = Vec::new();
     for i in 0..5 {
@@ -124,22 +122,16 @@ async fn serve_on_kafka_never_accepts_what_the_broker_does_not_have() {
     }
 
     let mut seen = Vec::new();
-    while seen.len() < accepted.len() {
-        let m = tokio::time::timeout(Duration::from_secs(30), device.next())
-            .await
-            .unwrap_or_else(|_| panic!("got {} of {}", seen.len(), accepted.len()))
-            .unwrap();
-        seen.push(m.envelope().clone());
-    }
-    let ids: Vec<&str> = seen.iter().map(|e| e.id.as_str()).collect();
-    let want: Vec<&str> = accepted.iter().map(String::as_str).collect();
-    assert_eq!(ids, want, "every accepted push once, in order");
-    assert!(
-        tokio::time::timeout(Duration::from_millis(500), device.next())
-            .await
-            .is_err(),
-        "nothing shown twice"
-    );
+    let n = accepted.len();
+    take_until(
+        &mut device,
+        &mut seen,
+        n,
+        Duration::from_secs(30),
+        "after Kafka returned",
+    )
+    .await;
+    assert_exactly(&mut device, &seen, &accepted).await;
     drop(device);
 
     // herald itself restarts (SIGKILL): the log is Kafka's, the projections resume.

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
-use herald_client::{Device, DeviceCredentials, DeviceOptions};
+use herald_client::{Device, DeviceCredentials};
 use serde_json::{Value, json};
 
 async fn serve_with(gateways: &[&GatewayProc], certs: &Path) -> Server {
@@ -78,9 +78,7 @@ async fn a_gateway_process_killed_and_restarted_loses_nothing_and_shows_nothing_
     let mut dev: DeviceCredentials = app.register().await;
     dev.mqtt_host = "127.0.0.1".into();
     dev.mqtt_port = gw.mqtt_port;
-    let mut opts = DeviceOptions::default();
-    opts.backoff.initial_delay = Duration::from_millis(50);
-    opts.backoff.max_delay = Duration::from_millis(500);
+    let opts = quick_options();
     let mut device = Device::start(&dev, opts).await.unwrap();
 
     let mut sent = Vec::new();
@@ -88,13 +86,14 @@ async fn a_gateway_process_killed_and_restarted_loses_nothing_and_shows_nothing_
     for i in 0..5 {
         sent.push(app.push(&dev.device_id, json!({"i": i})).await);
     }
-    while seen.len() < 5 {
-        let m = tokio::time::timeout(Duration::from_secs(20), device.next())
-            .await
-            .expect("live pushes arrive")
-            .unwrap();
-        seen.push(m.envelope().clone());
-    }
+    take_until(
+        &mut device,
+        &mut seen,
+        5,
+        Duration::from_secs(20),
+        "live pushes",
+    )
+    .await;
 
     // The gateway process dies; pushes keep being accepted meanwhile.
     gw.kill9();
@@ -103,13 +102,14 @@ async fn a_gateway_process_killed_and_restarted_loses_nothing_and_shows_nothing_
     }
     gw.spawn();
     gw.wait_linked(2).await;
-    while seen.len() < 10 {
-        let m = tokio::time::timeout(Duration::from_secs(30), device.next())
-            .await
-            .expect("the backlog arrives after the restart")
-            .unwrap();
-        seen.push(m.envelope().clone());
-    }
+    take_until(
+        &mut device,
+        &mut seen,
+        10,
+        Duration::from_secs(30),
+        "after the restart",
+    )
+    .await;
     let ids: Vec<&str> = seen.iter().map(|e| e.id.as_str()).collect();
     let want: Vec<&str> = sent.iter().map(String::as_str).collect();
     assert_eq!(ids, want, "every push once, in order");
@@ -192,8 +192,7 @@ async fn devices_connect_where_navigation_sends_them_and_a_dead_gateway_moves_on
     }
 
     // Every device connects where it was sent and gets its push and a broadcast.
-    let mut opts = DeviceOptions::default();
-    opts.backoff.initial_delay = Duration::from_millis(50);
+    let opts = quick_options();
     let mut running = Vec::new();
     for (dev, _) in &devices {
         running.push(Device::start(dev, opts.clone()).await.unwrap());
@@ -261,22 +260,21 @@ async fn a_link_cut_and_restored_loses_nothing_and_shows_nothing_twice() {
     let mut dev: DeviceCredentials = app.register().await;
     dev.mqtt_host = "127.0.0.1".into();
     dev.mqtt_port = gw.mqtt_port;
-    let mut opts = DeviceOptions::default();
-    opts.backoff.initial_delay = Duration::from_millis(50);
-    opts.backoff.max_delay = Duration::from_millis(500);
+    let opts = quick_options();
     let mut device = Device::start(&dev, opts).await.unwrap();
     let mut sent = Vec::new();
     let mut seen = Vec::new();
     for i in 0..3 {
         sent.push(app.push(&dev.device_id, json!({"before": i})).await);
     }
-    while seen.len() < 3 {
-        let m = tokio::time::timeout(Duration::from_secs(20), device.next())
-            .await
-            .expect("pushes arrive over the link")
-            .unwrap();
-        seen.push(m.envelope().clone());
-    }
+    take_until(
+        &mut device,
+        &mut seen,
+        3,
+        Duration::from_secs(20),
+        "over the link",
+    )
+    .await;
 
     // The link is cut for longer than its idle timeout: it breaks. Pushes are accepted
     // meanwhile and wait in the inbox.
@@ -298,26 +296,14 @@ async fn a_link_cut_and_restored_loses_nothing_and_shows_nothing_twice() {
     for i in 0..2 {
         sent.push(app.push(&dev.device_id, json!({"after": i})).await);
     }
-    while seen.len() < sent.len() {
-        let m = tokio::time::timeout(Duration::from_secs(30), device.next())
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "got {} of {} after the link came back",
-                    seen.len(),
-                    sent.len()
-                )
-            })
-            .unwrap();
-        seen.push(m.envelope().clone());
-    }
-    let ids: Vec<&str> = seen.iter().map(|e| e.id.as_str()).collect();
-    let want: Vec<&str> = sent.iter().map(String::as_str).collect();
-    assert_eq!(ids, want, "every push once, in order");
-    assert!(
-        tokio::time::timeout(Duration::from_millis(500), device.next())
-            .await
-            .is_err(),
-        "nothing shown twice"
-    );
+    let n = sent.len();
+    take_until(
+        &mut device,
+        &mut seen,
+        n,
+        Duration::from_secs(30),
+        "after the link came back",
+    )
+    .await;
+    assert_exactly(&mut device, &seen, &sent).await;
 }

@@ -18,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use herald_client::{Device, DeviceCredentials, DeviceOptions, parse_mqtt_url};
+use herald_client::{Device, DeviceCredentials, parse_mqtt_url};
 use serde_json::{Value, json};
 
 const PAYLOAD_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
@@ -200,9 +200,7 @@ async fn roles_in_their_own_processes_deliver_and_a_standby_worker_takes_over() 
 
     // 300 devices, each connecting where nav sends it.
     let app = create_app_at(ingest.base()).await;
-    let mut opts = DeviceOptions::default();
-    opts.backoff.initial_delay = Duration::from_millis(50);
-    opts.backoff.max_delay = Duration::from_millis(500);
+    let mut opts = quick_options();
     // On every reconnect the SDK asks navigation where to go.
     opts.nav_url = Some(nav_proc.base());
     let mut devices: Vec<(DeviceCredentials, Device)> = Vec::new();

@@ -167,6 +167,21 @@ pub mod tempdir {
     }
 }
 
+/// `herald certs --out dir`.
+async fn make_certs(bins: &Bins, dir: &Path) -> anyhow::Result<()> {
+    let status = Command::new(&bins.herald)
+        .arg("certs")
+        .arg("--out")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .status()
+        .await?;
+    if !status.success() {
+        bail!("herald certs failed: {status}");
+    }
+    Ok(())
+}
+
 async fn wait_port(port: u16, what: &str, child: &mut Child) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -216,16 +231,7 @@ impl Server {
         let mut link_addrs = Vec::new();
         let certs = dir.path().join("certs");
         if kind == Kind::Herald && gateways > 0 {
-            let status = Command::new(&bins.herald)
-                .arg("certs")
-                .arg("--out")
-                .arg(&certs)
-                .stdout(Stdio::null())
-                .status()
-                .await?;
-            if !status.success() {
-                bail!("herald certs failed: {status}");
-            }
+            make_certs(bins, &certs).await?;
             for i in 0..gateways {
                 let (mqtt, link) = (free_port()?, free_port()?);
                 let log = std::fs::File::create(dir.path().join(format!("gateway-{i}.log")))?;
@@ -365,16 +371,7 @@ next_connection_delay_ms = 0
     pub async fn start_roles(bins: &Bins, kafka: &str, topic: &str) -> anyhow::Result<Server> {
         let dir = tempdir::Dir::new("roles")?;
         let certs = dir.path().join("certs");
-        let status = Command::new(&bins.herald)
-            .arg("certs")
-            .arg("--out")
-            .arg(&certs)
-            .stdout(Stdio::null())
-            .status()
-            .await?;
-        if !status.success() {
-            bail!("herald certs failed: {status}");
-        }
+        make_certs(bins, &certs).await?;
         let (mqtt, link, http) = (free_port()?, free_port()?, free_port()?);
         let spawn = |args: Vec<String>, name: &str| -> anyhow::Result<Child> {
             let log = std::fs::File::create(dir.path().join(format!("{name}.log")))?;

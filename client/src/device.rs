@@ -772,15 +772,14 @@ impl Driver {
         let Some(base) = &self.opts.nav_url else {
             return;
         };
-        let url = format!(
-            "{}/v1/nav?device_id={}",
-            base.trim_end_matches('/'),
-            self.creds.device_id
-        );
-        let answer = async {
+        let url = format!("{}/v1/nav", base.trim_end_matches('/'));
+        let device_id = self.creds.device_id.clone();
+        let timeout = self.opts.connect_timeout;
+        let answer = async move {
             let r = reqwest::Client::new()
                 .get(&url)
-                .timeout(self.opts.connect_timeout)
+                .query(&[("device_id", device_id.as_str())])
+                .timeout(timeout)
                 .send()
                 .await?
                 .error_for_status()?;
@@ -788,7 +787,11 @@ impl Driver {
             let mqtt = v["mqtt"].as_str().unwrap_or_default().to_string();
             anyhow::Ok(crate::parse_mqtt_url(&mqtt)?)
         };
-        match answer.await {
+        let answer = tokio::select! {
+            a = answer => a,
+            () = shutdown_requested(&mut self.shutdown) => return,
+        };
+        match answer {
             Ok((host, port)) => {
                 if (host.as_str(), port) != (self.creds.mqtt_host.as_str(), self.creds.mqtt_port) {
                     tracing::info!(%host, port, "navigation moved this device to another gateway");

@@ -18,7 +18,14 @@ pub struct StoreDirectory {
     store: Arc<dyn Store>,
     keyring: Keyring,
     freshness: Option<Freshness>,
+    /// Set where devices register through another process (the roles): bounds how many
+    /// connects with an unknown id wait for the log at once.
+    unknown_waits: Option<Arc<tokio::sync::Semaphore>>,
 }
+
+/// Connects with an unknown id that may wait for the log at once; more are answered
+/// "unavailable" (the device retries).
+const UNKNOWN_WAITERS: usize = 64;
 
 /// Where the log ends and how far the projections have applied it.
 struct Freshness {
@@ -36,6 +43,7 @@ impl StoreDirectory {
             store,
             keyring,
             freshness: None,
+            unknown_waits: None,
         }
     }
 
@@ -50,6 +58,13 @@ impl StoreDirectory {
         applied: tokio::sync::watch::Receiver<u64>,
     ) -> Self {
         self.freshness = Some(Freshness { log_end, applied });
+        self
+    }
+
+    /// Devices register through another process: a connect with an id this store does
+    /// not know yet waits (up to 2 s) for the log to show its registration.
+    pub fn waiting_for_registrations(mut self) -> Self {
+        self.unknown_waits = Some(Arc::new(tokio::sync::Semaphore::new(UNKNOWN_WAITERS)));
         self
     }
 }
@@ -209,29 +224,49 @@ impl DeviceDirectory for StoreDirectory {
                 .map(|d| d.map(|d| constant_time_eq(&Sha256::digest(token), &d.token_sha256)))
         };
         let result = check(&*self.store, device_id, token);
-        let Some(f) = &self.freshness else {
+        let (Some(f), Some(waits), Ok(None)) = (&self.freshness, &self.unknown_waits, &result)
+        else {
             return Box::pin(async move { Ok(result?.unwrap_or(false)) });
         };
-        if !matches!(result, Ok(None)) {
-            return Box::pin(async move { Ok(result?.unwrap_or(false)) });
-        }
         // An unknown device may be one registered a moment ago through another process
         // (its registration is in the log, not yet folded here): look again once the
-        // projections have caught up with the log, for a short while.
+        // projections have caught up with the log, for a short while. If they have not
+        // caught up by then, the answer is "unavailable" (the device retries), never a
+        // refusal of a device that may well exist.
+        let Ok(permit) = waits.clone().try_acquire_owned() else {
+            return Box::pin(async {
+                Err(DirectoryError(
+                    "too many connects with unknown ids at once".into(),
+                ))
+            });
+        };
         let (log_end, mut applied) = (f.log_end.clone(), f.applied.clone());
         let (store, device_id, token) = (self.store.clone(), device_id.to_string(), token.to_vec());
         Box::pin(async move {
+            let _permit = permit;
             let deadline = tokio::time::Instant::now() + UNKNOWN_DEVICE_WAIT;
             loop {
                 let target = *log_end.borrow();
-                let _ = tokio::time::timeout_at(deadline, applied.wait_for(|a| *a >= target)).await;
+                let caught_up =
+                    tokio::time::timeout_at(deadline, applied.wait_for(|a| *a >= target))
+                        .await
+                        .is_ok_and(|r| r.is_ok());
                 if let Some(ok) = check(&*store, &device_id, &token)? {
                     return Ok(ok);
                 }
                 if tokio::time::Instant::now() >= deadline {
-                    return Ok(false);
+                    return if caught_up {
+                        Ok(false)
+                    } else {
+                        Err(DirectoryError(
+                            "the projections have not caught up with the log".into(),
+                        ))
+                    };
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                // Wait for the log's end to move (another process's append) or a moment.
+                let mut end = log_end.clone();
+                let _ = tokio::time::timeout(std::time::Duration::from_millis(250), end.changed())
+                    .await;
             }
         })
     }
@@ -252,6 +287,7 @@ impl DeviceDirectory for StoreDirectory {
             store: self.store.clone(),
             keyring: self.keyring.clone(),
             freshness: None,
+            unknown_waits: None,
         };
         Box::pin(async move {
             let caught_up =

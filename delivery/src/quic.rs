@@ -42,7 +42,8 @@ pub struct QuicLinkConfig {
 struct Gateway {
     addr: String,
     /// The queue to its link, while it is up.
-    tx: Mutex<Option<mpsc::Sender<wire::Down>>>,
+    /// The queue to its link while it is up, with the link's token (see `next_link`).
+    tx: Mutex<Option<(u64, mpsc::Sender<wire::Down>)>>,
     /// Devices whose sessions must reread their inbox (their entries did not fit).
     resync: Mutex<HashSet<Arc<str>>>,
     /// Every session there must reread its inbox (a withdrawal for all did not fit).
@@ -52,7 +53,12 @@ struct Gateway {
 
 impl Gateway {
     fn send(&self, frame: wire::Down) -> Result<(), wire::Down> {
-        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let tx = self
+            .tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|(_, tx)| tx.clone());
         match tx {
             Some(tx) => tx.try_send(frame).map_err(|e| match e {
                 mpsc::error::TrySendError::Full(f) | mpsc::error::TrySendError::Closed(f) => f,
@@ -81,6 +87,8 @@ pub struct QuicLink {
     /// left removes only that gateway's claim.
     routes: RwLock<HashMap<Arc<str>, Claims>>,
     linked: watch::Sender<usize>,
+    /// Tells links apart over activations: a link's cleanup clears only its own state.
+    next_link: std::sync::atomic::AtomicU64,
 }
 
 /// The gateways claiming a device, the newest last (rarely more than one).
@@ -149,6 +157,7 @@ impl QuicLink {
             gateways,
             routes: RwLock::new(HashMap::new()),
             linked: watch::channel(0).0,
+            next_link: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
@@ -220,18 +229,35 @@ impl QuicLink {
             };
             match connected {
                 Ok((conn, send, recv)) => {
+                    if *shutdown.borrow() {
+                        // Stopped while connecting (this activation is over).
+                        conn.close(quinn::VarInt::from_u32(gwlink::CLOSE_NORMAL), b"bye");
+                        return;
+                    }
                     backoff = Duration::from_millis(100);
+                    let token = self.next_link.fetch_add(1, Ordering::Relaxed);
                     self.linked.send_modify(|n| *n += 1);
                     let outcome = tokio::select! {
-                        r = self.clone().serve(idx, send, recv, &answers) => r,
+                        r = self.clone().serve(idx, token, send, recv, &answers) => r,
                         _ = shutdown.wait_for(|s| *s) => Ok(()),
                     };
                     self.linked.send_modify(|n| *n = n.saturating_sub(1));
-                    *self.gateways[idx]
-                        .tx
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner()) = None;
-                    Self::forget_gateway(&mut self.routes_write(), idx);
+                    // Clear the gateway's queue and routes only if they are still this
+                    // link's (a newer link to the same gateway may be up already).
+                    let mine = {
+                        let mut tx = self.gateways[idx]
+                            .tx
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner());
+                        let mine = tx.as_ref().is_some_and(|(t, _)| *t == token);
+                        if mine {
+                            *tx = None;
+                        }
+                        mine
+                    };
+                    if mine {
+                        Self::forget_gateway(&mut self.routes_write(), idx);
+                    }
                     match outcome {
                         Ok(()) => {
                             conn.close(quinn::VarInt::from_u32(gwlink::CLOSE_NORMAL), b"bye");
@@ -259,6 +285,7 @@ impl QuicLink {
     async fn serve(
         self: Arc<Self>,
         idx: usize,
+        token: u64,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
         answers: &Arc<Answers>,
@@ -277,7 +304,7 @@ impl QuicLink {
             }
         }
         let (tx, mut rx) = mpsc::channel::<wire::Down>(LINK_QUEUE);
-        *gw.tx.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx.clone());
+        *gw.tx.lock().unwrap_or_else(|e| e.into_inner()) = Some((token, tx.clone()));
         let writer = async {
             loop {
                 tokio::select! {

@@ -106,6 +106,21 @@ fn worker(s: &Setup, tls: LinkTls) -> (Arc<QuicLink>, watch::Sender<bool>) {
     (link, stop)
 }
 
+/// Waits until `mailbox` has been given at least `n` entries; returns them.
+async fn entries(mailbox: &herald_gateway::hub::Mailbox, n: usize) -> Vec<Delivery> {
+    let mut got: Vec<Delivery> = Vec::new();
+    while got.len() < n {
+        tokio::time::timeout(Duration::from_secs(10), mailbox.wait())
+            .await
+            .unwrap_or_else(|_| panic!("got {} of {n} entries", got.len()));
+        got.extend(mailbox.take().into_iter().flat_map(|c| match c {
+            Command::Deliver(d) => d,
+            Command::Withdraw(_) => Vec::new(),
+        }));
+    }
+    got
+}
+
 async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     for _ in 0..200 {
         if f() {
@@ -130,19 +145,7 @@ async fn presence_entries_and_requests_cross_the_link() {
 
     // Entries for it reach its mailbox; entries for others are not sent.
     w.deliver(vec![entry("dev-1", 1), entry("dev-2", 1)]);
-    tokio::time::timeout(Duration::from_secs(5), reg.mailbox.wait())
-        .await
-        .expect("an entry arrives");
-    let got: Vec<Delivery> = reg
-        .mailbox
-        .take()
-        .into_iter()
-        .flat_map(|c| match c {
-            Command::Deliver(d) => d,
-            Command::Withdraw(_) => Vec::new(),
-        })
-        .collect();
-    assert_eq!(got, vec![entry("dev-1", 1)]);
+    assert_eq!(entries(&reg.mailbox, 1).await, vec![entry("dev-1", 1)]);
 
     // The gateway's requests are answered by the worker.
     let dir = s.server.directory();
@@ -293,18 +296,8 @@ async fn a_gateway_never_takes_entries_for_a_device_it_does_not_hold() {
     };
     link::write_frame(&mut send, &frame).await.expect("write");
     // (The link's start woke the session to reread its inbox; skip to the entries.)
-    let mut got: Vec<Delivery> = Vec::new();
-    while got.is_empty() {
-        tokio::time::timeout(Duration::from_secs(5), held.mailbox.wait())
-            .await
-            .expect("the held device's entry arrives");
-        got.extend(held.mailbox.take().into_iter().flat_map(|c| match c {
-            Command::Deliver(d) => d,
-            Command::Withdraw(_) => Vec::new(),
-        }));
-    }
     assert_eq!(
-        got,
+        entries(&held.mailbox, 1).await,
         vec![entry("dev-1", 1)],
         "only the held device's entry is taken"
     );
@@ -378,17 +371,7 @@ async fn a_device_that_moves_gateways_is_routed_to_the_new_one_whatever_order_re
     assert!(w.wants("dev-1"), "A's gone must not remove B's claim");
     let _ = on_b.mailbox.take_overflow();
     w.deliver(vec![entry("dev-1", 7)]);
-    let mut got = Vec::new();
-    while got.is_empty() {
-        tokio::time::timeout(Duration::from_secs(5), on_b.mailbox.wait())
-            .await
-            .expect("the entry goes to B");
-        got.extend(on_b.mailbox.take().into_iter().flat_map(|c| match c {
-            Command::Deliver(d) => d,
-            Command::Withdraw(_) => Vec::new(),
-        }));
-    }
-    assert_eq!(got, vec![entry("dev-1", 7)]);
+    assert_eq!(entries(&on_b.mailbox, 1).await, vec![entry("dev-1", 7)]);
 }
 
 #[tokio::test]
@@ -400,28 +383,14 @@ async fn a_broadcast_bigger_than_a_frame_crosses_in_several_and_the_link_stays_u
     let _ = reg.mailbox.take_overflow();
     // 24 MiB of entries for one gateway: over the 16 MiB frame limit in one frame.
     let big: Arc<[u8]> = vec![b'x'; 4096].into();
-    let entries: Vec<Delivery> = (1..=6000)
+    let batch: Vec<Delivery> = (1..=6000)
         .map(|seq| Delivery {
             envelope: big.clone(),
             ..entry("dev-1", seq)
         })
         .collect();
-    w.deliver(entries);
-    let mut got = 0;
-    while got < 6000 {
-        tokio::time::timeout(Duration::from_secs(10), reg.mailbox.wait())
-            .await
-            .unwrap_or_else(|_| panic!("got {got} of 6000 entries"));
-        got += reg
-            .mailbox
-            .take()
-            .into_iter()
-            .map(|c| match c {
-                Command::Deliver(d) => d.len(),
-                Command::Withdraw(_) => 0,
-            })
-            .sum::<usize>();
-    }
+    w.deliver(batch);
+    let got = entries(&reg.mailbox, 6000).await.len();
     assert_eq!(got, 6000);
     assert_eq!(s.server.linked(), 1, "the link stayed up");
     assert!(!reg.mailbox.take_overflow(), "no resync was needed");

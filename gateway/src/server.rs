@@ -99,6 +99,8 @@ pub struct Gateway {
 const EVENT_QUEUE: usize = 65_536;
 /// Most events in one append.
 const EVENT_BATCH: usize = 4096;
+/// How long a batch of gateway events is retried before it is dropped.
+const EVENT_RETRY: Duration = Duration::from_secs(30);
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -543,8 +545,24 @@ async fn append_events(mut rx: mpsc::Receiver<Event>, log: Arc<dyn Append>) {
             .drain(..)
             .map(|e| device_record(event_device(&e), &e))
             .collect();
-        if let Err(e) = log.append(records).await {
-            tracing::error!(error = %e, "cannot append gateway events");
+        // Retried for a while (a link to the worker may be coming back, a broker
+        // restarting): an ack that is lost only means a resend, but a stock client at
+        // QoS 1 shows a resend twice.
+        let mut wait = Duration::from_millis(100);
+        let started = tokio::time::Instant::now();
+        loop {
+            match log.append(records.clone()).await {
+                Ok(_) => break,
+                Err(e) if started.elapsed() < EVENT_RETRY => {
+                    tracing::debug!(error = %e, "gateway events not appended yet; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, events = records.len(), "cannot append gateway events; dropping them");
+                    break;
+                }
+            }
         }
     }
 }

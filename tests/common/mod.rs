@@ -555,3 +555,50 @@ impl Drop for Broker {
         self.down(false);
     }
 }
+
+/// Takes messages from an SDK device into `seen` until it holds `n` (fails after
+/// `within`, naming `what`).
+pub async fn take_until(
+    device: &mut herald_client::Device,
+    seen: &mut Vec<Envelope>,
+    n: usize,
+    within: Duration,
+    what: &str,
+) {
+    while seen.len() < n {
+        let m = tokio::time::timeout(within, device.next())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: got {} of {n}", seen.len()))
+            .unwrap_or_else(|| panic!("{what}: the device stopped"));
+        seen.push(m.envelope().clone());
+    }
+}
+
+/// Asserts the device saw exactly `sent`, once each, in order, and nothing more comes.
+pub async fn assert_exactly(
+    device: &mut herald_client::Device,
+    seen: &[Envelope],
+    sent: &[String],
+) {
+    let ids: Vec<&str> = seen.iter().map(|e| e.id.as_str()).collect();
+    let want: Vec<&str> = sent.iter().map(String::as_str).collect();
+    assert_eq!(ids, want, "every push once, in order");
+    assert!(
+        seen.windows(2).all(|w| w[0].seq < w[1].seq),
+        "seqs out of order"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), device.next())
+            .await
+            .is_err(),
+        "nothing shown twice"
+    );
+}
+
+/// SDK options that retry quickly, so a restarted server or gateway is found again soon.
+pub fn quick_options() -> herald_client::DeviceOptions {
+    let mut opts = herald_client::DeviceOptions::default();
+    opts.backoff.initial_delay = Duration::from_millis(50);
+    opts.backoff.max_delay = Duration::from_millis(500);
+    opts
+}
