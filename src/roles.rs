@@ -211,6 +211,7 @@ pub async fn deliver(config: Config) -> anyhow::Result<()> {
         // session reread its inbox for nothing.
         let mut active: Option<watch::Sender<bool>> = None;
         let mut release_at: Option<tokio::time::Instant> = None;
+        let mut committed = None;
         loop {
             if *stop.borrow() {
                 break;
@@ -237,6 +238,18 @@ pub async fn deliver(config: Config) -> anyhow::Result<()> {
                 Err(e) => {
                     tracing::warn!(error = %e, "delivery group membership");
                     tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+            // The group's offset is what the active worker has folded and stored (the
+            // store commits before `applied` moves): the group's lag is honest.
+            if active.is_some() {
+                let done = *applied.borrow();
+                if committed != Some(done) {
+                    let next = std::collections::HashMap::from([(0, done as i64)]);
+                    match member.commit(&next) {
+                        Ok(()) => committed = Some(done),
+                        Err(e) => tracing::debug!(error = %e, "cannot commit the group's offset"),
+                    }
                 }
             }
             if release_at.is_some_and(|t| tokio::time::Instant::now() >= t) {

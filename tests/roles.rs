@@ -145,6 +145,7 @@ async fn roles_in_their_own_processes_deliver_and_a_standby_worker_takes_over() 
         std::process::id(),
         Instant::now().elapsed().as_nanos()
     );
+    let topic_name = topic.clone();
     let shared = vec![
         "--kafka-brokers".to_string(),
         brokers,
@@ -243,6 +244,37 @@ async fn roles_in_their_own_processes_deliver_and_a_standby_worker_takes_over() 
     }
     let status = app.wait_acked(&all, 300).await;
     assert_eq!(status["targeted"], 300, "{status}");
+
+    // The delivery group's committed offset follows what the active worker has stored:
+    // once the log is quiet, it is the log's end.
+    {
+        use herald_eventlog::EventLog;
+        use herald_eventlog::kafka::{KafkaConfig, OrderedKafkaLog};
+        let mut k = KafkaConfig::new(kafka.addr());
+        k.topic.clone_from(&topic_name);
+        let log = OrderedKafkaLog::open(k).await.unwrap();
+        // Gateways keep writing heartbeats, so the end moves on: the offset must reach
+        // where the log was when the acks were in.
+        let target = *log.durable_end().borrow() as i64;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let committed = log
+                .kafka()
+                .committed_offsets("herald-deliver", &[0])
+                .await
+                .unwrap();
+            if let [Some(c)] = committed[..]
+                && c >= target
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "committed {committed:?}, wanted {target}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 
     // The active worker dies; pushes go on; the standby takes over.
     workers[active].kill9();

@@ -217,6 +217,45 @@ impl KafkaLog {
         self.group_member(group, Box::new(start), false)
     }
 
+    /// The offsets group `group` has committed for `partitions` (`None` where none), read
+    /// without joining the group.
+    pub async fn committed_offsets(
+        &self,
+        group: &str,
+        partitions: &[i32],
+    ) -> Result<Vec<Option<i64>>, Error> {
+        let mut c = self.config.client();
+        c.set("group.id", group).set("enable.auto.commit", "false");
+        let consumer: BaseConsumer = c
+            .create()
+            .map_err(|e| unavailable("cannot create a Kafka client", e))?;
+        let mut tpl = TopicPartitionList::new();
+        for &p in partitions {
+            tpl.add_partition(&self.config.topic, p);
+        }
+        let (topic, timeout, partitions) = (
+            self.config.topic.clone(),
+            self.config.timeout,
+            partitions.to_vec(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let got = consumer
+                .committed_offsets(tpl, timeout)
+                .map_err(|e| unavailable("cannot read committed offsets", e))?;
+            Ok(partitions
+                .iter()
+                .map(
+                    |&p| match got.find_partition(&topic, p).map(|e| e.offset()) {
+                        Some(KafkaOffset::Offset(o)) => Some(o),
+                        _ => None,
+                    },
+                )
+                .collect())
+        })
+        .await
+        .map_err(|e| Error::Storage(e.to_string()))?
+    }
+
     /// Joins consumer group `group` only to learn which partitions the group gives this
     /// member (it reads nothing: assigned partitions are paused). With a one-partition
     /// topic, the member that holds partition 0 is the group's one active member, and
