@@ -76,9 +76,12 @@ impl Worker {
             if *shutdown.borrow() {
                 return Ok(());
             }
+            // The end as it was before the read: marked seen, so `changed` below wakes for
+            // any append after it.
+            let end_before = *end.borrow_and_update();
             let records = self.log.read(from, MAX_BATCH_RECORDS).await?;
             if records.is_empty() {
-                if *end.borrow_and_update() > from {
+                if end_before > from {
                     // Durable records the log could not hand over just now (a remote log
                     // whose server is away): try again shortly rather than wait for an
                     // append that may never come.
