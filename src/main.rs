@@ -46,7 +46,8 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run every role in one process on embedded storage (the default deployment).
+    /// Run every role in one process (the default deployment), the log in the data dir or
+    /// on Kafka (--kafka-brokers).
     ///
     /// Listens for the REST API (default 0.0.0.0:8080) and MQTT (default 0.0.0.0:9493).
     /// The admin token comes from HERALD_ADMIN_TOKEN; if unset, one is generated into the
