@@ -120,30 +120,55 @@ struct ServeArgs {
     /// How long an Idempotency-Key holds, in seconds [default: 86400].
     #[arg(long, env = "HERALD_IDEMPOTENCY_WINDOW_S")]
     idempotency_window_s: Option<u32>,
-    /// A gateway process to link to, besides this process's own MQTT listener
-    /// (repeatable; comma-separated in the variable).
-    #[arg(
-        long = "link-gateway",
-        env = "HERALD_LINK_GATEWAYS",
-        value_delimiter = ','
-    )]
-    link_gateways: Vec<String>,
-    /// The MQTT address devices are told to use for this process's own listener
-    /// [default: mqtt://<mqtt_addr>].
-    #[arg(long, env = "HERALD_ADVERTISED_MQTT")]
-    advertised_mqtt: Option<String>,
-    /// The link certificates' directory (from `herald certs`); needed with --link-gateway.
-    #[arg(long, env = "HERALD_LINK_CERTS")]
-    link_certs: Option<PathBuf>,
-    /// Keep the event log on Apache Kafka at these bootstrap servers (host:port,…) instead
-    /// of in the data dir; the projections stay in the data dir. Needs a herald built
-    /// with `--features kafka`.
+    #[command(flatten)]
+    shared: SharedArgs,
+}
+
+/// What `herald serve` and the role processes are told alike: the Kafka log, the gateway
+/// processes to link to, and the MQTT address given to devices.
+#[derive(Debug, clap::Args)]
+struct SharedArgs {
+    /// The event log on Apache Kafka at these bootstrap servers (host:port,…) instead of
+    /// in the data dir (the projections stay in the data dir); required by ingest, deliver
+    /// and nav. Needs a herald built with `--features kafka`.
     #[arg(long, env = "HERALD_KAFKA_BROKERS")]
     kafka_brokers: Option<String>,
     /// The Kafka topic of the event log (created with one partition if missing)
     /// [default: herald.events].
     #[arg(long, env = "HERALD_KAFKA_TOPIC")]
     kafka_topic: Option<String>,
+    /// A gateway process to link to as its delivery worker (serve, deliver; repeatable,
+    /// comma-separated in the variable).
+    #[arg(
+        long = "link-gateway",
+        env = "HERALD_LINK_GATEWAYS",
+        value_delimiter = ','
+    )]
+    link_gateways: Vec<String>,
+    /// The link certificates' directory (from `herald certs`); needed with --link-gateway.
+    #[arg(long, env = "HERALD_LINK_CERTS")]
+    link_certs: Option<PathBuf>,
+    /// The MQTT address devices are told to use for herald's own listener, or when no
+    /// gateway is known yet [default: mqtt://<mqtt_addr>].
+    #[arg(long, env = "HERALD_ADVERTISED_MQTT")]
+    advertised_mqtt: Option<String>,
+}
+
+impl SharedArgs {
+    /// The overrides these flags make.
+    fn overrides(self) -> anyhow::Result<config::Overrides> {
+        Ok(config::Overrides {
+            admin_token: std::env::var("HERALD_ADMIN_TOKEN").ok(),
+            payload_key: std::env::var("HERALD_PAYLOAD_KEY").ok(),
+            link_gateways: Some(self.link_gateways),
+            link_certs: self.link_certs,
+            advertised_mqtt: self.advertised_mqtt,
+            kafka_brokers: self.kafka_brokers,
+            kafka_topic: self.kafka_topic,
+            heartbeat_ms: heartbeat_from_env()?,
+            ..config::Overrides::default()
+        })
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -180,25 +205,8 @@ struct RoleArgs {
     /// HTTP listen address (ingest, nav) [default: 0.0.0.0:8080].
     #[arg(long, env = "HERALD_HTTP_ADDR")]
     http_addr: Option<SocketAddr>,
-    /// The Kafka bootstrap servers (host:port,…) of the shared log.
-    #[arg(long, env = "HERALD_KAFKA_BROKERS")]
-    kafka_brokers: Option<String>,
-    /// The Kafka topic of the log (one partition) [default: herald.events].
-    #[arg(long, env = "HERALD_KAFKA_TOPIC")]
-    kafka_topic: Option<String>,
-    /// A gateway to link to (deliver; repeatable, comma-separated in the variable).
-    #[arg(
-        long = "link-gateway",
-        env = "HERALD_LINK_GATEWAYS",
-        value_delimiter = ','
-    )]
-    link_gateways: Vec<String>,
-    /// The link certificates' directory, from `herald certs` (deliver).
-    #[arg(long, env = "HERALD_LINK_CERTS")]
-    link_certs: Option<PathBuf>,
-    /// The MQTT address devices are told when no gateway is known yet (ingest, nav).
-    #[arg(long, env = "HERALD_ADVERTISED_MQTT")]
-    advertised_mqtt: Option<String>,
+    #[command(flatten)]
+    shared: SharedArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -248,15 +256,7 @@ fn run_role(args: RoleArgs, role: Role) -> anyhow::Result<()> {
     let overrides = config::Overrides {
         data_dir: args.data_dir,
         http_addr: args.http_addr,
-        admin_token: std::env::var("HERALD_ADMIN_TOKEN").ok(),
-        payload_key: std::env::var("HERALD_PAYLOAD_KEY").ok(),
-        link_gateways: Some(args.link_gateways),
-        link_certs: args.link_certs,
-        advertised_mqtt: args.advertised_mqtt,
-        kafka_brokers: args.kafka_brokers,
-        kafka_topic: args.kafka_topic,
-        heartbeat_ms: heartbeat_from_env()?,
-        ..config::Overrides::default()
+        ..args.shared.overrides()?
     };
     let config = load_config(args.config.as_deref(), overrides)?;
     #[cfg(feature = "kafka")]
@@ -304,18 +304,10 @@ fn main() -> anyhow::Result<()> {
                 data_dir: args.data_dir,
                 http_addr: args.http_addr,
                 mqtt_addr: args.mqtt_addr,
-                admin_token: std::env::var("HERALD_ADMIN_TOKEN").ok(),
-                payload_key: std::env::var("HERALD_PAYLOAD_KEY").ok(),
                 token_ttl_s: args.token_ttl_s,
                 max_data_bytes: args.max_data_bytes,
                 idempotency_window_s: args.idempotency_window_s,
-                link_gateways: Some(args.link_gateways),
-                advertised_mqtt: args.advertised_mqtt,
-                link_certs: args.link_certs,
-                heartbeat_ms: heartbeat_from_env()?,
-                kafka_brokers: args.kafka_brokers,
-                kafka_topic: args.kafka_topic,
-                ..config::Overrides::default()
+                ..args.shared.overrides()?
             };
             let config = load_config(args.config.as_deref(), overrides)?;
             runtime()?.block_on(serve::run(config))

@@ -16,6 +16,15 @@ use common::*;
 use herald_client::{Device, DeviceCredentials};
 use serde_json::{Value, json};
 
+/// A new device of `app`, running the SDK against the gateway at MQTT port `port`.
+async fn device_at(app: &App, port: u16) -> (DeviceCredentials, Device) {
+    let mut dev = app.register().await;
+    dev.mqtt_host = "127.0.0.1".into();
+    dev.mqtt_port = port;
+    let device = Device::start(&dev, quick_options()).await.unwrap();
+    (dev, device)
+}
+
 async fn serve_with(gateways: &[&GatewayProc], certs: &Path) -> Server {
     let list: Vec<String> = gateways.iter().map(|g| g.link_addr()).collect();
     Server::start_with(&[
@@ -75,11 +84,7 @@ async fn a_gateway_process_killed_and_restarted_loses_nothing_and_shows_nothing_
     other.wait_linked(1).await;
 
     let app = create_app(&server).await;
-    let mut dev: DeviceCredentials = app.register().await;
-    dev.mqtt_host = "127.0.0.1".into();
-    dev.mqtt_port = gw.mqtt_port;
-    let opts = quick_options();
-    let mut device = Device::start(&dev, opts).await.unwrap();
+    let (dev, mut device) = device_at(&app, gw.mqtt_port).await;
 
     let mut sent = Vec::new();
     let mut seen = Vec::new();
@@ -257,11 +262,7 @@ async fn a_link_cut_and_restored_loses_nothing_and_shows_nothing_twice() {
     gw.wait_linked(1).await;
 
     let app = create_app(&server).await;
-    let mut dev: DeviceCredentials = app.register().await;
-    dev.mqtt_host = "127.0.0.1".into();
-    dev.mqtt_port = gw.mqtt_port;
-    let opts = quick_options();
-    let mut device = Device::start(&dev, opts).await.unwrap();
+    let (dev, mut device) = device_at(&app, gw.mqtt_port).await;
     let mut sent = Vec::new();
     let mut seen = Vec::new();
     for i in 0..3 {

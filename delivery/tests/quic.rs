@@ -90,6 +90,30 @@ fn setup() -> Setup {
     }
 }
 
+/// A link to the test's gateway opened by hand (a valid worker certificate), for frames
+/// no `QuicLink` would send.
+async fn raw_link(
+    s: &Setup,
+    name: &str,
+) -> (
+    quinn::Endpoint,
+    quinn::Connection,
+    quinn::SendStream,
+    quinn::RecvStream,
+) {
+    let tls = LinkTls::in_dir(&s.certs, "worker");
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let (conn, send, recv) = link::connect(
+        &endpoint,
+        tls.client_config().expect("client config"),
+        s.server.local_addr().expect("addr"),
+        name,
+    )
+    .await
+    .expect("connect");
+    (endpoint, conn, send, recv)
+}
+
 fn worker(s: &Setup, tls: LinkTls) -> (Arc<QuicLink>, watch::Sender<bool>) {
     let (stop, shutdown) = watch::channel(false);
     let link = QuicLink::start(
@@ -206,16 +230,7 @@ async fn a_malformed_frame_closes_that_link_only() {
     eventually("the worker is linked", || s.server.linked() == 1).await;
 
     // A second peer with a valid certificate sends garbage after its hello.
-    let tls = LinkTls::in_dir(&s.certs, "worker");
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
-    let (conn, mut send, _recv) = link::connect(
-        &endpoint,
-        tls.client_config().expect("client config"),
-        s.server.local_addr().expect("addr"),
-        "rogue",
-    )
-    .await
-    .expect("connect");
+    let (_endpoint, conn, mut send, _recv) = raw_link(&s, "rogue").await;
     eventually("the rogue is linked", || s.server.linked() == 2).await;
     send.write_all(&[0, 0, 0, 5, 0xff, 0xff, 0xff, 0xff, 0xff])
         .await
@@ -274,16 +289,7 @@ async fn a_gateway_never_takes_entries_for_a_device_it_does_not_hold() {
     let held = s.hub.register("dev-1".into());
     // A worker (with a valid certificate) sends entries for a device held here and for
     // one that is not.
-    let tls = LinkTls::in_dir(&s.certs, "worker");
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
-    let (conn, mut send, _recv) = link::connect(
-        &endpoint,
-        tls.client_config().expect("client config"),
-        s.server.local_addr().expect("addr"),
-        "worker",
-    )
-    .await
-    .expect("connect");
+    let (_endpoint, conn, mut send, _recv) = raw_link(&s, "worker").await;
     eventually("linked", || s.server.linked() == 1).await;
     let _ = held.mailbox.take_overflow();
     let frame = wire::Down {
