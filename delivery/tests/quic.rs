@@ -246,6 +246,23 @@ async fn a_malformed_frame_closes_that_link_only() {
     }
     eventually("only the rogue link is gone", || s.server.linked() == 1).await;
 
+    // A frame that says it is larger than the limit is refused before it is read.
+    let (_endpoint, huge, mut send, _recv) = raw_link(&s, "huge").await;
+    eventually("the second rogue is linked", || s.server.linked() == 2).await;
+    send.write_all(&u32::MAX.to_be_bytes())
+        .await
+        .expect("write");
+    match tokio::time::timeout(Duration::from_secs(5), huge.closed())
+        .await
+        .expect("the gateway closes the oversized frame's link")
+    {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, quinn::VarInt::from_u32(link::CLOSE_MALFORMED));
+        }
+        other => panic!("unexpected close: {other}"),
+    }
+    eventually("only that link is gone", || s.server.linked() == 1).await;
+
     // The good link still carries entries.
     let reg = s.hub.register("dev-1".into());
     eventually("dev-1 is wanted", || w.wants("dev-1")).await;
