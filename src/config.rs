@@ -64,6 +64,9 @@ pub struct FileConfig {
     pub kafka_topic: Option<String>,
     /// Replication factor of the topic when herald creates it.
     pub kafka_replication: Option<i32>,
+    /// Partitions of the topic when the role processes create it (`herald serve` uses a
+    /// topic of one).
+    pub kafka_partitions: Option<u32>,
     /// How long an append may wait for Kafka before the API answers 503, in milliseconds.
     pub kafka_timeout_ms: Option<u64>,
 }
@@ -132,6 +135,8 @@ pub struct Config {
     pub kafka_topic: String,
     /// Its replication factor when created.
     pub kafka_replication: i32,
+    /// Its partitions when the roles create it.
+    pub kafka_partitions: u32,
     /// Append timeout, ms.
     pub kafka_timeout_ms: u64,
 }
@@ -171,6 +176,8 @@ pub struct Overrides {
     pub kafka_brokers: Option<String>,
     /// `--kafka-topic` / `HERALD_KAFKA_TOPIC`.
     pub kafka_topic: Option<String>,
+    /// `--kafka-partitions` / `HERALD_KAFKA_PARTITIONS`.
+    pub kafka_partitions: Option<u32>,
 }
 
 fn advertised(scheme: &str, addr: SocketAddr, path: &str) -> String {
@@ -246,6 +253,7 @@ impl Config {
                 .or(file.kafka_topic)
                 .unwrap_or_else(|| "herald.events".into()),
             kafka_replication: file.kafka_replication.unwrap_or(1),
+            kafka_partitions: o.kafka_partitions.or(file.kafka_partitions).unwrap_or(12),
             kafka_timeout_ms: file.kafka_timeout_ms.unwrap_or(10_000),
         };
         c.validate()?;
@@ -282,6 +290,9 @@ impl Config {
         }
         if self.max_connections == 0 {
             bail!("max_connections must be at least 1");
+        }
+        if !(1..=1024).contains(&self.kafka_partitions) {
+            bail!("kafka_partitions must be between 1 and 1024");
         }
         if !(1..=16).contains(&self.kafka_replication) {
             bail!("kafka_replication must be between 1 and 16");

@@ -137,6 +137,11 @@ struct SharedArgs {
     /// [default: herald.events].
     #[arg(long, env = "HERALD_KAFKA_TOPIC")]
     kafka_topic: Option<String>,
+    /// Partitions of the Kafka topic when ingest, deliver or nav create it; devices are
+    /// spread over them by id, and the delivery workers share them [default: 12].
+    /// `herald serve` keeps its log in a topic of one.
+    #[arg(long, env = "HERALD_KAFKA_PARTITIONS")]
+    kafka_partitions: Option<u32>,
     /// A gateway process to link to as its delivery worker (serve, deliver; repeatable,
     /// comma-separated in the variable).
     #[arg(
@@ -165,6 +170,7 @@ impl SharedArgs {
             advertised_mqtt: self.advertised_mqtt,
             kafka_brokers: self.kafka_brokers,
             kafka_topic: self.kafka_topic,
+            kafka_partitions: self.kafka_partitions,
             heartbeat_ms: heartbeat_from_env()?,
             ..config::Overrides::default()
         })

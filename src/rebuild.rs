@@ -49,7 +49,7 @@ pub fn run(args: RebuildArgs, verify: bool) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let live = EmbeddedStore::open(db.clone(), "")?;
-    let until = live.checkpoint()?;
+    let until = live.checkpoint(0)?;
 
     // A rebuilt copy left by an interrupted run is dropped first.
     EmbeddedStore::open(db.clone(), PREFIX)?.destroy()?;

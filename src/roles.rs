@@ -1,11 +1,12 @@
 //! One role per process, all on the same Kafka topic (a herald built with `--features
-//! kafka`): `herald ingest` (the REST API), `herald deliver` (delivery workers: one active,
-//! the others standing by, chosen by a Kafka consumer group), `herald nav` (navigation).
+//! kafka`): `herald ingest` (the REST API), `herald deliver` (delivery workers sharing the
+//! topic's partitions through a Kafka consumer group), `herald nav` (navigation).
 //! Gateways are `herald gateway` processes (see `gateway.rs`).
 //!
-//! Every role process keeps the projections it reads in its own data dir, folded from the
-//! one-partition topic: one total order, so every process's fold is the same and a
-//! standby that takes over numbers every entry exactly as the worker it replaces.
+//! The topic is partitioned by key: everything about a device is in the device's
+//! partition. Each delivery worker folds the partitions the group gives it into its own
+//! data dir and serves their devices; `herald ingest` and `herald nav` fold every
+//! partition (the projections they read).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,8 +16,8 @@ use herald_delivery::directory::StoreDirectory;
 use herald_delivery::link::{Gated, Link, NoLink};
 use herald_delivery::quic::{QuicLink, QuicLinkConfig};
 use herald_delivery::worker::Worker;
-use herald_eventlog::EventLog;
 use herald_eventlog::kafka::{KafkaConfig, OrderedKafkaLog, Polled, Rebalance};
+use herald_eventlog::{EventLog, Partitions};
 use herald_gateway::link::LinkTls;
 use herald_ingest::Ingest;
 use tokio::net::TcpListener;
@@ -25,14 +26,16 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::serve::{Secrets, ingest_config, load_secrets, open_store, shutdown_signal};
 
-/// The consumer group whose one member holding partition 0 is the active worker.
+/// The consumer group whose members share the topic's partitions.
 pub const DELIVER_GROUP: &str = "herald-deliver";
 
-/// How long an active worker keeps its links after its partition was revoked, waiting to
-/// be given it back in the same rebalance.
+/// How long a worker keeps a partition after it was revoked, waiting to be given it back
+/// in the same rebalance.
 const RELEASE_GRACE: Duration = Duration::from_secs(3);
 
-async fn open_kafka(config: &Config) -> anyhow::Result<Arc<OrderedKafkaLog>> {
+/// The topic, every partition opened, and the first partition's handle on Kafka (the
+/// producer and group membership).
+async fn open_kafka(config: &Config) -> anyhow::Result<(Partitions, Arc<OrderedKafkaLog>)> {
     let Some(brokers) = &config.kafka_brokers else {
         bail!(
             "the roles share one log on Kafka: set kafka_brokers (--kafka-brokers, HERALD_KAFKA_BROKERS)"
@@ -41,20 +44,27 @@ async fn open_kafka(config: &Config) -> anyhow::Result<Arc<OrderedKafkaLog>> {
     let mut k = KafkaConfig::new(brokers.clone());
     k.topic.clone_from(&config.kafka_topic);
     k.replication_factor = config.kafka_replication;
+    k.partitions = i32::try_from(config.kafka_partitions).unwrap_or(1);
     k.timeout = Duration::from_millis(config.kafka_timeout_ms);
-    OrderedKafkaLog::open(k)
+    let logs = OrderedKafkaLog::open_topic(k)
         .await
-        .with_context(|| format!("cannot open the event log on Kafka at {brokers}"))
+        .with_context(|| format!("cannot open the event log on Kafka at {brokers}"))?;
+    let first = logs[0].clone();
+    let topic = Partitions::new(logs.into_iter().map(|l| l as Arc<dyn EventLog>).collect());
+    Ok((topic, first))
 }
 
-/// Runs `serve_http` and the follower `worker` until a signal or a failure.
+/// Runs `serve_http` and the follower `workers` until a signal or a failure.
 async fn run_until_signal(
-    worker: Worker,
+    workers: Vec<Worker>,
     http: Option<(TcpListener, axum::Router)>,
     shutdown_tx: watch::Sender<bool>,
 ) -> anyhow::Result<()> {
     let shutdown = shutdown_tx.subscribe();
-    let mut worker_task = tokio::spawn(worker.run(shutdown.clone()));
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in workers {
+        tasks.spawn(w.run(shutdown.clone()));
+    }
     let http_task = http.map(|(listener, router)| {
         let mut stop = shutdown.clone();
         tokio::spawn(async move {
@@ -67,10 +77,10 @@ async fn run_until_signal(
     });
     let result = tokio::select! {
         _ = shutdown_signal() => { tracing::info!("shutting down"); Ok(()) }
-        r = &mut worker_task => match r {
-            Ok(Ok(())) => Err(anyhow::anyhow!("the log follower stopped unexpectedly")),
-            Ok(Err(e)) => Err(anyhow::anyhow!("the log follower failed: {e}")),
-            Err(e) => Err(anyhow::anyhow!("the log follower panicked: {e}")),
+        Some(r) = tasks.join_next() => match r {
+            Ok(Ok(())) => Err(anyhow::anyhow!("a log follower stopped unexpectedly")),
+            Ok(Err(e)) => Err(anyhow::anyhow!("a log follower failed: {e}")),
+            Err(e) => Err(anyhow::anyhow!("a log follower panicked: {e}")),
         },
     };
     let _ = shutdown_tx.send(true);
@@ -80,48 +90,55 @@ async fn run_until_signal(
     result
 }
 
-/// What `herald ingest` and `herald nav` share: the log, their own projections folded
-/// by a follower, the API state (with navigation following the heartbeats), and the
-/// HTTP listener.
+/// What `herald ingest` and `herald nav` share: the topic, their own projections of
+/// every partition folded by followers, the API state (with navigation following the
+/// heartbeats), and the HTTP listener.
 async fn api_process(
     config: &Config,
-) -> anyhow::Result<(Worker, Arc<Ingest>, watch::Sender<bool>, TcpListener)> {
+) -> anyhow::Result<(Vec<Worker>, Arc<Ingest>, watch::Sender<bool>, TcpListener)> {
     let Secrets {
         admin_token,
         keyring,
         jwt_secret,
     } = load_secrets(config, true)?;
-    let kafka = open_kafka(config).await?;
-    let log: Arc<dyn EventLog> = kafka.clone();
-    let (_db, store) = open_store(config, &log)?;
-    let worker = Worker::new(
-        log.clone(),
-        store.clone(),
-        Arc::new(NoLink),
-        keyring.clone(),
-    )?;
-    let ingest = Ingest::new(
+    let (topic, _) = open_kafka(config).await?;
+    let (_db, store) = open_store(config, &topic)?;
+    let workers = (0..topic.count())
+        .map(|p| {
+            Worker::for_partition(
+                &topic,
+                p,
+                store.clone(),
+                Arc::new(NoLink),
+                keyring.clone(),
+                None,
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let ingest = Ingest::partitioned(
         ingest_config(config, admin_token),
-        log.clone(),
+        topic.clone(),
         store,
-        worker.applied(),
+        workers.iter().map(Worker::applied).collect(),
         keyring,
         jwt_secret.as_bytes(),
     );
     let (shutdown_tx, shutdown) = watch::channel(false);
-    follow_navigation(&ingest, log, shutdown);
+    for log in topic.all() {
+        follow_navigation(&ingest, log.clone(), shutdown.clone());
+    }
     let http = TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("cannot listen on {} (http_addr)", config.http_addr))?;
-    Ok((worker, ingest, shutdown_tx, http))
+    Ok((workers, ingest, shutdown_tx, http))
 }
 
 /// `herald ingest`: the REST API. Appends to Kafka; reads its own projections.
 pub async fn ingest(config: Config) -> anyhow::Result<()> {
-    let (worker, ingest, shutdown_tx, http) = api_process(&config).await?;
-    tracing::info!(http = %http.local_addr()?, topic = %config.kafka_topic, "herald ingest serving");
+    let (workers, ingest, shutdown_tx, http) = api_process(&config).await?;
+    tracing::info!(http = %http.local_addr()?, topic = %config.kafka_topic, partitions = workers.len(), "herald ingest serving");
     run_until_signal(
-        worker,
+        workers,
         Some((http, herald_ingest::router(ingest))),
         shutdown_tx,
     )
@@ -130,10 +147,10 @@ pub async fn ingest(config: Config) -> anyhow::Result<()> {
 
 /// `herald nav`: `GET /v1/nav` alone, from the gateways' heartbeats in the log.
 pub async fn nav(config: Config) -> anyhow::Result<()> {
-    let (worker, ingest, shutdown_tx, http) = api_process(&config).await?;
+    let (workers, ingest, shutdown_tx, http) = api_process(&config).await?;
     tracing::info!(http = %http.local_addr()?, "herald nav serving");
     run_until_signal(
-        worker,
+        workers,
         Some((http, herald_ingest::nav_router(ingest))),
         shutdown_tx,
     )
@@ -153,8 +170,25 @@ fn follow_navigation(
     });
 }
 
-/// `herald deliver`: folds the log and, while it is the group's active worker, links to
-/// the gateways, forwards new entries and answers their requests.
+/// One partition this worker folds.
+struct Held {
+    /// Stops its worker.
+    stop: watch::Sender<bool>,
+    /// Its worker's forwarding, open once it serves the partition.
+    gated: Arc<Gated>,
+    applied: watch::Receiver<u64>,
+    /// The log's end when it was taken: once applied, the partition is served here.
+    target: u64,
+    serving: bool,
+    /// When it goes, if it was revoked and not given back.
+    release_at: Option<tokio::time::Instant>,
+}
+
+/// `herald deliver`: a member of the delivery group. For each partition the group gives
+/// it, it folds the partition (from where its own store stands), appends the shares of
+/// multi-target events for other partitions, and, once caught up, serves the
+/// partition's devices: the gateways send their requests for those devices here
+/// (`Owns`), and it forwards their new entries.
 pub async fn deliver(config: Config) -> anyhow::Result<()> {
     let Secrets { keyring, .. } = load_secrets(&config, true)?;
     if config.link_gateways.is_empty() {
@@ -164,106 +198,171 @@ pub async fn deliver(config: Config) -> anyhow::Result<()> {
         .link_certs
         .clone()
         .context("herald deliver needs link_certs (--link-certs)")?;
-    let kafka = open_kafka(&config).await?;
-    let log: Arc<dyn EventLog> = kafka.clone();
-    let (_db, store) = open_store(&config, &log)?;
-    let gateway_list = config.link_gateways.clone();
+    let (topic, kafka) = open_kafka(&config).await?;
+    let (_db, store) = open_store(&config, &topic)?;
+    let count = topic.count();
     let quic = QuicLink::new(QuicLinkConfig {
         gateways: config.link_gateways.clone(),
         tls: LinkTls::in_dir(&certs, "worker"),
         worker_id: format!("deliver:{}", std::process::id()),
     })
     .context("cannot set up the link to the gateways")?;
-    let gated = Arc::new(Gated::new(quic.clone() as Arc<dyn Link>));
-    let worker = Worker::new(log.clone(), store.clone(), gated.clone(), keyring.clone())?;
+    // Serving nothing until the group gives it partitions.
+    quic.set_owned(count, Vec::new());
     let directory = Arc::new(
-        StoreDirectory::new(store, keyring)
-            .with_freshness(log.durable_end(), worker.applied())
+        StoreDirectory::new(store.clone(), keyring.clone())
+            .partitioned(count)
             .waiting_for_registrations(),
     );
     let (shutdown_tx, shutdown) = watch::channel(false);
-    let stop = shutdown.clone();
-    let mut applied = worker.applied();
-    let kafka_for_group = kafka.clone();
-    tokio::spawn(async move {
-        // Join the group only once this worker has folded the log as it stands: a worker
-        // that took over with a stale store would refuse devices it does not know yet.
-        let target = *log.durable_end().borrow();
-        tracing::info!(
-            target,
-            "catching up with the log before joining the delivery group"
-        );
-        if applied.wait_for(|a| *a >= target).await.is_err() {
-            return;
-        }
-        let member = match kafka_for_group.kafka().membership(DELIVER_GROUP) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot join the delivery workers' group");
-                return;
+    quic.run(directory.clone(), Arc::new(topic.clone()), shutdown.clone());
+    let member = kafka
+        .kafka()
+        .membership(DELIVER_GROUP)
+        .context("cannot join the delivery workers' group")?;
+    tracing::info!(gateways = ?config.link_gateways, partitions = count, "herald deliver joined the group");
+
+    let mut held: std::collections::BTreeMap<u32, Held> = Default::default();
+    let mut tasks: tokio::task::JoinSet<(u32, Result<(), herald_delivery::worker::WorkerError>)> =
+        tokio::task::JoinSet::new();
+    let mut committed: std::collections::HashMap<i32, i64> = Default::default();
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    let result = loop {
+        let polled = tokio::select! {
+            _ = &mut signal => { tracing::info!("shutting down"); break Ok(()); }
+            Some(done) = tasks.join_next() => {
+                match done {
+                    Ok((p, Err(e))) => break Err(anyhow::anyhow!("the worker of partition {p} failed: {e}")),
+                    Ok((p, Ok(()))) => { held.remove(&p); continue; }
+                    Err(e) => break Err(anyhow::anyhow!("a partition worker panicked: {e}")),
+                }
             }
+            p = member.poll(16, Duration::from_millis(200)) => p,
         };
-        tracing::info!(gateways = ?gateway_list, "herald deliver standing by");
-        // While this member holds partition 0 it is the active worker. A revocation is
-        // acted on only if the partition is not given back within RELEASE_GRACE: every
-        // member joining or leaving revokes and reassigns (eager protocol), and the same
-        // member usually gets it back; relinking every gateway each time would make every
-        // session reread its inbox for nothing.
-        let mut active: Option<watch::Sender<bool>> = None;
-        let mut release_at: Option<tokio::time::Instant> = None;
-        let mut committed = None;
-        loop {
-            if *stop.borrow() {
-                break;
+        let mut changed = false;
+        match polled {
+            Ok(Polled::Rebalance(Rebalance::Assigned(parts))) => {
+                for p in parts.into_iter().filter_map(|p| u32::try_from(p).ok()) {
+                    if let Some(h) = held.get_mut(&p) {
+                        h.release_at = None;
+                        continue;
+                    }
+                    // Shares of records before the group's offset were appended by the
+                    // partition's last owner (it commits only what it has stored).
+                    let share_from = match kafka
+                        .kafka()
+                        .committed_offsets(DELIVER_GROUP, &[p as i32])
+                        .await
+                    {
+                        Ok(o) => o
+                            .first()
+                            .copied()
+                            .flatten()
+                            .and_then(|o| u64::try_from(o).ok())
+                            .unwrap_or(0),
+                        Err(e) => {
+                            tracing::warn!(error = %e, partition = p, "cannot read the group's offset; appending every share again");
+                            0
+                        }
+                    };
+                    let gated = Arc::new(Gated::new(quic.clone() as Arc<dyn Link>));
+                    let worker = Worker::for_partition(
+                        &topic,
+                        p,
+                        store.clone(),
+                        gated.clone(),
+                        keyring.clone(),
+                        Some(share_from),
+                    )?;
+                    let (stop, stop_rx) = watch::channel(false);
+                    let applied = worker.applied();
+                    let target = *topic.get(p).durable_end().borrow();
+                    tracing::info!(
+                        partition = p,
+                        target,
+                        share_from,
+                        "took a partition; catching up"
+                    );
+                    tasks.spawn(async move { (p, worker.run(stop_rx).await) });
+                    held.insert(
+                        p,
+                        Held {
+                            stop,
+                            gated,
+                            applied,
+                            target,
+                            serving: false,
+                            release_at: None,
+                        },
+                    );
+                }
             }
-            match member.poll(16, Duration::from_millis(200)).await {
-                Ok(Polled::Rebalance(Rebalance::Assigned(p))) if p.contains(&0) => {
-                    release_at = None;
-                    if active.is_none() {
-                        tracing::info!(
-                            "this worker is now the active one: linking to the gateways"
-                        );
-                        let (tx, rx) = watch::channel(false);
-                        gated.set_active(true);
-                        quic.run(directory.clone(), log.clone(), rx);
-                        active = Some(tx);
+            Ok(Polled::Rebalance(Rebalance::Revoked(parts))) => {
+                for p in parts.into_iter().filter_map(|p| u32::try_from(p).ok()) {
+                    if let Some(h) = held.get_mut(&p) {
+                        h.release_at
+                            .get_or_insert(tokio::time::Instant::now() + RELEASE_GRACE);
                     }
                 }
-                Ok(Polled::Rebalance(Rebalance::Revoked(p))) if p.contains(&0) => {
-                    if active.is_some() && release_at.is_none() {
-                        release_at = Some(tokio::time::Instant::now() + RELEASE_GRACE);
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "delivery group membership");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
             }
-            // The group's offset is what the active worker has folded and stored (the
-            // store commits before `applied` moves): the group's lag is honest.
-            if active.is_some() {
-                let done = *applied.borrow();
-                if committed != Some(done) {
-                    let next = std::collections::HashMap::from([(0, done as i64)]);
-                    match member.commit(&next) {
-                        Ok(()) => committed = Some(done),
-                        Err(e) => tracing::debug!(error = %e, "cannot commit the group's offset"),
-                    }
-                }
-            }
-            if release_at.is_some_and(|t| tokio::time::Instant::now() >= t) {
-                release_at = None;
-                if let Some(tx) = active.take() {
-                    tracing::info!("this worker stands by again: unlinking");
-                    gated.set_active(false);
-                    let _ = tx.send(true);
-                }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "delivery group membership");
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
-        if let Some(tx) = active {
-            let _ = tx.send(true);
+        let now = tokio::time::Instant::now();
+        held.retain(|p, h| {
+            if h.release_at.is_some_and(|t| now >= t) {
+                tracing::info!(partition = p, "gave a partition up");
+                h.gated.set_active(false);
+                directory.serve_partition(*p, None);
+                let _ = h.stop.send(true);
+                committed.remove(&(*p as i32));
+                changed = true;
+                return false;
+            }
+            true
+        });
+        for (p, h) in held.iter_mut() {
+            if !h.serving && *h.applied.borrow() >= h.target {
+                tracing::info!(partition = p, "serving a partition");
+                directory
+                    .serve_partition(*p, Some((topic.get(*p).durable_end(), h.applied.clone())));
+                h.gated.set_active(true);
+                h.serving = true;
+                changed = true;
+            }
         }
-    });
-    run_until_signal(worker, None, shutdown_tx).await
+        if changed {
+            quic.set_owned(
+                count,
+                held.iter()
+                    .filter(|(_, h)| h.serving)
+                    .map(|(p, _)| *p)
+                    .collect(),
+            );
+        }
+        // The group's offsets are what this worker has folded, stored and shared (the
+        // store commits after the shares are durable): the group's lag is honest, and
+        // the next owner appends shares only from there.
+        let next: std::collections::HashMap<i32, i64> = held
+            .iter()
+            .filter(|(_, h)| h.serving)
+            .map(|(p, h)| (*p as i32, *h.applied.borrow() as i64))
+            .filter(|(p, o)| committed.get(p) != Some(o))
+            .collect();
+        if !next.is_empty() {
+            match member.commit(&next) {
+                Ok(()) => committed.extend(next),
+                Err(e) => tracing::debug!(error = %e, "cannot commit the group's offsets"),
+            }
+        }
+    };
+    let _ = shutdown_tx.send(true);
+    for h in held.values() {
+        let _ = h.stop.send(true);
+    }
+    result
 }

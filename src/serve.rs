@@ -10,8 +10,8 @@ use herald_delivery::directory::StoreDirectory;
 use herald_delivery::link::{Link, Links};
 use herald_delivery::quic::{QuicLink, QuicLinkConfig};
 use herald_delivery::worker::Worker;
-use herald_eventlog::EventLog;
 use herald_eventlog::embedded::EmbeddedLog;
+use herald_eventlog::{EventLog, Partitions};
 use herald_gateway::link::LinkTls;
 use herald_gateway::{Gateway, GatewayConfig, Hub, SessionLimits};
 use herald_ingest::{Ingest, IngestConfig};
@@ -137,25 +137,31 @@ pub fn load_secrets(config: &Config, shared: bool) -> anyhow::Result<Secrets> {
     })
 }
 
-/// Opens the projection store in the data dir, rebuilding it if it is ahead of `log`.
+/// Opens the projection store in the data dir, rebuilding it if it is ahead of any
+/// partition of `topic`.
 pub fn open_store(
     config: &Config,
-    log: &Arc<dyn EventLog>,
+    topic: &Partitions,
 ) -> anyhow::Result<(fjall::Database, Arc<dyn Store>)> {
     let db = open_database(&config.data_dir.join("store"))?;
     let mut embedded = EmbeddedStore::open(db.clone(), "")?;
-    let log_end = *log.durable_end().borrow();
-    if embedded.checkpoint()? > log_end {
-        // The projections hold events the log no longer has (it lost a tail that had
-        // been synced: a disk fault, or another topic). The log is the record: fold it
-        // again from the start.
-        tracing::error!(
-            checkpoint = embedded.checkpoint()?,
-            log_end,
-            "the projections are ahead of the event log; rebuilding them from the log"
-        );
-        embedded.destroy()?;
-        embedded = EmbeddedStore::open(db.clone(), "")?;
+    for (p, log) in topic.all().iter().enumerate() {
+        let log_end = *log.durable_end().borrow();
+        let checkpoint = embedded.checkpoint(p as u32)?;
+        if checkpoint > log_end {
+            // The projections hold events the log no longer has (it lost a tail that had
+            // been synced: a disk fault, or another topic). The log is the record: fold
+            // it again from the start.
+            tracing::error!(
+                partition = p,
+                checkpoint,
+                log_end,
+                "the projections are ahead of the event log; rebuilding them from the log"
+            );
+            embedded.destroy()?;
+            embedded = EmbeddedStore::open(db.clone(), "")?;
+            break;
+        }
     }
     Ok((db, Arc::new(embedded)))
 }
@@ -184,7 +190,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     } = load_secrets(&config, false)?;
     let dir = &config.data_dir;
     let log = open_log(&config).await?;
-    let (db, store) = open_store(&config, &log)?;
+    let (db, store) = open_store(&config, &Partitions::single(log.clone()))?;
 
     let hub = Arc::new(Hub::default());
     let (shutdown_tx, shutdown) = watch::channel(false);
@@ -243,7 +249,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {} (mqtt_addr)", config.mqtt_addr))?;
     tracing::info!(
         http = %http.local_addr()?, mqtt = %mqtt.local_addr()?,
-        data_dir = %dir.display(), checkpoint = store.checkpoint()?,
+        data_dir = %dir.display(), checkpoint = store.checkpoint(0)?,
         durable_end = *log.durable_end().borrow(),
         "herald serving"
     );

@@ -17,7 +17,11 @@ use sha2::{Digest, Sha256};
 pub struct StoreDirectory {
     store: Arc<dyn Store>,
     keyring: Keyring,
-    freshness: Option<Freshness>,
+    /// The topic's partition count.
+    partitions: u32,
+    /// Per partition served here: where its log ends and how far it is applied. Without
+    /// any (`None`), reads are not checked for freshness and every partition is served.
+    freshness: Option<Arc<std::sync::RwLock<HashMap<u32, Freshness>>>>,
     /// Set where devices register through another process (the roles): bounds how many
     /// connects with an unknown id wait for the log at once.
     unknown_waits: Option<Arc<tokio::sync::Semaphore>>,
@@ -28,6 +32,7 @@ pub struct StoreDirectory {
 const UNKNOWN_WAITERS: usize = 64;
 
 /// Where the log ends and how far the projections have applied it.
+#[derive(Clone)]
 struct Freshness {
     log_end: tokio::sync::watch::Receiver<u64>,
     applied: tokio::sync::watch::Receiver<u64>,
@@ -42,8 +47,55 @@ impl StoreDirectory {
         StoreDirectory {
             store,
             keyring,
+            partitions: 1,
             freshness: None,
             unknown_waits: None,
+        }
+    }
+
+    /// Serves the partitions of a topic of `count` that are added with
+    /// [`StoreDirectory::serve_partition`], and refuses the others' devices ("not here";
+    /// the gateway asks the partition's owner).
+    pub fn partitioned(mut self, count: u32) -> Self {
+        self.partitions = count.max(1);
+        self.freshness = Some(Default::default());
+        self
+    }
+
+    /// Starts (`Some`: the partition's log end and applied watches) or stops (`None`)
+    /// serving the devices of `partition`.
+    pub fn serve_partition(
+        &self,
+        partition: u32,
+        watches: Option<(
+            tokio::sync::watch::Receiver<u64>,
+            tokio::sync::watch::Receiver<u64>,
+        )>,
+    ) {
+        let Some(f) = &self.freshness else { return };
+        let mut f = f.write().unwrap_or_else(|e| e.into_inner());
+        match watches {
+            Some((log_end, applied)) => {
+                f.insert(partition, Freshness { log_end, applied });
+            }
+            None => {
+                f.remove(&partition);
+            }
+        }
+    }
+
+    /// The freshness watches of a device's partition: `Ok(None)` when reads are not
+    /// checked, an error when the partition is not served here.
+    fn freshness_of(&self, device_id: &str) -> Result<Option<Freshness>, DirectoryError> {
+        let Some(f) = &self.freshness else {
+            return Ok(None);
+        };
+        let p = herald_schemas::partition::for_key(device_id.as_bytes(), self.partitions);
+        match f.read().unwrap_or_else(|e| e.into_inner()).get(&p) {
+            Some(f) => Ok(Some(f.clone())),
+            None => Err(DirectoryError(format!(
+                "partition {p} of device {device_id} is not served by this worker"
+            ))),
         }
     }
 
@@ -57,7 +109,8 @@ impl StoreDirectory {
         log_end: tokio::sync::watch::Receiver<u64>,
         applied: tokio::sync::watch::Receiver<u64>,
     ) -> Self {
-        self.freshness = Some(Freshness { log_end, applied });
+        self.freshness = Some(Default::default());
+        self.serve_partition(0, Some((log_end, applied)));
         self
     }
 
@@ -73,10 +126,11 @@ impl StoreDirectory {
 pub struct Envelopes<'a> {
     store: &'a dyn Store,
     keyring: &'a Keyring,
+    partitions: u32,
     /// Per message: its id (shared by every delivery), its payload, and the envelope's
     /// shared part; `None` if its payload cannot be opened.
     opened: HashMap<String, Option<Opened>>,
-    recalled: HashMap<String, bool>,
+    recalled: HashMap<(String, u32), bool>,
 }
 
 /// A message's opened payload and what every delivery of it shares.
@@ -87,27 +141,36 @@ struct Opened {
 }
 
 impl<'a> Envelopes<'a> {
-    /// A builder reading payloads from `store`.
-    pub fn new(store: &'a dyn Store, keyring: &'a Keyring) -> Self {
+    /// A builder reading payloads from `store`, whose devices are spread over a topic of
+    /// `partitions`.
+    pub fn new(store: &'a dyn Store, keyring: &'a Keyring, partitions: u32) -> Self {
         Envelopes {
             store,
             keyring,
+            partitions,
             opened: HashMap::new(),
             recalled: HashMap::new(),
         }
     }
 
-    /// Whether the entry's message was recalled (looked up once per message).
-    pub fn is_recalled(&mut self, message_id: &str) -> Result<bool, DirectoryError> {
-        if let Some(r) = self.recalled.get(message_id) {
+    /// Whether a device's entry's message was recalled (looked up once per message and
+    /// partition: a recall reaches each partition's devices with that partition's share).
+    pub fn is_recalled(
+        &mut self,
+        device_id: &str,
+        message_id: &str,
+    ) -> Result<bool, DirectoryError> {
+        let p = herald_schemas::partition::for_key(device_id.as_bytes(), self.partitions);
+        let key = (message_id.to_owned(), p);
+        if let Some(r) = self.recalled.get(&key) {
             return Ok(*r);
         }
         let r = self
             .store
-            .message(message_id)
+            .message(message_id, p)
             .map_err(|e| DirectoryError(e.to_string()))?
             .is_some_and(|m| m.recalled);
-        self.recalled.insert(message_id.to_owned(), r);
+        self.recalled.insert(key, r);
         Ok(r)
     }
 
@@ -188,12 +251,14 @@ impl StoreDirectory {
             covered_through: after_seq,
             complete: !full,
         };
-        let mut envelopes = Envelopes::new(&*self.store, &self.keyring);
+        let mut envelopes = Envelopes::new(&*self.store, &self.keyring, self.partitions);
         for e in &entries {
             page.covered_through = page.covered_through.max(e.seq);
             // Expired and recalled entries are never sent again, except to finish one the
             // device already received at QoS 2 (its PUBREL).
-            if !e.received && (e.expires_at_ms <= now || envelopes.is_recalled(&e.message_id)?) {
+            if !e.received
+                && (e.expires_at_ms <= now || envelopes.is_recalled(device_id, &e.message_id)?)
+            {
                 continue;
             }
             if let Some(d) = envelopes.delivery(device_id, e)? {
@@ -223,9 +288,12 @@ impl DeviceDirectory for StoreDirectory {
                 .map_err(|e| DirectoryError(e.to_string()))
                 .map(|d| d.map(|d| constant_time_eq(&Sha256::digest(token), &d.token_sha256)))
         };
+        let f = match self.freshness_of(device_id) {
+            Ok(f) => f,
+            Err(e) => return Box::pin(async move { Err(e) }),
+        };
         let result = check(&*self.store, device_id, token);
-        let (Some(f), Some(waits), Ok(None)) = (&self.freshness, &self.unknown_waits, &result)
-        else {
+        let (Some(f), Some(waits), Ok(None)) = (&f, &self.unknown_waits, &result) else {
             return Box::pin(async move { Ok(result?.unwrap_or(false)) });
         };
         // An unknown device may be one registered a moment ago through another process
@@ -277,15 +345,20 @@ impl DeviceDirectory for StoreDirectory {
         after_seq: u64,
         limit: usize,
     ) -> BoxFuture<'static, Result<BacklogPage, DirectoryError>> {
-        let Some(f) = &self.freshness else {
-            let result = self.read_backlog(&device_id, after_seq, limit);
-            return Box::pin(async move { result });
+        let f = match self.freshness_of(&device_id) {
+            Ok(Some(f)) => f,
+            Ok(None) => {
+                let result = self.read_backlog(&device_id, after_seq, limit);
+                return Box::pin(async move { result });
+            }
+            Err(e) => return Box::pin(async move { Err(e) }),
         };
         let target = *f.log_end.borrow();
         let mut applied = f.applied.clone();
         let this = StoreDirectory {
             store: self.store.clone(),
             keyring: self.keyring.clone(),
+            partitions: self.partitions,
             freshness: None,
             unknown_waits: None,
         };

@@ -87,6 +87,8 @@ pub struct QuicLink {
     /// left removes only that gateway's claim.
     routes: RwLock<HashMap<Arc<str>, Claims>>,
     linked: watch::Sender<usize>,
+    /// The partitions whose devices this worker serves, once set (`None`: every device).
+    owns: watch::Sender<Option<wire::Owns>>,
     /// Tells links apart over activations: a link's cleanup clears only its own state.
     next_link: std::sync::atomic::AtomicU64,
 }
@@ -158,6 +160,7 @@ impl QuicLink {
             routes: RwLock::new(HashMap::new()),
             linked: watch::channel(0).0,
             next_link: std::sync::atomic::AtomicU64::new(0),
+            owns: watch::channel(None).0,
         }))
     }
 
@@ -176,6 +179,14 @@ impl QuicLink {
                     .keep_linked(idx, answers.clone(), shutdown.clone()),
             );
         }
+    }
+
+    /// Tells every gateway (now and on every link) which partitions of a topic of
+    /// `count` this worker serves: their devices' requests come here, and their sessions
+    /// read their inboxes again when a partition is new here.
+    pub fn set_owned(&self, count: u32, partitions: Vec<u32>) {
+        self.owns
+            .send_replace(Some(wire::Owns { count, partitions }));
     }
 
     /// How many gateways are linked now; changes as links come and go.
@@ -303,11 +314,22 @@ impl QuicLink {
                 )));
             }
         }
+        let mut owns = self.owns.subscribe();
+        let first = owns.borrow_and_update().clone();
+        if let Some(o) = first {
+            gwlink::write_frame(&mut send, &down(down::Body::Owns(o))).await?;
+        }
         let (tx, mut rx) = mpsc::channel::<wire::Down>(LINK_QUEUE);
         *gw.tx.lock().unwrap_or_else(|e| e.into_inner()) = Some((token, tx.clone()));
         let writer = async {
             loop {
                 tokio::select! {
+                    Ok(()) = owns.changed() => {
+                        let o = owns.borrow_and_update().clone();
+                        if let Some(o) = o {
+                            gwlink::write_frame(&mut send, &down(down::Body::Owns(o))).await?;
+                        }
+                    }
                     f = rx.recv() => match f {
                         Some(f) => gwlink::write_frame(&mut send, &f).await?,
                         None => return Ok::<(), LinkError>(()),

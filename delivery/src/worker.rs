@@ -4,9 +4,9 @@
 
 use std::sync::Arc;
 
-use herald_eventlog::{EventLog, Offset};
+use herald_eventlog::{EventLog, Offset, Partitions, Record};
 use herald_projections::fold;
-use herald_projections::view::{NewEntry, Store, Tx, Withdrawn};
+use herald_projections::view::{NewEntry, Scope, Store, Tx, Withdrawn, Writes};
 use herald_schemas::events;
 use herald_schemas::link::{Delivery, Withdrawal};
 use herald_schemas::seal::Keyring;
@@ -40,23 +40,66 @@ pub struct Worker {
     link: Arc<dyn Link>,
     keyring: Keyring,
     applied: watch::Sender<Offset>,
+    scope: Scope,
+    shares: Option<Shares>,
+}
+
+/// Where a worker of one partition of a partitioned topic appends the shares of
+/// multi-target events for the other partitions.
+struct Shares {
+    topic: Partitions,
+    /// Shares of records before this offset were appended by an earlier owner of the
+    /// partition (it commits the group offset only after appending them).
+    from: Offset,
 }
 
 impl Worker {
-    /// A worker folding `log` into `store` and forwarding over `link`.
+    /// A worker folding the one-partition `log` into `store` and forwarding over `link`.
     pub fn new(
         log: Arc<dyn EventLog>,
         store: Arc<dyn Store>,
         link: Arc<dyn Link>,
         keyring: Keyring,
     ) -> Result<Self, WorkerError> {
-        let (applied, _) = watch::channel(store.checkpoint()?);
+        let (applied, _) = watch::channel(store.checkpoint(0)?);
         Ok(Worker {
             log,
             store,
             link,
             keyring,
             applied,
+            scope: Scope::SINGLE,
+            shares: None,
+        })
+    }
+
+    /// A worker folding partition `partition` of `topic` into `store`. With
+    /// `share_from: Some(offset)` it owns the partition: before it commits a batch it
+    /// appends the shares its multi-target events at `offset` or later ask for (the
+    /// earlier ones' were appended by the owner before it); with `None` it only follows.
+    pub fn for_partition(
+        topic: &Partitions,
+        partition: u32,
+        store: Arc<dyn Store>,
+        link: Arc<dyn Link>,
+        keyring: Keyring,
+        share_from: Option<Offset>,
+    ) -> Result<Self, WorkerError> {
+        let (applied, _) = watch::channel(store.checkpoint(partition)?);
+        Ok(Worker {
+            log: topic.get(partition).clone(),
+            store,
+            link,
+            keyring,
+            applied,
+            scope: Scope {
+                partition,
+                count: topic.count(),
+            },
+            shares: share_from.map(|from| Shares {
+                topic: topic.clone(),
+                from,
+            }),
         })
     }
 
@@ -71,7 +114,7 @@ impl Worker {
         let mut end = self.log.durable_end();
         // This worker is the store's only writer: after the first read, its position is
         // the checkpoint it last committed.
-        let mut from = self.store.checkpoint()?;
+        let mut from = self.store.checkpoint(self.scope.partition)?;
         loop {
             if *shutdown.borrow() {
                 return Ok(());
@@ -98,10 +141,29 @@ impl Worker {
                 continue;
             }
             let store = self.store.clone();
-            let (next, new_entries, withdrawn) =
-                tokio::task::spawn_blocking(move || fold_batch(&*store, from, &records))
+            let scope = self.scope;
+            let share_from = self.shares.as_ref().map_or(Offset::MAX, |s| s.from);
+            let batch = tokio::task::spawn_blocking(move || {
+                let batch = fold_partition_batch(&*store, scope, from, &records, share_from)?;
+                if batch.shares.is_empty() {
+                    store.commit(&batch.writes, scope.partition, batch.next)?;
+                }
+                Ok::<_, WorkerError>(batch)
+            })
+            .await
+            .map_err(|e| WorkerError::Task(e.to_string()))??;
+            if !batch.shares.is_empty() {
+                if !self.append_shares(&batch.shares, &mut shutdown).await {
+                    return Ok(());
+                }
+                let store = self.store.clone();
+                let partition = self.scope.partition;
+                let (writes, at) = (batch.writes, batch.next);
+                tokio::task::spawn_blocking(move || store.commit(&writes, partition, at))
                     .await
                     .map_err(|e| WorkerError::Task(e.to_string()))??;
+            }
+            let (next, new_entries, withdrawn) = (batch.next, batch.new_entries, batch.withdrawn);
             self.applied.send_replace(next);
             from = next;
             // An entry created and taken back in the same batch is not forwarded.
@@ -132,8 +194,54 @@ impl Worker {
         }
     }
 
+    /// Appends a batch's shares to their partitions, retrying until they are durable:
+    /// the batch may not commit before (a crash would lose them). False if shut down
+    /// meanwhile.
+    async fn append_shares(
+        &self,
+        shares: &[(u32, events::Event)],
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let Some(Shares { topic, .. }) = &self.shares else {
+            return true;
+        };
+        let mut by_partition: std::collections::BTreeMap<u32, Vec<Record>> = Default::default();
+        for (p, ev) in shares {
+            let key = match &ev.kind {
+                Some(events::Kind::FanOut(f)) => match &f.event {
+                    Some(events::fan_out::Event::Push(e)) => e.message_id.clone(),
+                    Some(events::fan_out::Event::Recall(e)) => e.message_id.clone(),
+                    None => String::new(),
+                },
+                _ => String::new(),
+            };
+            by_partition.entry(*p).or_default().push(Record {
+                key: key.into_bytes(),
+                value: events::encode(ev),
+            });
+        }
+        let mut delay = std::time::Duration::from_millis(100);
+        loop {
+            let appends = by_partition
+                .iter()
+                .map(|(p, records)| topic.get(*p).append(records.clone()));
+            let results = futures::future::join_all(appends).await;
+            match results.into_iter().find_map(Result::err) {
+                None => return true,
+                Some(e) => {
+                    tracing::warn!(error = %e, partition = self.scope.partition, "cannot append the shares of multi-target events; retrying");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {},
+                _ = shutdown.changed() => return false,
+            }
+            delay = (delay * 2).min(std::time::Duration::from_secs(5));
+        }
+    }
+
     fn forward(&self, new_entries: Vec<NewEntry>) -> Result<(), WorkerError> {
-        let mut envelopes = Envelopes::new(&*self.store, &self.keyring);
+        let mut envelopes = Envelopes::new(&*self.store, &self.keyring, self.scope.count);
         let mut batch: Vec<Delivery> = Vec::new();
         let mut resync: Vec<Arc<str>> = Vec::new();
         for n in new_entries {
@@ -163,15 +271,43 @@ impl Worker {
 /// What a committed batch produced.
 pub type Folded = (Offset, Vec<NewEntry>, Vec<Withdrawn>);
 
-/// Folds one batch of records and commits it with its checkpoint. Returns the new
-/// checkpoint, the entries the batch created and the entries it took back.
+/// A folded batch of one partition, not committed yet.
+pub struct PartitionBatch {
+    /// The batch's state changes.
+    pub writes: Writes,
+    /// The partition's checkpoint after it.
+    pub next: Offset,
+    /// The entries it created.
+    pub new_entries: Vec<NewEntry>,
+    /// The entries it took back.
+    pub withdrawn: Vec<Withdrawn>,
+    /// Shares for other partitions, of records at `share_from` or later.
+    pub shares: Vec<(u32, events::Event)>,
+}
+
+/// Folds one batch of a one-partition log and commits it with its checkpoint. Returns
+/// the new checkpoint, the entries the batch created and the entries it took back.
 pub fn fold_batch(
     store: &dyn Store,
     from: Offset,
     records: &[herald_eventlog::Stored],
 ) -> Result<Folded, WorkerError> {
-    let mut tx = Tx::new(store);
+    let b = fold_partition_batch(store, Scope::SINGLE, from, records, Offset::MAX)?;
+    store.commit(&b.writes, 0, b.next)?;
+    Ok((b.next, b.new_entries, b.withdrawn))
+}
+
+/// Folds one batch of records of partition `scope` without committing it.
+pub fn fold_partition_batch(
+    store: &dyn Store,
+    scope: Scope,
+    from: Offset,
+    records: &[herald_eventlog::Stored],
+    share_from: Offset,
+) -> Result<PartitionBatch, WorkerError> {
+    let mut tx = Tx::scoped(store, scope);
     let mut next = from;
+    let mut shares = Vec::new();
     for r in records {
         assert_eq!(r.offset, next, "the log hands out dense offsets");
         match events::decode(&r.value) {
@@ -182,6 +318,11 @@ pub fn fold_batch(
                 tracing::error!(offset = r.offset, error = %e, "skipping undecodable event");
                 tx.rejected += 1;
             }
+        }
+        if r.offset >= share_from {
+            shares.append(&mut tx.fan_out);
+        } else {
+            tx.fan_out.clear();
         }
         next = r.offset + 1;
     }
@@ -194,6 +335,11 @@ pub fn fold_batch(
         withdrawn,
         ..
     } = tx;
-    store.commit(&writes, next)?;
-    Ok((next, new_entries, withdrawn))
+    Ok(PartitionBatch {
+        writes,
+        next,
+        new_entries,
+        withdrawn,
+        shares,
+    })
 }

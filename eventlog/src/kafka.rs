@@ -101,42 +101,11 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Unavailable(format!("{what}: {e}"))
 }
 
-/// Kafka's murmur2 (the Java client's `Utils.murmur2`, seed 0x9747b28c).
-pub fn murmur2(data: &[u8]) -> i32 {
-    const SEED: u32 = 0x9747_b28c;
-    const M: u32 = 0x5bd1_e995;
-    const R: u32 = 24;
-    let len = data.len();
-    let mut h: u32 = SEED ^ (len as u32);
-    let mut chunks = data.chunks_exact(4);
-    for c in &mut chunks {
-        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-        k = k.wrapping_mul(M);
-        k ^= k >> R;
-        k = k.wrapping_mul(M);
-        h = h.wrapping_mul(M);
-        h ^= k;
-    }
-    let rest = chunks.remainder();
-    if rest.len() >= 3 {
-        h ^= u32::from(rest[2]) << 16;
-    }
-    if rest.len() >= 2 {
-        h ^= u32::from(rest[1]) << 8;
-    }
-    if !rest.is_empty() {
-        h ^= u32::from(rest[0]);
-        h = h.wrapping_mul(M);
-    }
-    h ^= h >> 13;
-    h = h.wrapping_mul(M);
-    h ^= h >> 15;
-    h as i32
-}
+pub use herald_schemas::partition::murmur2;
 
 /// The partition the Java client's default partitioner gives `key` among `partitions`.
 pub fn partition_for(key: &[u8], partitions: i32) -> i32 {
-    (murmur2(key) & 0x7fff_ffff) % partitions.max(1)
+    herald_schemas::partition::for_key(key, u32::try_from(partitions).unwrap_or(1)) as i32
 }
 
 /// The log on Kafka: appends (any role) and consumers (delivery workers).
@@ -285,7 +254,7 @@ impl KafkaLog {
             .set("partition.assignment.strategy", "range")
             .set("session.timeout.ms", "6000")
             .set("heartbeat.interval.ms", "1000")
-            .set("fetch.wait.max.ms", "10");
+            .set("fetch.wait.max.ms", "100");
         for (k, v) in &self.config.properties {
             c.set(k, v);
         }
@@ -583,18 +552,44 @@ impl GroupConsumer {
     }
 }
 
-/// The log as one Kafka partition: a single total order with dense offsets, so it is an
-/// [`EventLog`] like the embedded one and `herald serve` can keep its log on Kafka. (The
-/// partitioned roles read [`GroupConsumer`]s instead.)
+/// One partition of the Kafka topic as an [`EventLog`]: a single total order with dense
+/// offsets, like the embedded log. `herald serve` on Kafka uses a one-partition topic
+/// ([`OrderedKafkaLog::open`]); the role processes open every partition of a partitioned
+/// one ([`OrderedKafkaLog::open_topic`]) and fold each on its own.
 ///
 /// The durable end is the partition's high watermark: raised by this process's own
 /// acknowledged appends at once, and by other writers' within [`WATERMARK_POLL`].
 pub struct OrderedKafkaLog {
-    log: KafkaLog,
+    topic: std::sync::Arc<TopicShared>,
+    partition: i32,
     reader: tokio::sync::Mutex<OrderedReader>,
-    /// Asks the broker for the high watermark (a blocking call, on its own client).
+}
+
+/// What the partitions of one topic share.
+struct TopicShared {
+    log: KafkaLog,
+    /// Asks the broker for high watermarks (a blocking call, on its own client).
     watermarks: std::sync::Arc<BaseConsumer>,
-    end: tokio::sync::watch::Sender<crate::Offset>,
+    /// Each partition's durable end.
+    ends: Vec<tokio::sync::watch::Sender<crate::Offset>>,
+}
+
+impl TopicShared {
+    fn raise_end(&self, partition: i32, to: crate::Offset) {
+        if let Some(end) = usize::try_from(partition)
+            .ok()
+            .and_then(|p| self.ends.get(p))
+        {
+            end.send_if_modified(|e| {
+                if to > *e {
+                    *e = to;
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+    }
 }
 
 /// How often the high watermark is asked for, to see other processes' appends.
@@ -609,87 +604,112 @@ struct OrderedReader {
 impl OrderedKafkaLog {
     /// The topic's producer and group membership.
     pub fn kafka(&self) -> &KafkaLog {
-        &self.log
+        &self.topic.log
     }
 
-    /// Connects to the topic of `config` (created with one partition if missing; a topic
-    /// with more partitions is refused).
+    /// This log's partition.
+    pub fn partition(&self) -> i32 {
+        self.partition
+    }
+
+    /// Connects to the topic of `config` as one ordered log (the topic is created with
+    /// one partition if missing; a topic with more partitions is refused).
     pub async fn open(mut config: KafkaConfig) -> Result<std::sync::Arc<Self>, Error> {
         config.partitions = 1;
-        let log = KafkaLog::connect(config).await?;
-        if log.partitions() != 1 {
+        let mut all = Self::open_topic(config).await?;
+        if all.len() != 1 {
             return Err(Error::Storage(format!(
                 "topic {} has {} partitions; one ordered log needs exactly one",
-                log.config().topic,
-                log.partitions()
+                all[0].kafka().config().topic,
+                all.len()
             )));
         }
-        let mut c = log.config().client();
-        c.set("group.id", "herald-ordered-reader")
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("fetch.wait.max.ms", "10");
-        let consumer: StreamConsumer = c
-            .create()
-            .map_err(|e| unavailable("cannot create the Kafka reader", e))?;
-        let watermarks: std::sync::Arc<BaseConsumer> = std::sync::Arc::new(
-            c.create()
-                .map_err(|e| unavailable("cannot create the Kafka reader", e))?,
-        );
-        let high = watermark(
-            watermarks.clone(),
-            log.config().topic.clone(),
-            log.config().timeout,
-        )
-        .await?;
-        let this = std::sync::Arc::new(OrderedKafkaLog {
-            log,
-            reader: tokio::sync::Mutex::new(OrderedReader {
-                consumer,
-                next: None,
-            }),
-            watermarks,
-            end: tokio::sync::watch::channel(high).0,
-        });
-        tokio::spawn(poll_watermark(std::sync::Arc::downgrade(&this)));
-        Ok(this)
+        Ok(all.remove(0))
     }
 
-    fn raise_end(&self, to: crate::Offset) {
-        self.end.send_if_modified(|e| {
-            if to > *e {
-                *e = to;
-                true
-            } else {
-                false
-            }
+    /// Connects to the topic of `config` (created with `config.partitions` if missing)
+    /// and opens each of its partitions, in order.
+    pub async fn open_topic(config: KafkaConfig) -> Result<Vec<std::sync::Arc<Self>>, Error> {
+        let log = KafkaLog::connect(config).await?;
+        let mut reader = log.config().client();
+        reader
+            .set("group.id", "herald-ordered-reader")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("fetch.wait.max.ms", "100");
+        let reader_config = || reader.clone();
+        let watermarks: std::sync::Arc<BaseConsumer> = std::sync::Arc::new(
+            reader_config()
+                .create()
+                .map_err(|e| unavailable("cannot create the Kafka reader", e))?,
+        );
+        let mut ends = Vec::new();
+        for p in 0..log.partitions() {
+            let high = watermark(
+                watermarks.clone(),
+                log.config().topic.clone(),
+                p,
+                log.config().timeout,
+            )
+            .await?;
+            ends.push(tokio::sync::watch::channel(high).0);
+        }
+        let topic = std::sync::Arc::new(TopicShared {
+            log,
+            watermarks,
+            ends,
         });
+        let mut out = Vec::new();
+        for p in 0..topic.log.partitions() {
+            let consumer: StreamConsumer = reader_config()
+                .create()
+                .map_err(|e| unavailable("cannot create the Kafka reader", e))?;
+            out.push(std::sync::Arc::new(OrderedKafkaLog {
+                topic: topic.clone(),
+                partition: p,
+                reader: tokio::sync::Mutex::new(OrderedReader {
+                    consumer,
+                    next: None,
+                }),
+            }));
+        }
+        tokio::spawn(poll_watermarks(std::sync::Arc::downgrade(&topic)));
+        Ok(out)
     }
 }
 
 async fn watermark(
     consumer: std::sync::Arc<BaseConsumer>,
     topic: String,
+    partition: i32,
     timeout: Duration,
 ) -> Result<u64, Error> {
     let (_, high) =
-        tokio::task::spawn_blocking(move || consumer.fetch_watermarks(&topic, 0, timeout))
+        tokio::task::spawn_blocking(move || consumer.fetch_watermarks(&topic, partition, timeout))
             .await
             .map_err(|e| Error::Storage(e.to_string()))?
             .map_err(|e| unavailable("cannot read the partition's high watermark", e))?;
     Ok(u64::try_from(high).unwrap_or(0))
 }
 
-async fn poll_watermark(weak: std::sync::Weak<OrderedKafkaLog>) {
+async fn poll_watermarks(weak: std::sync::Weak<TopicShared>) {
     loop {
         tokio::time::sleep(WATERMARK_POLL).await;
-        let Some(log) = weak.upgrade() else { return };
-        let (consumer, topic) = (log.watermarks.clone(), log.log.config().topic.clone());
-        // Release the log while waiting, so that dropping it ends this task.
-        drop(log);
-        let high = watermark(consumer, topic, Duration::from_secs(1)).await;
-        if let (Ok(high), Some(log)) = (high, weak.upgrade()) {
-            log.raise_end(high);
+        let Some(topic) = weak.upgrade() else { return };
+        let (consumer, name, partitions) = (
+            topic.watermarks.clone(),
+            topic.log.config().topic.clone(),
+            topic.log.partitions(),
+        );
+        // Release the topic while waiting, so that dropping its logs ends this task.
+        drop(topic);
+        for p in 0..partitions {
+            let high = watermark(consumer.clone(), name.clone(), p, Duration::from_secs(1)).await;
+            match (high, weak.upgrade()) {
+                (Ok(high), Some(topic)) => topic.raise_end(p, high),
+                (_, None) => return,
+                (Err(_), Some(_)) => {}
+            }
         }
     }
 }
@@ -700,25 +720,19 @@ impl crate::Append for OrderedKafkaLog {
         records: Vec<Record>,
     ) -> futures::future::BoxFuture<'static, Result<Vec<crate::Offset>, Error>> {
         // The future must be 'static: the producer and the watch are cheap to clone.
-        let producer = self.log.producer.clone();
-        let topic = self.log.config.topic.clone();
-        let timeout = self.log.config.timeout;
-        let end = self.end.clone();
+        let producer = self.topic.log.producer.clone();
+        let name = self.topic.log.config.topic.clone();
+        let timeout = self.topic.log.config.timeout;
+        let partition = self.partition;
+        let topic = self.topic.clone();
         Box::pin(async move {
-            let positions = produce(&producer, &topic, timeout, records, |_| 0).await?;
+            let positions = produce(&producer, &name, timeout, records, |_| partition).await?;
             let offsets: Vec<crate::Offset> = positions
                 .iter()
                 .map(|p| u64::try_from(p.offset).unwrap_or(0))
                 .collect();
             if let Some(&last) = offsets.iter().max() {
-                end.send_if_modified(|e| {
-                    if last + 1 > *e {
-                        *e = last + 1;
-                        true
-                    } else {
-                        false
-                    }
-                });
+                topic.raise_end(partition, last + 1);
             }
             Ok(offsets)
         })
@@ -732,7 +746,7 @@ impl crate::EventLog for OrderedKafkaLog {
         max: usize,
     ) -> futures::future::BoxFuture<'_, Result<Vec<crate::Stored>, Error>> {
         Box::pin(async move {
-            let end = *self.end.borrow();
+            let end = *self.topic.ends[self.partition as usize].borrow();
             if from >= end || max == 0 {
                 return Ok(Vec::new());
             }
@@ -742,8 +756,12 @@ impl crate::EventLog for OrderedKafkaLog {
             let mut reader = self.reader.lock().await;
             if reader.next != Some(from) {
                 let mut tpl = TopicPartitionList::new();
-                tpl.add_partition_offset(&self.log.config.topic, 0, KafkaOffset::Offset(from))
-                    .map_err(|e| unavailable("cannot position the reader", e))?;
+                tpl.add_partition_offset(
+                    &self.topic.log.config.topic,
+                    self.partition,
+                    KafkaOffset::Offset(from),
+                )
+                .map_err(|e| unavailable("cannot position the reader", e))?;
                 reader
                     .consumer
                     .assign(&tpl)
@@ -795,7 +813,7 @@ impl crate::EventLog for OrderedKafkaLog {
     }
 
     fn durable_end(&self) -> tokio::sync::watch::Receiver<crate::Offset> {
-        self.end.subscribe()
+        self.topic.ends[self.partition as usize].subscribe()
     }
 }
 
@@ -870,29 +888,4 @@ async fn partition_count(config: &KafkaConfig) -> Result<i32, Error> {
     })
     .await
     .map_err(|e| Error::Storage(e.to_string()))?
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn murmur2_matches_the_java_client() {
-        // Values printed by org.apache.kafka.common.utils.Utils.murmur2 (kafka-clients 4.1.1).
-        assert_eq!(murmur2(b"21"), -973_932_308);
-        assert_eq!(murmur2(b"foobar"), -790_332_482);
-        assert_eq!(murmur2(b"abc"), 479_470_107);
-        assert_eq!(murmur2(b""), 275_646_681);
-        assert_eq!(
-            murmur2(b"0190b7a2-1c2d-7e3f-8a9b-0c1d2e3f4a5b"),
-            -566_429_333
-        );
-        assert_eq!(partition_for(b"21", 12), 0);
-        assert_eq!(partition_for(b"foobar", 12), 6);
-        assert_eq!(
-            partition_for(b"0190b7a2-1c2d-7e3f-8a9b-0c1d2e3f4a5b", 12),
-            3
-        );
-        assert_eq!(partition_for(b"", 12), 9);
-    }
 }

@@ -105,3 +105,87 @@ pub trait EventLog: Append {
     /// becomes durable, so followers can wait on it to tail the log.
     fn durable_end(&self) -> watch::Receiver<Offset>;
 }
+
+/// The log as a topic of partitions, each an [`EventLog`] with offsets of its own.
+/// Records are routed by key with [`herald_schemas::partition::for_key`], the Java Kafka
+/// client's partitioner, so every role agrees where a key lives. The embedded log, and
+/// `herald serve` on Kafka, are a topic of one partition.
+#[derive(Clone)]
+pub struct Partitions {
+    logs: Vec<std::sync::Arc<dyn EventLog>>,
+}
+
+impl Partitions {
+    /// A topic of the one partition `log`.
+    pub fn single(log: std::sync::Arc<dyn EventLog>) -> Self {
+        Partitions { logs: vec![log] }
+    }
+
+    /// A topic whose partition `i` is `logs[i]`.
+    ///
+    /// # Panics
+    /// If `logs` is empty.
+    pub fn new(logs: Vec<std::sync::Arc<dyn EventLog>>) -> Self {
+        assert!(!logs.is_empty(), "a topic has at least one partition");
+        Partitions { logs }
+    }
+
+    /// How many partitions.
+    pub fn count(&self) -> u32 {
+        u32::try_from(self.logs.len()).unwrap_or(u32::MAX)
+    }
+
+    /// The partition records keyed `key` go to.
+    pub fn of(&self, key: &[u8]) -> u32 {
+        herald_schemas::partition::for_key(key, self.count())
+    }
+
+    /// Partition `p`.
+    ///
+    /// # Panics
+    /// If there is no partition `p`.
+    pub fn get(&self, p: u32) -> &std::sync::Arc<dyn EventLog> {
+        &self.logs[p as usize]
+    }
+
+    /// Every partition, in order.
+    pub fn all(&self) -> &[std::sync::Arc<dyn EventLog>] {
+        &self.logs
+    }
+}
+
+impl Append for Partitions {
+    /// Appends each record to its key's partition (records of one partition in one
+    /// append, the partitions concurrently) and resolves with each record's offset in its
+    /// partition once all are durable.
+    fn append(&self, records: Vec<Record>) -> BoxFuture<'static, Result<Vec<Offset>, Error>> {
+        if self.logs.len() == 1 {
+            return self.logs[0].append(records);
+        }
+        let n = records.len();
+        let mut groups: std::collections::BTreeMap<u32, (Vec<usize>, Vec<Record>)> =
+            std::collections::BTreeMap::new();
+        for (i, r) in records.into_iter().enumerate() {
+            let g = groups.entry(self.of(&r.key)).or_default();
+            g.0.push(i);
+            g.1.push(r);
+        }
+        let pending: Vec<_> = groups
+            .into_iter()
+            .map(|(p, (index, records))| (index, self.logs[p as usize].append(records)))
+            .collect();
+        Box::pin(async move {
+            let mut out = vec![0; n];
+            let (indexes, futures): (Vec<_>, Vec<_>) = pending.into_iter().unzip();
+            for (index, offsets) in indexes
+                .into_iter()
+                .zip(futures::future::join_all(futures).await)
+            {
+                for (i, o) in index.into_iter().zip(offsets?) {
+                    out[i] = o;
+                }
+            }
+            Ok(out)
+        })
+    }
+}

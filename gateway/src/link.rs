@@ -222,6 +222,21 @@ pub async fn read_frame<M: prost::Message + Default>(
 struct Peer {
     id: u64,
     up: mpsc::Sender<wire::Up>,
+    /// The partitions whose devices it serves (count, partitions), once it said so;
+    /// `None`: every device.
+    owns: Option<(u32, std::collections::BTreeSet<u32>)>,
+}
+
+impl Peer {
+    fn serves(&self, device_id: &str) -> bool {
+        match &self.owns {
+            None => true,
+            Some((count, parts)) => parts.contains(&herald_schemas::partition::for_key(
+                device_id.as_bytes(),
+                *count,
+            )),
+        }
+    }
 }
 
 /// A request waiting for its reply: which link it went out on, and where the reply goes.
@@ -252,16 +267,40 @@ impl Drop for PendingGuard<'_> {
 }
 
 impl Links {
-    fn newest(&self) -> Option<(u64, mpsc::Sender<wire::Up>)> {
+    /// The newest linked worker that serves `device` (any, for no device).
+    fn newest(&self, device: Option<&str>) -> Option<(u64, mpsc::Sender<wire::Up>)> {
         self.peers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .last()
+            .iter()
+            .rev()
+            .find(|p| device.is_none_or(|d| p.serves(d)))
             .map(|p| (p.id, p.up.clone()))
     }
 
-    async fn request(&self, body: wire::request::Body) -> Result<reply::Body, String> {
-        let (peer, up) = self.newest().ok_or("no delivery worker is linked")?;
+    /// Records the partitions a worker serves now; returns those it did not before.
+    fn set_owns(&self, peer: u64, owns: wire::Owns) -> (u32, Vec<u32>) {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(p) = peers.iter_mut().find(|p| p.id == peer) else {
+            return (owns.count, Vec::new());
+        };
+        let before = p.owns.take().map(|(_, s)| s).unwrap_or_default();
+        let now: std::collections::BTreeSet<u32> = owns.partitions.into_iter().collect();
+        let gained = now.difference(&before).copied().collect();
+        p.owns = Some((owns.count, now));
+        (owns.count, gained)
+    }
+
+    /// Sends a request to the newest worker that serves `device` (for an append: the
+    /// newest worker) and waits for its reply.
+    async fn request(
+        &self,
+        device: Option<&str>,
+        body: wire::request::Body,
+    ) -> Result<reply::Body, String> {
+        let (peer, up) = self
+            .newest(device)
+            .ok_or("no linked delivery worker serves this device now")?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending
@@ -454,6 +493,7 @@ impl LinkServer {
             .push(Peer {
                 id: peer_id,
                 up: up_tx.clone(),
+                owns: None,
             });
         tracing::info!(%remote, worker = %hello.worker_id, "delivery worker linked");
         // Whatever was in flight on an earlier link is read again from the inbox.
@@ -496,7 +536,7 @@ impl LinkServer {
             loop {
                 match read_frame::<wire::Down>(&mut recv).await? {
                     None => return Ok::<(), LinkError>(()),
-                    Some(f) => self.on_down(f),
+                    Some(f) => self.on_down(peer_id, f),
                 }
             }
         };
@@ -522,7 +562,7 @@ impl LinkServer {
         }
     }
 
-    fn on_down(&self, f: wire::Down) {
+    fn on_down(&self, peer: u64, f: wire::Down) {
         match f.body {
             Some(down::Body::Deliver(d)) => {
                 self.hub.deliver(
@@ -549,6 +589,23 @@ impl LinkServer {
                 }
             }
             Some(down::Body::Reply(r)) => self.links.answer(r),
+            Some(down::Body::Owns(o)) => {
+                // A worker that took partitions over: the sessions of their devices read
+                // their inboxes again from it (what the last owner had in flight).
+                let (count, gained) = self.links.set_owns(peer, o);
+                if !gained.is_empty() {
+                    let devices: Vec<Arc<str>> = self
+                        .hub
+                        .devices()
+                        .into_iter()
+                        .filter(|d| {
+                            gained
+                                .contains(&herald_schemas::partition::for_key(d.as_bytes(), count))
+                        })
+                        .collect();
+                    self.hub.resync(&devices);
+                }
+            }
             Some(down::Body::WorkerHello(_)) | None => {}
         }
     }
@@ -566,12 +623,13 @@ impl DeviceDirectory for LinkDirectory {
         token: &[u8],
     ) -> BoxFuture<'static, Result<bool, DirectoryError>> {
         let links = self.links.clone();
+        let device = device_id.to_string();
         let body = wire::request::Body::Auth(wire::Auth {
             device_id: device_id.to_string(),
             token: token.to_vec(),
         });
         Box::pin(async move {
-            match links.request(body).await {
+            match links.request(Some(&device), body).await {
                 Ok(reply::Body::Authenticated(ok)) => Ok(ok),
                 Ok(_) => Err(DirectoryError("unexpected reply to Auth".into())),
                 Err(e) => Err(DirectoryError(e)),
@@ -592,7 +650,7 @@ impl DeviceDirectory for LinkDirectory {
             limit: u32::try_from(limit).unwrap_or(u32::MAX),
         });
         Box::pin(async move {
-            match links.request(body).await {
+            match links.request(Some(&device_id), body).await {
                 Ok(reply::Body::Backlog(page)) => Ok(frames::page_from_wire(page)),
                 Ok(_) => Err(DirectoryError("unexpected reply to Backlog".into())),
                 Err(e) => Err(DirectoryError(e)),
@@ -617,7 +675,7 @@ impl Append for LinkDirectory {
                 .collect(),
         });
         Box::pin(async move {
-            match links.request(body).await {
+            match links.request(None, body).await {
                 Ok(reply::Body::Appended(a)) => Ok(a.offsets),
                 Ok(_) => Err(herald_eventlog::Error::Unavailable(
                     "unexpected reply to Append".into(),

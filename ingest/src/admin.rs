@@ -50,6 +50,9 @@ pub fn routes() -> Router<Arc<Ingest>> {
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventsQuery {
+    /// The partition to read, on a topic of several (default 0); offsets are the
+    /// partition's.
+    pub partition: Option<u32>,
     /// First offset to read (default 0).
     pub from: Option<Offset>,
     /// Offset to stop before (default: the durable end when the request arrives; larger
@@ -122,7 +125,18 @@ async fn events(
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| invalid_query(e.body_text()))?;
     let filter = q.filter()?;
-    let end = *ingest.log.durable_end().borrow();
+    let partition = q.partition.unwrap_or(0);
+    if partition >= ingest.log.count() {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!(
+                "partition {partition} does not exist: the topic has {}",
+                ingest.log.count()
+            ),
+        ));
+    }
+    let log = ingest.log.get(partition).clone();
+    let end = *log.durable_end().borrow();
     let from = q.from.unwrap_or(0);
     if let Some(to) = q.to
         && to < from
@@ -144,7 +158,7 @@ async fn events(
         }
     });
     let state = Page {
-        ingest,
+        log,
         replay,
         next: from,
         to,
@@ -173,7 +187,7 @@ async fn events(
 
 /// The state of one streamed replay.
 struct Page<L> {
-    ingest: Arc<Ingest>,
+    log: Arc<dyn herald_eventlog::EventLog>,
     replay: Replay<L>,
     next: Offset,
     to: Offset,
@@ -186,7 +200,7 @@ impl<L: FnMut(&str) -> Option<String>> Page<L> {
         let mut out = Vec::new();
         while self.next < self.to && out.len() < FLUSH_BYTES {
             let max = PAGE_RECORDS.min((self.to - self.next) as usize);
-            let records = self.ingest.log.read(self.next, max).await?;
+            let records = self.log.read(self.next, max).await?;
             let Some(last) = records.last() else {
                 // The range ends at or before the durable end, so a page is never empty.
                 return Err(herald_eventlog::Error::Corrupt {

@@ -27,8 +27,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use herald_eventlog::{EventLog, Offset, Record};
+use herald_eventlog::{Append, EventLog, Offset, Partitions, Record};
 use herald_projections::view::Store;
+use herald_schemas::events::{self, Event};
 use herald_schemas::seal::Keyring;
 use tokio::sync::watch;
 
@@ -78,9 +79,10 @@ impl Default for IngestConfig {
 pub struct Ingest {
     /// Settings.
     pub config: IngestConfig,
-    log: Arc<dyn EventLog>,
+    log: Partitions,
     store: Arc<dyn Store>,
-    applied: watch::Receiver<Offset>,
+    /// Per partition: how far the projections have applied it.
+    applied: Vec<watch::Receiver<Offset>>,
     keyring: Keyring,
     tokens: Tokens,
     idempotency_locks: Vec<tokio::sync::Mutex<()>>,
@@ -94,7 +96,8 @@ const IDEMPOTENCY_LOCKS: usize = 64;
 const APPLY_WAIT: Duration = Duration::from_secs(10);
 
 impl Ingest {
-    /// The API over `log` and `store`; `applied` is the delivery worker's progress.
+    /// The API over the one-partition `log` and `store`; `applied` is the delivery
+    /// worker's progress.
     pub fn new(
         config: IngestConfig,
         log: Arc<dyn EventLog>,
@@ -103,6 +106,34 @@ impl Ingest {
         keyring: Keyring,
         jwt_secret: &[u8],
     ) -> Arc<Self> {
+        Self::partitioned(
+            config,
+            Partitions::single(log),
+            store,
+            vec![applied],
+            keyring,
+            jwt_secret,
+        )
+    }
+
+    /// The API over a topic of partitions and `store`, which folds every partition;
+    /// `applied[p]` is how far it has applied partition `p`.
+    ///
+    /// # Panics
+    /// If `applied` does not have one watch per partition.
+    pub fn partitioned(
+        config: IngestConfig,
+        log: Partitions,
+        store: Arc<dyn Store>,
+        applied: Vec<watch::Receiver<Offset>>,
+        keyring: Keyring,
+        jwt_secret: &[u8],
+    ) -> Arc<Self> {
+        assert_eq!(
+            applied.len(),
+            log.count() as usize,
+            "one applied watch per partition"
+        );
         let tokens = Tokens::new(jwt_secret, config.token_ttl_s);
         let nav = Arc::new(nav::Navigator::new(nav::Placement {
             gateway_id: "default".into(),
@@ -129,15 +160,27 @@ impl Ingest {
         self.nav.clone()
     }
 
-    /// Appends records and waits until they are durable.
-    async fn append(&self, records: Vec<Record>) -> Result<Vec<Offset>, ApiError> {
-        Ok(self.log.append(records).await?)
+    /// Appends one event keyed `key` and waits until it is durable; returns where it is.
+    async fn append(&self, key: &str, event: &Event) -> Result<Appended, ApiError> {
+        let record = Record {
+            key: key.as_bytes().to_vec(),
+            value: events::encode(event),
+        };
+        let offsets = self.log.append(vec![record]).await?;
+        Ok(Appended {
+            partition: self.log.of(key.as_bytes()),
+            offset: offsets.last().copied().unwrap_or_default(),
+        })
     }
 
-    /// Waits until the projections have applied everything before `offset` (inclusive).
-    async fn wait_applied(&self, offset: Offset) -> Result<(), ApiError> {
-        let mut rx = self.applied.clone();
-        match tokio::time::timeout(APPLY_WAIT, rx.wait_for(|a| *a > offset)).await {
+    /// Waits until the projections have applied everything of a partition up to the
+    /// record `at` (inclusive).
+    async fn wait_applied(&self, at: Appended) -> Result<(), ApiError> {
+        let Some(rx) = self.applied.get(at.partition as usize) else {
+            return Err(ApiError::unavailable("no such partition"));
+        };
+        let mut rx = rx.clone();
+        match tokio::time::timeout(APPLY_WAIT, rx.wait_for(|a| *a > at.offset)).await {
             Ok(Ok(_)) => Ok(()),
             _ => Err(ApiError::unavailable(
                 "accepted, but the projections are behind; retry the read shortly",
@@ -155,11 +198,24 @@ impl Ingest {
 
     /// Waits until the projections have applied everything durable now, briefly.
     async fn catch_up(&self) {
-        let end = *self.log.durable_end().borrow();
-        if end > 0 {
-            let _ = self.wait_applied(end - 1).await;
+        for (p, log) in self.log.all().iter().enumerate() {
+            let end = *log.durable_end().borrow();
+            if end > 0 {
+                let at = Appended {
+                    partition: p as u32,
+                    offset: end - 1,
+                };
+                let _ = self.wait_applied(at).await;
+            }
         }
     }
+}
+
+/// Where an appended record is.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Appended {
+    partition: u32,
+    offset: Offset,
 }
 
 /// The API's router.

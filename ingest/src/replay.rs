@@ -30,7 +30,9 @@ use std::collections::HashMap;
 
 use base64::Engine;
 use herald_eventlog::{Offset, Stored};
-use herald_schemas::events::{self, Event, Kind, SealedPayload, Target, To};
+use herald_schemas::events::{
+    self, Event, Kind, MessageRecalled, PushAccepted, SealedPayload, Target, To, fan_out,
+};
 use herald_schemas::seal::Keyring;
 use serde::Deserialize;
 
@@ -292,21 +294,22 @@ fn visit<'e>(kind: &'e Kind, f: &mut impl Fields<'e>) {
             f.str("platform", &e.platform);
             f.str("network", &e.network);
         }
-        Kind::PushAccepted(e) => {
-            f.str("message_id", &e.message_id);
-            f.str("app_id", &e.app_id);
-            f.target("target", &e.target);
-            f.sealed("payload", &e.payload);
-            f.u64("ttl_s", e.ttl_s.into());
-            f.u64("priority", e.priority.into());
-            f.str("collapse_key", &e.collapse_key);
-            f.str("idempotency_key", &e.idempotency_key);
-            f.bytes("request_sha256", &e.request_sha256);
-            f.u64("idempotency_window_s", e.idempotency_window_s.into());
-        }
-        Kind::MessageRecalled(e) => {
-            f.str("message_id", &e.message_id);
-            f.str("app_id", &e.app_id);
+        Kind::PushAccepted(e) => push_fields(e, f),
+        Kind::MessageRecalled(e) => recall_fields(e, f),
+        // A share: the partition it is for, the kind it shares, and that kind's fields.
+        Kind::FanOut(e) => {
+            f.u64("partition", e.partition.into());
+            match &e.event {
+                Some(fan_out::Event::Push(p)) => {
+                    f.str("share_of", "PushAccepted");
+                    push_fields(p, f);
+                }
+                Some(fan_out::Event::Recall(r)) => {
+                    f.str("share_of", "MessageRecalled");
+                    recall_fields(r, f);
+                }
+                None => {}
+            }
         }
         Kind::DeviceReceived(e) => {
             f.str("device_id", &e.device_id);
@@ -341,6 +344,24 @@ fn visit<'e>(kind: &'e Kind, f: &mut impl Fields<'e>) {
         #[allow(unreachable_patterns)]
         other => f.debug(other),
     }
+}
+
+fn push_fields<'e>(e: &'e PushAccepted, f: &mut impl Fields<'e>) {
+    f.str("message_id", &e.message_id);
+    f.str("app_id", &e.app_id);
+    f.target("target", &e.target);
+    f.sealed("payload", &e.payload);
+    f.u64("ttl_s", e.ttl_s.into());
+    f.u64("priority", e.priority.into());
+    f.str("collapse_key", &e.collapse_key);
+    f.str("idempotency_key", &e.idempotency_key);
+    f.bytes("request_sha256", &e.request_sha256);
+    f.u64("idempotency_window_s", e.idempotency_window_s.into());
+}
+
+fn recall_fields<'e>(e: &'e MessageRecalled, f: &mut impl Fields<'e>) {
+    f.str("message_id", &e.message_id);
+    f.str("app_id", &e.app_id);
 }
 
 /// The fields the `app` and `device` filters look at.

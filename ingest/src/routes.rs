@@ -11,9 +11,8 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
-use herald_eventlog::Record;
 use herald_schemas::events::{
-    self, AppCreated, DeviceRegistered, Event, Kind, MessageRecalled, PushAccepted, Target, To,
+    AppCreated, DeviceRegistered, Event, Kind, MessageRecalled, PushAccepted, Target, To,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
@@ -43,13 +42,6 @@ fn random_bytes<const N: usize>() -> Result<[u8; N], ApiError> {
 
 fn random_token<const N: usize>() -> Result<String, ApiError> {
     Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes::<N>()?))
-}
-
-fn record(key: &str, event: &Event) -> Record {
-    Record {
-        key: key.as_bytes().to_vec(),
-        value: events::encode(event),
-    }
 }
 
 /// The network types a device may report.
@@ -120,10 +112,8 @@ async fn create_app(
             client_secret_sha256: sha256(client_secret.as_bytes()),
         }),
     );
-    let offsets = ingest.append(vec![record(&app_id, &event)]).await?;
-    if let Some(&o) = offsets.last() {
-        ingest.wait_applied(o).await?;
-    }
+    let at = ingest.append(&app_id, &event).await?;
+    ingest.wait_applied(at).await?;
     Ok((
         StatusCode::CREATED,
         Json(CreateAppResponse {
@@ -298,10 +288,8 @@ async fn register_device(
             network,
         }),
     );
-    let offsets = ingest.append(vec![record(&device_id, &event)]).await?;
-    if let Some(&o) = offsets.last() {
-        ingest.wait_applied(o).await?;
-    }
+    let at = ingest.append(&device_id, &event).await?;
+    ingest.wait_applied(at).await?;
     // The same answer GET /v1/nav gives for this device.
     let placed = ingest.nav.place(&device_id);
     Ok((
@@ -514,7 +502,7 @@ async fn accept(
     app_id: &str,
     req: PushRequest,
     idempotency: Option<(String, Vec<u8>)>,
-) -> Result<(String, u64), ApiError> {
+) -> Result<(String, crate::Appended), ApiError> {
     let cfg = &ingest.config;
     let to = match (
         &req.to.device_id,
@@ -571,8 +559,12 @@ async fn accept(
                 _ => return Err(ApiError::not_found("device")),
             }
         }
-        // A multi-target push is keyed by its message id.
-        To::Broadcast(_) => message_id.clone(),
+        // A multi-target push is keyed by its message id, or by its Idempotency-Key so
+        // that every retry lands in one partition, whose fold lets only the first count.
+        To::Broadcast(_) => match &idempotency {
+            Some((key, _)) => format!("{app_id}:{key}"),
+            None => message_id.clone(),
+        },
     };
     let sealed = ingest
         .keyring
@@ -601,9 +593,8 @@ async fn accept(
             request_sha256,
         }),
     );
-    let offsets = ingest.append(vec![record(&key, &event)]).await?;
-    let offset = offsets.last().copied().unwrap_or_default();
-    Ok((message_id, offset))
+    let at = ingest.append(&key, &event).await?;
+    Ok((message_id, at))
 }
 
 /// A message's delivery status.
@@ -681,10 +672,10 @@ async fn own_message(
     app_id: &str,
     id: &str,
 ) -> Result<herald_projections::model::MessageStatus, ApiError> {
-    let mut status = ingest.store.message(id)?;
+    let mut status = ingest.store.message_status(id)?;
     if status.is_none() {
         ingest.catch_up().await;
-        status = ingest.store.message(id)?;
+        status = ingest.store.message_status(id)?;
     }
     match status {
         Some(m) if m.app_id == app_id => Ok(m),
@@ -735,10 +726,8 @@ async fn recall(
             }),
         );
         let key = m.unicast_device.clone().unwrap_or_else(|| id.clone());
-        let offsets = ingest.append(vec![record(&key, &event)]).await?;
-        if let Some(&o) = offsets.last() {
-            ingest.wait_applied(o).await?;
-        }
+        let at = ingest.append(&key, &event).await?;
+        ingest.wait_applied(at).await?;
     }
     let m = own_message(&ingest, &app_id, &id).await?;
     Ok(Json(MessageStatusResponse::new(m, now_ms())))

@@ -16,7 +16,21 @@ use crate::model::{
 };
 use crate::view::{Store, View, Writes};
 
-const CHECKPOINT_KEY: &[u8] = b"checkpoint";
+/// `checkpoint` + the partition (u32, big-endian) in `meta`.
+fn checkpoint_key(partition: u32) -> Vec<u8> {
+    let mut k = b"checkpoint".to_vec();
+    k.extend_from_slice(&partition.to_be_bytes());
+    k
+}
+
+/// A message's status row in a partition: the id, a NUL, the partition (u32, big-endian).
+fn message_key(message_id: &str, partition: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(message_id.len() + 5);
+    k.extend_from_slice(message_id.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&partition.to_be_bytes());
+    k
+}
 
 /// Opens (or creates) the fjall database that holds the projections.
 ///
@@ -227,7 +241,10 @@ impl EmbeddedStore {
             s.entries.insert((text(device), v.seq), v);
         }
         for (k, v) in all::<MessageStatus>(&self.messages, "messages")? {
-            s.messages.insert(text(&k), v);
+            let (id, p) = k.split_at(k.len().saturating_sub(5));
+            let p = p.get(1..).and_then(|p| <[u8; 4]>::try_from(p).ok());
+            s.messages
+                .insert((text(id), p.map(u32::from_be_bytes).unwrap_or_default()), v);
         }
         for (k, v) in all::<Payload>(&self.payloads, "payloads")? {
             s.payloads.insert(text(&k), v);
@@ -245,7 +262,15 @@ impl EmbeddedStore {
                 s.collapse.insert((d.to_owned(), key.to_owned()), v);
             }
         }
-        s.checkpoint = self.checkpoint()?;
+        for g in self.meta.prefix(b"checkpoint") {
+            let (k, v) = g.into_inner().map_err(storage)?;
+            let p = k.get(10..).and_then(|p| <[u8; 4]>::try_from(p).ok());
+            let v = <[u8; 8]>::try_from(v.as_ref()).ok();
+            if let (Some(p), Some(v)) = (p, v) {
+                s.checkpoints
+                    .insert(u32::from_be_bytes(p), u64::from_be_bytes(v));
+            }
+        }
         Ok(s)
     }
 }
@@ -298,8 +323,16 @@ impl View for EmbeddedStore {
     fn inbox_entry(&self, device_id: &str, seq: u64) -> Result<Option<InboxEntry>, StoreError> {
         Self::get(&self.inbox, "inbox", &inbox_key(device_id, seq))
     }
-    fn message(&self, message_id: &str) -> Result<Option<MessageStatus>, StoreError> {
-        Self::get(&self.messages, "messages", message_id.as_bytes())
+    fn message(
+        &self,
+        message_id: &str,
+        partition: u32,
+    ) -> Result<Option<MessageStatus>, StoreError> {
+        Self::get(
+            &self.messages,
+            "messages",
+            &message_key(message_id, partition),
+        )
     }
     fn presence(&self, device_id: &str) -> Result<Option<Presence>, StoreError> {
         Self::get(&self.presence, "presence", device_id.as_bytes())
@@ -321,8 +354,8 @@ impl View for EmbeddedStore {
 }
 
 impl Store for EmbeddedStore {
-    fn commit(&self, w: &Writes, next_offset: u64) -> Result<(), StoreError> {
-        let current = self.checkpoint()?;
+    fn commit(&self, w: &Writes, partition: u32, next_offset: u64) -> Result<(), StoreError> {
+        let current = self.checkpoint(partition)?;
         assert!(
             next_offset >= current,
             "checkpoint must not go back ({next_offset} < {current})"
@@ -353,7 +386,7 @@ impl Store for EmbeddedStore {
             }
         }
         for (k, v) in &w.messages {
-            b.insert(&self.messages, k.as_bytes(), encode(v));
+            b.insert(&self.messages, message_key(k, partition), encode(v));
         }
         for (k, v) in &w.payloads {
             b.insert(&self.payloads, k.as_bytes(), encode(v));
@@ -369,14 +402,25 @@ impl Store for EmbeddedStore {
         }
         b.insert(
             &self.meta,
-            CHECKPOINT_KEY,
+            checkpoint_key(partition),
             next_offset.to_be_bytes().to_vec(),
         );
         b.commit().map_err(storage)
     }
 
-    fn checkpoint(&self) -> Result<u64, StoreError> {
-        match self.meta.get(CHECKPOINT_KEY).map_err(storage)? {
+    fn message_status(&self, message_id: &str) -> Result<Option<MessageStatus>, StoreError> {
+        let mut prefix = message_id.as_bytes().to_vec();
+        prefix.push(0);
+        let mut rows = Vec::new();
+        for g in self.messages.prefix(&prefix) {
+            let v = g.value().map_err(storage)?;
+            rows.push(decode("messages", &v)?);
+        }
+        Ok(crate::model::merge_rows(rows))
+    }
+
+    fn checkpoint(&self, partition: u32) -> Result<u64, StoreError> {
+        match self.meta.get(checkpoint_key(partition)).map_err(storage)? {
             None => Ok(0),
             Some(v) => {
                 let bytes: [u8; 8] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt {

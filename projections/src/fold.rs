@@ -2,8 +2,18 @@
 //!
 //! `apply` is a pure function of (state, event): it reads through a [`View`], writes into
 //! the [`Tx`], and takes time only from the event.
+//!
+//! # Partitions
+//! On a topic of several partitions each partition is folded on its own, so a fold reads
+//! only state that its own partition's events wrote: everything about a device is in the
+//! device's partition; a message has a status row per partition (`View::message`); an
+//! app is checked only where its own events are. A multi-target event (a broadcast, a
+//! recall, a push keyed away from its device) is folded in its own partition for the
+//! devices there, and asks [`Tx::fan_out`] for a `FanOut` share in each other partition,
+//! which that partition's fold applies to its own devices, once. On a one-partition log
+//! every device is local and nothing fans out.
 
-use herald_schemas::events::{Event, Kind, To};
+use herald_schemas::events::{Event, FanOut, Kind, To, fan_out};
 
 use crate::StoreError;
 use crate::model::{App, Device, IdempotencyRecord, InboxEntry, MessageStatus, Payload, Presence};
@@ -42,7 +52,10 @@ pub fn apply(tx: &mut Tx<'_>, event: &Event) -> Result<(), StoreError> {
             }
         }
         Some(Kind::DeviceRegistered(e)) => {
-            if tx.device(&e.device_id)?.is_some() || tx.app(&e.app_id)?.is_none() {
+            // The app is checked where its events are; ingest checked it before appending.
+            if tx.device(&e.device_id)?.is_some()
+                || (tx.scope.holds(&e.app_id) && tx.app(&e.app_id)?.is_none())
+            {
                 false
             } else {
                 let w = &mut tx.writes;
@@ -62,7 +75,30 @@ pub fn apply(tx: &mut Tx<'_>, event: &Event) -> Result<(), StoreError> {
                 true
             }
         }
-        Some(Kind::PushAccepted(e)) => apply_push(tx, ts, e)?,
+        Some(Kind::PushAccepted(e)) => apply_push(tx, ts, e, Origin::Home)?,
+        Some(Kind::MessageRecalled(e)) => {
+            // A unicast recalled in its device's partition has nothing elsewhere.
+            let scope = tx.scope;
+            let only_here = tx.local_message(&e.message_id)?.is_some_and(|m| {
+                !m.broadcast && m.unicast_device.as_deref().is_some_and(|d| scope.holds(d))
+            });
+            if scope.is_partitioned() && !only_here {
+                let shares = others(tx.scope);
+                share(tx, ts, shares, |p| {
+                    fan_out::Event::Recall(e.clone()).into_fan_out(p)
+                });
+            }
+            apply_recall(tx, e)? || tx.scope.is_partitioned()
+        }
+        Some(Kind::FanOut(FanOut { partition, event })) if *partition == tx.scope.partition => {
+            match event {
+                Some(fan_out::Event::Push(e)) => apply_push(tx, ts, e, Origin::Share)?,
+                Some(fan_out::Event::Recall(e)) => apply_recall(tx, e)?,
+                None => false,
+            }
+        }
+        // A share found in another partition than the one it names.
+        Some(Kind::FanOut(_)) => false,
         // Navigation's soft state (which gateways are alive), not a projection.
         Some(Kind::GatewayHeartbeat(_)) => true,
         Some(Kind::DeviceConnected(e)) => {
@@ -98,7 +134,7 @@ pub fn apply(tx: &mut Tx<'_>, event: &Event) -> Result<(), StoreError> {
         Some(Kind::DeviceAcked(e)) => match tx.inbox_entry(&e.device_id, e.seq)? {
             Some(entry) if entry.message_id == e.message_id => {
                 tx.writes.entries.insert((e.device_id.clone(), e.seq), None);
-                if let Some(mut m) = tx.message(&e.message_id)? {
+                if let Some(mut m) = tx.local_message(&e.message_id)? {
                     m.acked += 1;
                     // An entry in flight when its message was recalled can still be
                     // acknowledged: the device did get it.
@@ -126,26 +162,6 @@ pub fn apply(tx: &mut Tx<'_>, event: &Event) -> Result<(), StoreError> {
             }
             _ => false,
         },
-        Some(Kind::MessageRecalled(e)) => match tx.message(&e.message_id)? {
-            Some(mut m) if m.app_id == e.app_id && !m.recalled => {
-                m.recalled = true;
-                m.recalled_targets = m.outstanding();
-                let device_id = if m.broadcast {
-                    None
-                } else {
-                    m.unicast_device.clone()
-                };
-                tx.writes.messages.insert(e.message_id.clone(), m);
-                // Entries stay in the inboxes and are skipped when read; gateways drop
-                // the ones they hold.
-                tx.withdrawn.push(Withdrawn {
-                    device_id,
-                    message_id: e.message_id.clone(),
-                });
-                true
-            }
-            _ => false,
-        },
         None => false,
     };
     if !accepted {
@@ -154,18 +170,106 @@ pub fn apply(tx: &mut Tx<'_>, event: &Event) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Whether an event is folded where it was appended, or is a share of one from another
+/// partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Home,
+    Share,
+}
+
+/// Every partition but the one being folded.
+fn others(scope: herald_schemas::partition::Scope) -> Vec<u32> {
+    (0..scope.count).filter(|p| *p != scope.partition).collect()
+}
+
+/// Asks the worker for a share of the event at `ts` in each of `partitions`.
+fn share(tx: &mut Tx<'_>, ts: u64, partitions: Vec<u32>, make: impl Fn(u32) -> FanOut) {
+    for p in partitions {
+        tx.fan_out.push((p, Event::new(ts, Kind::FanOut(make(p)))));
+    }
+}
+
+trait IntoFanOut {
+    fn into_fan_out(self, partition: u32) -> FanOut;
+}
+
+impl IntoFanOut for fan_out::Event {
+    fn into_fan_out(self, partition: u32) -> FanOut {
+        FanOut {
+            partition,
+            event: Some(self),
+        }
+    }
+}
+
+/// Recalls a message's entries in this partition. False if it has none here or is
+/// recalled already.
+fn apply_recall(
+    tx: &mut Tx<'_>,
+    e: &herald_schemas::events::MessageRecalled,
+) -> Result<bool, StoreError> {
+    match tx.local_message(&e.message_id)? {
+        Some(mut m) if m.app_id == e.app_id && !m.recalled => {
+            m.recalled = true;
+            m.recalled_targets = m.outstanding();
+            let device_id = if m.broadcast {
+                None
+            } else {
+                m.unicast_device.clone()
+            };
+            tx.writes.messages.insert(e.message_id.clone(), m);
+            // Entries stay in the inboxes and are skipped when read; gateways drop the
+            // ones they hold.
+            tx.withdrawn.push(Withdrawn {
+                device_id,
+                message_id: e.message_id.clone(),
+            });
+            Ok(true)
+        }
+        // On a partitioned topic a recall can reach a partition before the push's share
+        // does (they come from different partitions' workers, and a worker that crashed
+        // appends its shares again): it leaves a tombstone, so the share that comes later
+        // is refused as a duplicate and the outcome depends only on which came first.
+        None if tx.scope.is_partitioned() => {
+            tx.writes.messages.insert(
+                e.message_id.clone(),
+                MessageStatus {
+                    message_id: e.message_id.clone(),
+                    app_id: e.app_id.clone(),
+                    ts_ms: 0,
+                    expires_at_ms: 0,
+                    broadcast: false,
+                    targeted: 0,
+                    acked: 0,
+                    recalled: true,
+                    recalled_targets: 0,
+                    replaced: 0,
+                    unicast_device: None,
+                },
+            );
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
 fn apply_push(
     tx: &mut Tx<'_>,
     ts: u64,
     e: &herald_schemas::events::PushAccepted,
+    origin: Origin,
 ) -> Result<bool, StoreError> {
-    if tx.message(&e.message_id)?.is_some() || tx.app(&e.app_id)?.is_none() {
+    // A share folded twice (its worker appended it again after a crash) is refused here.
+    if tx.local_message(&e.message_id)?.is_some()
+        || (tx.scope.holds(&e.app_id) && tx.app(&e.app_id)?.is_none())
+    {
         return Ok(false);
     }
     let Some(payload) = &e.payload else {
         return Ok(false);
     };
-    if !e.idempotency_key.is_empty() {
+    if origin == Origin::Home && !e.idempotency_key.is_empty() {
         // A retry that reached the log twice (two ingests, or a lost race) is the same
         // message: the first one in the log wins, the later one changes nothing.
         if let Some(rec) = tx.idempotency(&e.app_id, &e.idempotency_key)?
@@ -196,6 +300,16 @@ fn apply_push(
         received: false,
     };
     match e.target.as_ref().and_then(|t| t.to.as_ref()) {
+        Some(To::DeviceId(device_id)) if !tx.scope.holds(device_id) => {
+            // Keyed away from its device: the device's partition folds it.
+            if origin == Origin::Share {
+                return Ok(false);
+            }
+            let p = herald_schemas::partition::for_key(device_id.as_bytes(), tx.scope.count);
+            share(tx, ts, vec![p], |p| {
+                fan_out::Event::Push(e.clone()).into_fan_out(p)
+            });
+        }
         Some(To::DeviceId(device_id)) => {
             // Ingest checked ownership before accepting; the fold checks again because the
             // log is the authority and may hold events from elsewhere.
@@ -210,10 +324,18 @@ fn apply_push(
         }
         Some(To::Broadcast(true)) => {
             status.broadcast = true;
+            if origin == Origin::Home && tx.scope.is_partitioned() {
+                let shares = others(tx.scope);
+                share(tx, ts, shares, |p| {
+                    fan_out::Event::Push(e.clone()).into_fan_out(p)
+                });
+            }
             let mut after: Option<String> = None;
             loop {
                 let page = tx.app_devices(&e.app_id, after.as_deref(), BROADCAST_PAGE)?;
-                for device_id in &page {
+                // The app's index holds every partition's devices a store has folded.
+                let scope = tx.scope;
+                for device_id in page.iter().filter(|d| scope.holds(d)) {
                     put_entry(tx, device_id, &e.collapse_key, &entry_for)?;
                     status.targeted += 1;
                 }
@@ -234,7 +356,7 @@ fn apply_push(
         },
     );
     tx.writes.messages.insert(e.message_id.clone(), status);
-    if !e.idempotency_key.is_empty() {
+    if origin == Origin::Home && !e.idempotency_key.is_empty() {
         tx.writes.idempotency.insert(
             (e.app_id.clone(), e.idempotency_key.clone()),
             IdempotencyRecord {
@@ -266,7 +388,7 @@ fn put_entry(
                 .entries
                 .insert((device_id.to_owned(), old_seq), None);
             // A recalled message's open targets are already counted as recalled.
-            if let Some(mut m) = tx.message(&old.message_id)?
+            if let Some(mut m) = tx.local_message(&old.message_id)?
                 && !m.recalled
             {
                 m.replaced += 1;

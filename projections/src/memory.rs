@@ -26,8 +26,8 @@ pub struct MemState {
     pub heads: BTreeMap<String, InboxHead>,
     /// Unacknowledged entries.
     pub entries: BTreeMap<(String, u64), InboxEntry>,
-    /// Message statuses.
-    pub messages: BTreeMap<String, MessageStatus>,
+    /// Message status rows by (message id, partition).
+    pub messages: BTreeMap<(String, u32), MessageStatus>,
     /// Payloads.
     pub payloads: BTreeMap<String, Payload>,
     /// Presence.
@@ -36,8 +36,8 @@ pub struct MemState {
     pub idempotency: BTreeMap<(String, String), IdempotencyRecord>,
     /// Collapse keys.
     pub collapse: BTreeMap<(String, String), u64>,
-    /// The checkpoint.
-    pub checkpoint: u64,
+    /// The checkpoint of each partition that has one.
+    pub checkpoints: BTreeMap<u32, u64>,
 }
 
 /// A [`Store`] over a [`MemState`].
@@ -102,8 +102,16 @@ impl View for MemStore {
             .get(&(device_id.to_owned(), seq))
             .cloned())
     }
-    fn message(&self, message_id: &str) -> Result<Option<MessageStatus>, StoreError> {
-        Ok(self.lock().messages.get(message_id).cloned())
+    fn message(
+        &self,
+        message_id: &str,
+        partition: u32,
+    ) -> Result<Option<MessageStatus>, StoreError> {
+        Ok(self
+            .lock()
+            .messages
+            .get(&(message_id.to_owned(), partition))
+            .cloned())
     }
     fn presence(&self, device_id: &str) -> Result<Option<Presence>, StoreError> {
         Ok(self.lock().presence.get(device_id).cloned())
@@ -129,7 +137,7 @@ impl View for MemStore {
 }
 
 impl Store for MemStore {
-    fn commit(&self, w: &Writes, next_offset: u64) -> Result<(), StoreError> {
+    fn commit(&self, w: &Writes, partition: u32, next_offset: u64) -> Result<(), StoreError> {
         let mut s = self.lock();
         s.apps.extend(w.apps.clone());
         s.app_by_client.extend(w.app_by_client.clone());
@@ -143,17 +151,35 @@ impl Store for MemStore {
                 None => s.entries.remove(k),
             };
         }
-        s.messages.extend(w.messages.clone());
+        s.messages.extend(
+            w.messages
+                .iter()
+                .map(|(k, v)| ((k.clone(), partition), v.clone())),
+        );
         s.payloads.extend(w.payloads.clone());
         s.presence.extend(w.presence.clone());
         s.idempotency.extend(w.idempotency.clone());
         s.collapse.extend(w.collapse.clone());
-        assert!(next_offset >= s.checkpoint, "checkpoints never go back");
-        s.checkpoint = next_offset;
+        let checkpoint = s.checkpoints.entry(partition).or_default();
+        assert!(next_offset >= *checkpoint, "checkpoints never go back");
+        *checkpoint = next_offset;
         Ok(())
     }
-    fn checkpoint(&self) -> Result<u64, StoreError> {
-        Ok(self.lock().checkpoint)
+    fn checkpoint(&self, partition: u32) -> Result<u64, StoreError> {
+        Ok(self
+            .lock()
+            .checkpoints
+            .get(&partition)
+            .copied()
+            .unwrap_or_default())
+    }
+    fn message_status(&self, message_id: &str) -> Result<Option<MessageStatus>, StoreError> {
+        let s = self.lock();
+        Ok(crate::model::merge_rows(
+            s.messages
+                .range((message_id.to_owned(), 0)..=(message_id.to_owned(), u32::MAX))
+                .map(|(_, m)| m.clone()),
+        ))
     }
     fn inbox_page(
         &self,

@@ -105,6 +105,34 @@ impl MessageStatus {
         self.targeted
             .saturating_sub(self.acked + self.replaced + self.recalled_targets)
     }
+
+    /// Adds another partition's row of the same message: a message whose targets are in
+    /// several partitions has one row in each, and its status is their sum.
+    pub fn merge(&mut self, other: &MessageStatus) {
+        self.targeted += other.targeted;
+        self.acked += other.acked;
+        self.recalled |= other.recalled;
+        self.recalled_targets += other.recalled_targets;
+        self.replaced += other.replaced;
+        self.broadcast |= other.broadcast;
+        if self.unicast_device.is_none() {
+            self.unicast_device.clone_from(&other.unicast_device);
+        }
+    }
+}
+
+/// One message's status from its rows in each partition, or `None` when it has none.
+pub fn merge_rows(rows: impl IntoIterator<Item = MessageStatus>) -> Option<MessageStatus> {
+    let mut rows: Vec<MessageStatus> = rows.into_iter().collect();
+    // A recall's tombstone (a partition the recall reached before the push, `ts_ms` 0)
+    // has no time of its own: the times come from a row the push wrote.
+    rows.sort_by_key(|r| r.ts_ms == 0);
+    let mut rows = rows.into_iter();
+    let mut m = rows.next()?;
+    for r in rows {
+        m.merge(&r);
+    }
+    Some(m)
 }
 
 /// What an Idempotency-Key of an app stands for.

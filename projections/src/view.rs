@@ -6,6 +6,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use herald_schemas::events::Event;
+pub use herald_schemas::partition::Scope;
+
 use crate::StoreError;
 use crate::model::{
     App, Device, IdempotencyRecord, InboxEntry, InboxHead, MessageStatus, Payload, Presence,
@@ -32,8 +35,13 @@ pub trait View {
     fn inbox_head(&self, device_id: &str) -> Result<InboxHead, StoreError>;
     /// One unacknowledged inbox entry.
     fn inbox_entry(&self, device_id: &str, seq: u64) -> Result<Option<InboxEntry>, StoreError>;
-    /// A message's status.
-    fn message(&self, message_id: &str) -> Result<Option<MessageStatus>, StoreError>;
+    /// A message's status row in `partition` (its targets there; see
+    /// [`Store::message_status`] for the whole message).
+    fn message(
+        &self,
+        message_id: &str,
+        partition: u32,
+    ) -> Result<Option<MessageStatus>, StoreError>;
     /// A device's presence.
     fn presence(&self, device_id: &str) -> Result<Option<Presence>, StoreError>;
     /// What an app's Idempotency-Key stands for.
@@ -60,7 +68,7 @@ pub struct Writes {
     pub heads: BTreeMap<String, InboxHead>,
     /// Inbox entries put (`Some`) or removed (`None`).
     pub entries: BTreeMap<(String, u64), Option<InboxEntry>>,
-    /// Message statuses changed.
+    /// Message status rows changed, of the batch's partition.
     pub messages: BTreeMap<String, MessageStatus>,
     /// Payloads stored.
     pub payloads: BTreeMap<String, Payload>,
@@ -102,18 +110,35 @@ pub struct Tx<'a> {
     pub withdrawn: Vec<Withdrawn>,
     /// Events a fold refused (duplicates, unknown ids); counted, not fatal.
     pub rejected: u64,
+    /// The partition being folded.
+    pub scope: Scope,
+    /// Shares of this batch's multi-target events for other partitions (`FanOut`
+    /// events), for the worker to append before it commits the batch.
+    pub fan_out: Vec<(u32, Event)>,
 }
 
 impl<'a> Tx<'a> {
-    /// A batch over `base`.
+    /// A batch of a one-partition log over `base`.
     pub fn new(base: &'a dyn View) -> Self {
+        Tx::scoped(base, Scope::SINGLE)
+    }
+
+    /// A batch of partition `scope` over `base`.
+    pub fn scoped(base: &'a dyn View, scope: Scope) -> Self {
         Tx {
             base,
             writes: Writes::default(),
             new_entries: Vec::new(),
             withdrawn: Vec::new(),
             rejected: 0,
+            scope,
+            fan_out: Vec::new(),
         }
+    }
+
+    /// A message's row in the partition being folded.
+    pub fn local_message(&self, message_id: &str) -> Result<Option<MessageStatus>, StoreError> {
+        self.message(message_id, self.scope.partition)
     }
 
     /// Puts an inbox entry and remembers it as new.
@@ -197,10 +222,14 @@ impl View for Tx<'_> {
         }
     }
 
-    fn message(&self, message_id: &str) -> Result<Option<MessageStatus>, StoreError> {
+    fn message(
+        &self,
+        message_id: &str,
+        partition: u32,
+    ) -> Result<Option<MessageStatus>, StoreError> {
         match self.writes.messages.get(message_id) {
-            Some(m) => Ok(Some(m.clone())),
-            None => self.base.message(message_id),
+            Some(m) if partition == self.scope.partition => Ok(Some(m.clone())),
+            _ => self.base.message(message_id, partition),
         }
     }
 
@@ -241,11 +270,13 @@ impl View for Tx<'_> {
 /// A projection store: committed state, plus what readers outside the folds need. An API
 /// boundary: the embedded store implements it now, the CQL store later.
 pub trait Store: View + Send + Sync {
-    /// Commits a batch's writes together with the checkpoint `next_offset` (the first log
-    /// offset not yet applied), atomically.
-    fn commit(&self, writes: &Writes, next_offset: u64) -> Result<(), StoreError>;
-    /// The first log offset not yet applied.
-    fn checkpoint(&self) -> Result<u64, StoreError>;
+    /// Commits a batch's writes of `partition` together with that partition's checkpoint
+    /// `next_offset` (the first offset not yet applied), atomically.
+    fn commit(&self, writes: &Writes, partition: u32, next_offset: u64) -> Result<(), StoreError>;
+    /// The first offset of `partition` not yet applied.
+    fn checkpoint(&self, partition: u32) -> Result<u64, StoreError>;
+    /// A message's whole status: the sum of its rows in every partition.
+    fn message_status(&self, message_id: &str) -> Result<Option<MessageStatus>, StoreError>;
     /// Up to `limit` unacknowledged entries of a device with seq > `after_seq`, in order.
     fn inbox_page(
         &self,

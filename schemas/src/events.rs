@@ -14,7 +14,7 @@ pub use event::Kind;
 pub use target::To;
 
 /// The revision of `events.proto` this build writes.
-pub const CURRENT_SCHEMA_VERSION: u32 = 3;
+pub const CURRENT_SCHEMA_VERSION: u32 = 4;
 
 /// Why bytes could not be read as an event.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +56,7 @@ impl Event {
             Some(Kind::MessageRecalled(_)) => "MessageRecalled",
             Some(Kind::DeviceReceived(_)) => "DeviceReceived",
             Some(Kind::GatewayHeartbeat(_)) => "GatewayHeartbeat",
+            Some(Kind::FanOut(_)) => "FanOut",
             None => "Empty",
         }
     }

@@ -6,6 +6,7 @@
 //! - [`envelope`]: the JSON envelope a device receives on the `inbox` topic.
 //! - [`seal`]: AES-256-GCM sealing of push payloads at rest.
 //! - [`link`]: what a delivery worker hands to a gateway.
+//! - [`partition`]: which partition of the event topic a key lives in.
 //!
 //! This crate does no I/O and has no runtime: randomness (nonces) and time come in as
 //! arguments. It is the only crate that knows prost.
@@ -13,4 +14,5 @@
 pub mod envelope;
 pub mod events;
 pub mod link;
+pub mod partition;
 pub mod seal;

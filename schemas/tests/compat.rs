@@ -184,6 +184,42 @@ fn newer_samples(ts: u64) -> Vec<(&'static str, Event)> {
                 }),
             ),
         ),
+        (
+            "fan_out_push",
+            Event::new(
+                ts,
+                Kind::FanOut(FanOut {
+                    partition: 3,
+                    event: Some(fan_out::Event::Push(PushAccepted {
+                        message_id: "msg-2".into(),
+                        app_id: "app-1".into(),
+                        target: Some(Target {
+                            to: Some(To::Broadcast(true)),
+                        }),
+                        payload: Some(sealed()),
+                        ttl_s: 3600,
+                        priority: 0,
+                        collapse_key: String::new(),
+                        idempotency_key: String::new(),
+                        request_sha256: Vec::new(),
+                        idempotency_window_s: 0,
+                    })),
+                }),
+            ),
+        ),
+        (
+            "fan_out_recall",
+            Event::new(
+                ts,
+                Kind::FanOut(FanOut {
+                    partition: 5,
+                    event: Some(fan_out::Event::Recall(MessageRecalled {
+                        message_id: "msg-1".into(),
+                        app_id: "app-1".into(),
+                    })),
+                }),
+            ),
+        ),
     ]
 }
 
