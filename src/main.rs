@@ -70,10 +70,11 @@ enum Command {
     Ingest(RoleArgs),
     /// Run a delivery worker on the shared Kafka log (one role per process).
     ///
-    /// Folds the log into --data-dir. Of all `herald deliver` processes, the one the Kafka
-    /// consumer group gives the topic's partition is active: it links to the gateways
-    /// (--link-gateway), forwards new entries and answers their requests; the others stand
-    /// by, folding, and one takes over within seconds when the active one dies. Every role
+    /// The `herald deliver` processes share the topic's partitions through the Kafka
+    /// consumer group `herald-deliver`. Each folds the partitions it is given into
+    /// --data-dir, links to every gateway (--link-gateway), and serves those partitions'
+    /// devices: forwards their new entries and answers the gateways' requests for them.
+    /// When one dies, the others take its partitions over within seconds. Every role
     /// process must be given the same HERALD_PAYLOAD_KEY and HERALD_ADMIN_TOKEN.
     Deliver(RoleArgs),
     /// Run navigation alone (GET /v1/nav), from the gateways' heartbeats in the Kafka log.
@@ -133,8 +134,8 @@ struct SharedArgs {
     /// and nav. Needs a herald built with `--features kafka`.
     #[arg(long, env = "HERALD_KAFKA_BROKERS")]
     kafka_brokers: Option<String>,
-    /// The Kafka topic of the event log (created with one partition if missing)
-    /// [default: herald.events].
+    /// The Kafka topic of the event log, created if missing (with one partition by
+    /// `herald serve`, with --kafka-partitions by the roles) [default: herald.events].
     #[arg(long, env = "HERALD_KAFKA_TOPIC")]
     kafka_topic: Option<String>,
     /// Partitions of the Kafka topic when ingest, deliver or nav create it; devices are

@@ -182,6 +182,10 @@ struct Held {
     serving: bool,
     /// When it goes, if it was revoked and not given back.
     release_at: Option<tokio::time::Instant>,
+    /// Tells this holding's worker task from an earlier one of the same partition.
+    generation: u64,
+    /// Turns true when its worker has stopped.
+    done: watch::Receiver<bool>,
 }
 
 /// `herald deliver`: a member of the delivery group. For each partition the group gives
@@ -223,8 +227,12 @@ pub async fn deliver(config: Config) -> anyhow::Result<()> {
     tracing::info!(gateways = ?config.link_gateways, partitions = count, "herald deliver joined the group");
 
     let mut held: std::collections::BTreeMap<u32, Held> = Default::default();
-    let mut tasks: tokio::task::JoinSet<(u32, Result<(), herald_delivery::worker::WorkerError>)> =
-        tokio::task::JoinSet::new();
+    type Ended = (u32, u64, Result<(), herald_delivery::worker::WorkerError>);
+    let mut tasks: tokio::task::JoinSet<Ended> = tokio::task::JoinSet::new();
+    // Workers told to stop and not stopped yet: a partition given back waits for its old
+    // worker, so that two never commit the same partition.
+    let mut stopping: std::collections::HashMap<u32, watch::Receiver<bool>> = Default::default();
+    let mut generation = 0u64;
     let mut committed: std::collections::HashMap<i32, i64> = Default::default();
     let signal = shutdown_signal();
     tokio::pin!(signal);
@@ -233,8 +241,13 @@ pub async fn deliver(config: Config) -> anyhow::Result<()> {
             _ = &mut signal => { tracing::info!("shutting down"); break Ok(()); }
             Some(done) = tasks.join_next() => {
                 match done {
-                    Ok((p, Err(e))) => break Err(anyhow::anyhow!("the worker of partition {p} failed: {e}")),
-                    Ok((p, Ok(()))) => { held.remove(&p); continue; }
+                    Ok((p, _, Err(e))) => break Err(anyhow::anyhow!("the worker of partition {p} failed: {e}")),
+                    Ok((p, g, Ok(()))) => {
+                        if held.get(&p).is_some_and(|h| h.generation == g) {
+                            held.remove(&p);
+                        }
+                        continue;
+                    }
                     Err(e) => break Err(anyhow::anyhow!("a partition worker panicked: {e}")),
                 }
             }
@@ -266,6 +279,9 @@ pub async fn deliver(config: Config) -> anyhow::Result<()> {
                             0
                         }
                     };
+                    if let Some(mut done) = stopping.remove(&p) {
+                        let _ = done.wait_for(|d| *d).await;
+                    }
                     let gated = Arc::new(Gated::new(quic.clone() as Arc<dyn Link>));
                     let worker = Worker::for_partition(
                         &topic,
@@ -284,7 +300,14 @@ pub async fn deliver(config: Config) -> anyhow::Result<()> {
                         share_from,
                         "took a partition; catching up"
                     );
-                    tasks.spawn(async move { (p, worker.run(stop_rx).await) });
+                    generation += 1;
+                    let g = generation;
+                    let (done_tx, done) = watch::channel(false);
+                    tasks.spawn(async move {
+                        let r = worker.run(stop_rx).await;
+                        let _ = done_tx.send(true);
+                        (p, g, r)
+                    });
                     held.insert(
                         p,
                         Held {
@@ -294,6 +317,8 @@ pub async fn deliver(config: Config) -> anyhow::Result<()> {
                             target,
                             serving: false,
                             release_at: None,
+                            generation: g,
+                            done,
                         },
                     );
                 }
@@ -319,6 +344,7 @@ pub async fn deliver(config: Config) -> anyhow::Result<()> {
                 h.gated.set_active(false);
                 directory.serve_partition(*p, None);
                 let _ = h.stop.send(true);
+                stopping.insert(*p, h.done.clone());
                 committed.remove(&(*p as i32));
                 changed = true;
                 return false;

@@ -1,8 +1,8 @@
 //! One role per process on a real Kafka broker: `herald ingest`, two `herald deliver`
-//! (one active, one standing by), three `herald gateway` and `herald nav`, all on
+//! sharing the topic's four partitions, three `herald gateway` and `herald nav`, all on
 //! loopback. 300 devices connect to the gateway navigation names; unicast and broadcast
-//! pushes arrive, in order, and are acknowledged; the active worker is killed with
-//! SIGKILL and the standby takes over; a gateway is killed and its devices reconnect
+//! pushes arrive, in order, and are acknowledged; one worker is killed with SIGKILL and
+//! the other takes its partitions over; a gateway is killed and its devices reconnect
 //! where navigation sends them and get their backlog; the broker stops for ten seconds
 //! (ingest answers 503, never 202) and comes back: nothing lost, nothing shown twice.
 //!
@@ -90,18 +90,6 @@ impl Role {
         }
     }
 
-    async fn wait_log(&self, what: &str) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !self.log().contains(what) {
-            assert!(
-                Instant::now() < deadline,
-                "never logged {what:?}: {}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
     fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -126,7 +114,7 @@ async fn nav(base: &str, device_id: &str) -> Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn roles_in_their_own_processes_deliver_and_a_standby_worker_takes_over() {
+async fn roles_in_their_own_processes_share_the_partitions_and_take_over_a_dead_workers() {
     if broker().is_none() {
         return;
     }
@@ -151,6 +139,8 @@ async fn roles_in_their_own_processes_deliver_and_a_standby_worker_takes_over() 
         brokers,
         "--kafka-topic".into(),
         topic,
+        "--kafka-partitions".into(),
+        "4".into(),
     ];
     let mut deliver_args = shared.clone();
     deliver_args.extend([
@@ -174,17 +164,26 @@ async fn roles_in_their_own_processes_deliver_and_a_standby_worker_takes_over() 
     for g in &gateways {
         g.wait_linked(1).await;
     }
-    let active = workers
-        .iter()
-        .position(|w| w.log().contains("now the active one"))
-        .expect("one worker is active");
-    assert!(
-        !workers[1 - active].log().contains("now the active one"),
-        "only one worker is active"
-    );
+    // The group splits the four partitions: each worker serves two (the first to join
+    // served all four for a moment, and gave two up when the second joined).
+    let serving = |w: &Role| {
+        let log = w.log();
+        log.matches("serving a partition").count() as i64
+            - log.matches("gave a partition up").count() as i64
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while serving(&workers[0]) != 2 || serving(&workers[1]) != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the partitions were not shared: {}\n{}",
+            workers[0].log(),
+            workers[1].log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
-    // Navigation hears the three gateways (their heartbeats go through the active worker
-    // into the log).
+    // Navigation hears the three gateways (their heartbeats go through a worker into the
+    // log).
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let mut ids = BTreeSet::new();
@@ -245,44 +244,59 @@ async fn roles_in_their_own_processes_deliver_and_a_standby_worker_takes_over() 
     let status = app.wait_acked(&all, 300).await;
     assert_eq!(status["targeted"], 300, "{status}");
 
-    // The delivery group's committed offset follows what the active worker has stored:
-    // once the log is quiet, it is the log's end.
+    // The delivery group's committed offsets follow what the workers have stored: once
+    // the log is quiet, each partition's end.
     {
         use herald_eventlog::EventLog;
         use herald_eventlog::kafka::{KafkaConfig, OrderedKafkaLog};
         let mut k = KafkaConfig::new(kafka.addr());
         k.topic.clone_from(&topic_name);
-        let log = OrderedKafkaLog::open(k).await.unwrap();
-        // Gateways keep writing heartbeats, so the end moves on: the offset must reach
-        // where the log was when the acks were in.
-        let target = *log.durable_end().borrow() as i64;
+        let logs = OrderedKafkaLog::open_topic(k).await.unwrap();
+        assert_eq!(logs.len(), 4, "the topic has the configured partitions");
+        // Gateways keep writing heartbeats, so the ends move on: the offsets must reach
+        // where the partitions were when the acks were in.
+        let target: Vec<i64> = logs
+            .iter()
+            .map(|l| *l.durable_end().borrow() as i64)
+            .collect();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let committed = log
+            let committed = logs[0]
                 .kafka()
-                .committed_offsets("herald-deliver", &[0])
+                .committed_offsets("herald-deliver", &[0, 1, 2, 3])
                 .await
                 .unwrap();
-            if let [Some(c)] = committed[..]
-                && c >= target
+            if committed
+                .iter()
+                .zip(&target)
+                .all(|(c, t)| c.is_some_and(|c| c >= *t))
             {
                 break;
             }
             assert!(
                 Instant::now() < deadline,
-                "committed {committed:?}, wanted {target}"
+                "committed {committed:?}, wanted {target:?}"
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
-    // The active worker dies; pushes go on; the standby takes over.
-    workers[active].kill9();
+    // A worker dies; pushes go on (to devices in every partition); the other takes its
+    // partitions over.
+    workers[0].kill9();
     for (dev, _) in devices.iter().take(30) {
         let id = app.push(&dev.device_id, json!({"after": true})).await;
         sent.get_mut(&dev.device_id).unwrap().push(id);
     }
-    workers[1 - active].wait_log("now the active one").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while serving(&workers[1]) != 4 {
+        assert!(
+            Instant::now() < deadline,
+            "the partitions were not taken over: {}",
+            workers[1].log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     for (dev, device) in devices.iter_mut().take(30) {
         let got = seen.get_mut(&dev.device_id).unwrap();
         while got.len() < 3 {
@@ -391,7 +405,13 @@ async fn roles_in_their_own_processes_deliver_and_a_standby_worker_takes_over() 
         while got.len() < want {
             let m = tokio::time::timeout(Duration::from_secs(60), device.next())
                 .await
-                .unwrap_or_else(|_| panic!("{} got {got:?} after Kafka returned", dev.device_id))
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "{} got {got:?} after Kafka returned; worker: {}",
+                        dev.device_id,
+                        workers[1].log()
+                    )
+                })
                 .unwrap();
             got.push((m.envelope().id.clone(), m.envelope().seq));
         }
