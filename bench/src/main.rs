@@ -665,7 +665,8 @@ async fn run(args: Args) -> anyhow::Result<Vec<Row>> {
                     ));
                     plans.push((
                         format!(
-                            "e2e on Kafka, one process per role (herald ingest, deliver, gateway): {p} unicast pushes over REST to {d} devices"
+                            "e2e on Kafka, one process per role (herald ingest, deliver, gateway; {} partitions): {p} unicast pushes over REST to {d} devices",
+                            Server::ROLES_PARTITIONS
                         ),
                         "accepted at the API (202, acked by Kafka)",
                         Deploy::Roles {

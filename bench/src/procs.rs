@@ -365,9 +365,12 @@ next_connection_delay_ms = 0
         })
     }
 
-    /// One process per role on Kafka at `kafka`, topic `topic`: `herald ingest` (its REST
-    /// port is this server's), one `herald deliver` and one `herald gateway` (its MQTT
-    /// port is this server's).
+    /// The partitions of the topic the roles benchmark creates.
+    pub const ROLES_PARTITIONS: &str = "4";
+
+    /// One process per role on Kafka at `kafka`, topic `topic` (of
+    /// [`Server::ROLES_PARTITIONS`]): `herald ingest` (its REST port is this server's),
+    /// one `herald deliver` and one `herald gateway` (its MQTT port is this server's).
     pub async fn start_roles(bins: &Bins, kafka: &str, topic: &str) -> anyhow::Result<Server> {
         let dir = tempdir::Dir::new("roles")?;
         let certs = dir.path().join("certs");
@@ -404,7 +407,14 @@ next_connection_delay_ms = 0
             "gateway-0",
         )?;
         wait_port(mqtt, "herald gateway", &mut gateway).await?;
-        let kafka_args = ["--kafka-brokers", kafka, "--kafka-topic", topic];
+        let kafka_args = [
+            "--kafka-brokers",
+            kafka,
+            "--kafka-topic",
+            topic,
+            "--kafka-partitions",
+            Self::ROLES_PARTITIONS,
+        ];
         let mut deliver_args = s(&["deliver", "--data-dir"]);
         deliver_args.push(dir.path().join("deliver").display().to_string());
         deliver_args.extend(s(&kafka_args));
