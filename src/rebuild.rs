@@ -49,6 +49,12 @@ pub fn run(args: RebuildArgs, verify: bool) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let live = EmbeddedStore::open(db.clone(), "")?;
+    if live.has_legacy_layout()? {
+        bail!(
+            "the projections in {} were written by an older herald (before partitions): start `herald serve` once to rebuild them, then verify",
+            args.data_dir.display()
+        );
+    }
     let until = live.checkpoint(0)?;
 
     // A rebuilt copy left by an interrupted run is dropped first.

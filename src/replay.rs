@@ -88,6 +88,10 @@ pub struct ReplayArgs {
     /// Write the lines to this file instead of stdout.
     #[arg(long, short = 'o', value_name = "FILE")]
     output: Option<PathBuf>,
+    /// With --api on a partitioned Kafka topic (the role processes): the partition to
+    /// read; offsets are that partition's [default: 0].
+    #[arg(long, value_name = "N", requires = "api")]
+    partition: Option<u32>,
 }
 
 /// One end of the replayed range, as given to `--from` or `--to`.
@@ -124,6 +128,7 @@ struct Selection {
     from: Offset,
     to: Option<Offset>,
     filter: Filter,
+    partition: Option<u32>,
 }
 
 impl Selection {
@@ -131,6 +136,7 @@ impl Selection {
         let mut s = Selection {
             from: 0,
             to: None,
+            partition: args.partition,
             filter: Filter {
                 app: args.app.clone(),
                 device: args.device.clone(),
@@ -501,6 +507,9 @@ async fn online(
     let base = api.trim_end_matches('/');
     let f = &selection.filter;
     let mut query: Vec<(&str, String)> = vec![("from", selection.from.to_string())];
+    if let Some(p) = selection.partition {
+        query.push(("partition", p.to_string()));
+    }
     if let Some(to) = selection.to {
         query.push(("to", to.to_string()));
     }
@@ -631,6 +640,7 @@ mod tests {
             from: 5,
             to: Some(100),
             filter: Filter::default(),
+            partition: None,
         };
         assert_eq!(s.range(50), (5, 50));
         assert_eq!(s.range(3), (5, 5));
@@ -638,6 +648,7 @@ mod tests {
             from: 0,
             to: None,
             filter: Filter::default(),
+            partition: None,
         };
         assert_eq!(open.range(7), (0, 7));
     }

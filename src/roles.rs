@@ -33,9 +33,9 @@ pub const DELIVER_GROUP: &str = "herald-deliver";
 /// in the same rebalance.
 const RELEASE_GRACE: Duration = Duration::from_secs(3);
 
-/// The topic, every partition opened, and the first partition's handle on Kafka (the
-/// producer and group membership).
-async fn open_kafka(config: &Config) -> anyhow::Result<(Partitions, Arc<OrderedKafkaLog>)> {
+/// The topic, every partition opened, and each partition's handle on Kafka (the first
+/// has the producer and group membership).
+async fn open_kafka(config: &Config) -> anyhow::Result<(Partitions, Vec<Arc<OrderedKafkaLog>>)> {
     let Some(brokers) = &config.kafka_brokers else {
         bail!(
             "the roles share one log on Kafka: set kafka_brokers (--kafka-brokers, HERALD_KAFKA_BROKERS)"
@@ -49,9 +49,12 @@ async fn open_kafka(config: &Config) -> anyhow::Result<(Partitions, Arc<OrderedK
     let logs = OrderedKafkaLog::open_topic(k)
         .await
         .with_context(|| format!("cannot open the event log on Kafka at {brokers}"))?;
-    let first = logs[0].clone();
-    let topic = Partitions::new(logs.into_iter().map(|l| l as Arc<dyn EventLog>).collect());
-    Ok((topic, first))
+    let topic = Partitions::new(
+        logs.iter()
+            .map(|l| l.clone() as Arc<dyn EventLog>)
+            .collect(),
+    );
+    Ok((topic, logs))
 }
 
 /// Runs `serve_http` and the follower `workers` until a signal or a failure.
@@ -202,7 +205,8 @@ pub async fn deliver(config: Config) -> anyhow::Result<()> {
         .link_certs
         .clone()
         .context("herald deliver needs link_certs (--link-certs)")?;
-    let (topic, kafka) = open_kafka(&config).await?;
+    let (topic, kafka_logs) = open_kafka(&config).await?;
+    let kafka = kafka_logs[0].clone();
     let (_db, store) = open_store(&config, &topic)?;
     let count = topic.count();
     let quic = QuicLink::new(QuicLinkConfig {
@@ -254,13 +258,29 @@ pub async fn deliver(config: Config) -> anyhow::Result<()> {
             p = member.poll(16, Duration::from_millis(200)) => p,
         };
         let mut changed = false;
+        let mut newly_served = Vec::new();
+        if matches!(polled, Ok(Polled::Rebalance(_))) {
+            // A commit queued before a rebalance may not have been taken: say it again.
+            committed.clear();
+        }
         match polled {
             Ok(Polled::Rebalance(Rebalance::Assigned(parts))) => {
                 for p in parts.into_iter().filter_map(|p| u32::try_from(p).ok()) {
+                    if p >= count {
+                        // The topic grew partitions after this process started: a key's
+                        // partition would differ between processes. Refuse to serve it.
+                        tracing::error!(
+                            partition = p,
+                            count,
+                            "the group assigned a partition the topic did not have at start-up; ignoring it (restart every role after adding partitions)"
+                        );
+                        continue;
+                    }
                     if let Some(h) = held.get_mut(&p) {
                         h.release_at = None;
                         continue;
                     }
+                    tracing::debug!(partition = p, "reading the group's offset");
                     // Shares of records before the group's offset were appended by the
                     // partition's last owner (it commits only what it has stored).
                     let share_from = match kafka
@@ -280,6 +300,10 @@ pub async fn deliver(config: Config) -> anyhow::Result<()> {
                         }
                     };
                     if let Some(mut done) = stopping.remove(&p) {
+                        tracing::debug!(
+                            partition = p,
+                            "waiting for the partition's last worker to stop"
+                        );
                         let _ = done.wait_for(|d| *d).await;
                     }
                     let gated = Arc::new(Gated::new(quic.clone() as Arc<dyn Link>));
@@ -359,6 +383,7 @@ pub async fn deliver(config: Config) -> anyhow::Result<()> {
                 h.gated.set_active(true);
                 h.serving = true;
                 changed = true;
+                newly_served.push(*p);
             }
         }
         if changed {
@@ -370,12 +395,19 @@ pub async fn deliver(config: Config) -> anyhow::Result<()> {
                     .collect(),
             );
         }
+        // What was folded while forwarding was shut (by this worker catching up, or by
+        // the last owner stopping) is read again from the inbox, once the gateways know
+        // to ask this worker. They also resync when `Owns` shows a partition new here,
+        // but a quick release and regain may not show as a change.
+        for p in newly_served {
+            quic.resync_partition(count, p);
+        }
         // The group's offsets are what this worker has folded, stored and shared (the
         // store commits after the shares are durable): the group's lag is honest, and
         // the next owner appends shares only from there.
         let next: std::collections::HashMap<i32, i64> = held
             .iter()
-            .filter(|(_, h)| h.serving)
+            .filter(|(_, h)| h.serving && h.release_at.is_none())
             .map(|(p, h)| (*p as i32, *h.applied.borrow() as i64))
             .filter(|(p, o)| committed.get(p) != Some(o))
             .collect();

@@ -145,6 +145,13 @@ pub fn open_store(
 ) -> anyhow::Result<(fjall::Database, Arc<dyn Store>)> {
     let db = open_database(&config.data_dir.join("store"))?;
     let mut embedded = EmbeddedStore::open(db.clone(), "")?;
+    if embedded.has_legacy_layout()? {
+        tracing::warn!(
+            "the projections were written by an older herald (before partitions); rebuilding them from the log"
+        );
+        embedded.destroy()?;
+        embedded = EmbeddedStore::open(db.clone(), "")?;
+    }
     for (p, log) in topic.all().iter().enumerate() {
         let log_end = *log.durable_end().borrow();
         let checkpoint = embedded.checkpoint(p as u32)?;

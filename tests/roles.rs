@@ -393,7 +393,13 @@ async fn roles_in_their_own_processes_share_the_partitions_and_take_over_a_dead_
             assert_eq!(status, 503, "{body}");
             assert!(
                 Instant::now() < deadline,
-                "Kafka never came back for herald ingest"
+                "Kafka never came back for herald ingest: {body}\n{}",
+                ingest
+                    .log()
+                    .lines()
+                    .filter(|l| !l.contains("librdkafka") && !l.contains("lsm_tree"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
             );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -403,16 +409,31 @@ async fn roles_in_their_own_processes_share_the_partitions_and_take_over_a_dead_
         let got = seen.get_mut(&dev.device_id).unwrap();
         let want = sent[&dev.device_id].len();
         while got.len() < want {
-            let m = tokio::time::timeout(Duration::from_secs(60), device.next())
-                .await
-                .unwrap_or_else(|_| {
-                    panic!(
-                        "{} got {got:?} after Kafka returned; worker: {}",
-                        dev.device_id,
-                        workers[1].log()
-                    )
-                })
-                .unwrap();
+            let Ok(m) = tokio::time::timeout(Duration::from_secs(60), device.next()).await else {
+                let notable = |log: String| {
+                    log.lines()
+                        .filter(|l| {
+                            !l.contains("librdkafka")
+                                && !l.contains("backlog read failed")
+                                && (l.contains("WARN")
+                                    || l.contains("ERROR")
+                                    || l.contains("herald::roles")
+                                    || l.contains(dev.device_id.as_str()))
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                };
+                let last = sent[&dev.device_id].last().unwrap();
+                panic!(
+                    "{} got {got:?} after Kafka returned; status of {last}: {:?}\nworker: {}\ngateways: {}\n{}",
+                    dev.device_id,
+                    app.status(last).await,
+                    notable(workers[1].log()),
+                    notable(gateways[1].log()),
+                    notable(gateways[2].log()),
+                )
+            };
+            let m = m.unwrap();
             got.push((m.envelope().id.clone(), m.envelope().seq));
         }
     }

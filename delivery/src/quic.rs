@@ -189,6 +189,24 @@ impl QuicLink {
             .send_replace(Some(wire::Owns { count, partitions }));
     }
 
+    /// Makes the sessions of the devices of `partition` (of a topic of `count`) that the
+    /// gateways report read their inboxes again.
+    pub fn resync_partition(&self, count: u32, partition: u32) {
+        let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
+        let mut per_gateway: HashMap<usize, Vec<Arc<str>>> = HashMap::new();
+        for (device, claims) in routes.iter() {
+            if herald_schemas::partition::for_key(device.as_bytes(), count) == partition
+                && let Some(&g) = claims.last()
+            {
+                per_gateway.entry(g).or_default().push(device.clone());
+            }
+        }
+        drop(routes);
+        for (g, devices) in per_gateway {
+            self.gateways[g].resync_later(devices);
+        }
+    }
+
     /// How many gateways are linked now; changes as links come and go.
     pub fn linked(&self) -> watch::Receiver<usize> {
         self.linked.subscribe()
@@ -228,11 +246,16 @@ impl QuicLink {
             }
             let connected = match resolve(&addr).await {
                 Ok(sock) => {
-                    gwlink::connect(
+                    let owns = self.owns.borrow().clone();
+                    gwlink::connect_with_hello(
                         &self.endpoint,
                         self.client.clone(),
                         sock,
-                        &self.config.worker_id,
+                        wire::WorkerHello {
+                            worker_id: self.config.worker_id.clone(),
+                            version: LINK_VERSION,
+                            owns,
+                        },
                     )
                     .await
                 }
@@ -323,7 +346,9 @@ impl QuicLink {
         *gw.tx.lock().unwrap_or_else(|e| e.into_inner()) = Some((token, tx.clone()));
         let writer = async {
             loop {
+                // Ownership first: a gateway told to resync asks the owner it knows of.
                 tokio::select! {
+                    biased;
                     Ok(()) = owns.changed() => {
                         let o = owns.borrow_and_update().clone();
                         if let Some(o) = o {

@@ -117,6 +117,7 @@ impl Worker {
         let mut from = self.store.checkpoint(self.scope.partition)?;
         loop {
             if *shutdown.borrow() {
+                tracing::debug!(partition = self.scope.partition, "worker stopped");
                 return Ok(());
             }
             // The end as it was before the read: marked seen, so `changed` below wakes for
@@ -164,6 +165,12 @@ impl Worker {
                     .map_err(|e| WorkerError::Task(e.to_string()))??;
             }
             let (next, new_entries, withdrawn) = (batch.next, batch.new_entries, batch.withdrawn);
+            tracing::debug!(
+                partition = self.scope.partition,
+                next,
+                entries = new_entries.len(),
+                "folded a batch"
+            );
             self.applied.send_replace(next);
             from = next;
             // An entry created and taken back in the same batch is not forwarded.

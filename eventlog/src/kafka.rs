@@ -568,8 +568,11 @@ pub struct OrderedKafkaLog {
 /// What the partitions of one topic share.
 struct TopicShared {
     log: KafkaLog,
-    /// Asks the broker for high watermarks (a blocking call, on its own client).
-    watermarks: std::sync::Arc<BaseConsumer>,
+    /// Asks the broker for high watermarks (a blocking call, on its own client),
+    /// replaced by a new client when it keeps failing.
+    watermarks: std::sync::Mutex<std::sync::Arc<BaseConsumer>>,
+    /// How its clients are made.
+    reader_config: ClientConfig,
     /// Each partition's durable end.
     ends: Vec<tokio::sync::watch::Sender<crate::Offset>>,
 }
@@ -610,6 +613,20 @@ impl OrderedKafkaLog {
     /// This log's partition.
     pub fn partition(&self) -> i32 {
         self.partition
+    }
+
+    /// Asks the broker for the partition's high watermark now (rather than within
+    /// [`WATERMARK_POLL`]), raises the durable end to it, and returns the end.
+    pub async fn refresh_end(&self) -> Result<crate::Offset, Error> {
+        let high = watermark(
+            self.topic.watermark_client(),
+            self.topic.log.config().topic.clone(),
+            self.partition,
+            self.topic.log.config().timeout,
+        )
+        .await?;
+        self.topic.raise_end(self.partition, high);
+        Ok(*self.topic.ends[self.partition as usize].borrow())
     }
 
     /// Connects to the topic of `config` as one ordered log (the topic is created with
@@ -656,7 +673,8 @@ impl OrderedKafkaLog {
         }
         let topic = std::sync::Arc::new(TopicShared {
             log,
-            watermarks,
+            watermarks: std::sync::Mutex::new(watermarks),
+            reader_config: reader.clone(),
             ends,
         });
         let mut out = Vec::new();
@@ -692,23 +710,59 @@ async fn watermark(
     Ok(u64::try_from(high).unwrap_or(0))
 }
 
+/// Rounds of failed watermark polls after which the client is replaced: after the
+/// broker was away, librdkafka's client can keep answering "unknown partition" from
+/// metadata it no longer refreshes.
+const WATERMARK_FAILURES: u32 = 5;
+
+impl TopicShared {
+    fn watermark_client(&self) -> std::sync::Arc<BaseConsumer> {
+        self.watermarks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn renew_watermark_client(&self) {
+        match self.reader_config.create::<BaseConsumer>() {
+            Ok(c) => {
+                tracing::info!("renewed the Kafka client that polls the high watermarks");
+                *self.watermarks.lock().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(c);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot renew the watermark client"),
+        }
+    }
+}
+
 async fn poll_watermarks(weak: std::sync::Weak<TopicShared>) {
+    let mut failed_rounds = 0;
     loop {
         tokio::time::sleep(WATERMARK_POLL).await;
         let Some(topic) = weak.upgrade() else { return };
         let (consumer, name, partitions) = (
-            topic.watermarks.clone(),
+            topic.watermark_client(),
             topic.log.config().topic.clone(),
             topic.log.partitions(),
         );
         // Release the topic while waiting, so that dropping its logs ends this task.
         drop(topic);
+        let mut failed = false;
         for p in 0..partitions {
             let high = watermark(consumer.clone(), name.clone(), p, Duration::from_secs(1)).await;
             match (high, weak.upgrade()) {
                 (Ok(high), Some(topic)) => topic.raise_end(p, high),
                 (_, None) => return,
-                (Err(_), Some(_)) => {}
+                (Err(e), Some(_)) => {
+                    failed = true;
+                    tracing::debug!(partition = p, error = %e, "cannot poll the high watermark");
+                }
+            }
+        }
+        failed_rounds = if failed { failed_rounds + 1 } else { 0 };
+        if failed_rounds >= WATERMARK_FAILURES {
+            failed_rounds = 0;
+            if let Some(topic) = weak.upgrade() {
+                topic.renew_watermark_client();
             }
         }
     }
@@ -782,9 +836,19 @@ impl crate::EventLog for OrderedKafkaLog {
                     Ok(Ok(m)) => m,
                     Ok(Err(e)) => {
                         tracing::warn!(error = %e, "Kafka read failed");
+                        // Position the reader afresh on the next read: after the broker
+                        // was away, the consumer's fetch of the partition may not resume
+                        // by itself.
+                        *next = None;
                         break;
                     }
-                    Err(_) => break,
+                    Err(_) => {
+                        if out.is_empty() {
+                            // Records below the watermark did not come: the same.
+                            *next = None;
+                        }
+                        break;
+                    }
                 };
                 let expected = next.unwrap_or(from);
                 if m.offset() < expected {

@@ -493,11 +493,19 @@ impl LinkServer {
             .push(Peer {
                 id: peer_id,
                 up: up_tx.clone(),
-                owns: None,
+                // From the first request on, only the partitions it says it serves.
+                owns: hello
+                    .owns
+                    .as_ref()
+                    .map(|o| (o.count, o.partitions.iter().copied().collect())),
             });
         tracing::info!(%remote, worker = %hello.worker_id, "delivery worker linked");
-        // Whatever was in flight on an earlier link is read again from the inbox.
-        self.hub.resync_all();
+        // Whatever was in flight on an earlier link is read again from the inbox: every
+        // session's, or for a worker of a partitioned topic, its partitions' sessions'.
+        match hello.owns {
+            Some(owns) => self.resync_partitions(owns.count, &owns.partitions),
+            None => self.hub.resync_all(),
+        }
 
         let writer = async {
             loop {
@@ -562,6 +570,29 @@ impl LinkServer {
         }
     }
 
+    /// A worker says which partitions it serves: the sessions of the devices of those
+    /// new to it read their inboxes again from it (what the last owner had in flight).
+    fn owns(&self, peer: u64, owns: wire::Owns) {
+        let (count, gained) = self.links.set_owns(peer, owns);
+        self.resync_partitions(count, &gained);
+    }
+
+    /// Makes the sessions of the devices in `partitions` read their inboxes again.
+    fn resync_partitions(&self, count: u32, partitions: &[u32]) {
+        if partitions.is_empty() {
+            return;
+        }
+        let devices: Vec<Arc<str>> = self
+            .hub
+            .devices()
+            .into_iter()
+            .filter(|d| {
+                partitions.contains(&herald_schemas::partition::for_key(d.as_bytes(), count))
+            })
+            .collect();
+        self.hub.resync(&devices);
+    }
+
     fn on_down(&self, peer: u64, f: wire::Down) {
         match f.body {
             Some(down::Body::Deliver(d)) => {
@@ -589,23 +620,7 @@ impl LinkServer {
                 }
             }
             Some(down::Body::Reply(r)) => self.links.answer(r),
-            Some(down::Body::Owns(o)) => {
-                // A worker that took partitions over: the sessions of their devices read
-                // their inboxes again from it (what the last owner had in flight).
-                let (count, gained) = self.links.set_owns(peer, o);
-                if !gained.is_empty() {
-                    let devices: Vec<Arc<str>> = self
-                        .hub
-                        .devices()
-                        .into_iter()
-                        .filter(|d| {
-                            gained
-                                .contains(&herald_schemas::partition::for_key(d.as_bytes(), count))
-                        })
-                        .collect();
-                    self.hub.resync(&devices);
-                }
-            }
+            Some(down::Body::Owns(o)) => self.owns(peer, o),
             Some(down::Body::WorkerHello(_)) | None => {}
         }
     }
@@ -693,6 +708,27 @@ pub async fn connect(
     addr: SocketAddr,
     worker_id: &str,
 ) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), LinkError> {
+    connect_with_hello(
+        endpoint,
+        config,
+        addr,
+        wire::WorkerHello {
+            worker_id: worker_id.to_string(),
+            version: LINK_VERSION,
+            owns: None,
+        },
+    )
+    .await
+}
+
+/// [`connect`], with the `WorkerHello` to send (a worker of a partitioned topic says
+/// which partitions it serves).
+pub async fn connect_with_hello(
+    endpoint: &quinn::Endpoint,
+    config: quinn::ClientConfig,
+    addr: SocketAddr,
+    hello: wire::WorkerHello,
+) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), LinkError> {
     let conn = endpoint
         .connect_with(config, addr, SERVER_NAME)
         .map_err(|e| LinkError::Protocol(format!("connect: {e}")))?
@@ -705,10 +741,7 @@ pub async fn connect(
     write_frame(
         &mut send,
         &wire::Down {
-            body: Some(down::Body::WorkerHello(wire::WorkerHello {
-                worker_id: worker_id.to_string(),
-                version: LINK_VERSION,
-            })),
+            body: Some(down::Body::WorkerHello(hello)),
         },
     )
     .await?;

@@ -408,7 +408,10 @@ impl Gateway {
                     }
                 },
                 page = next_page(&mut fetch) => match page {
-                    Ok(p) => session.handle_backlog(p, now_ms()),
+                    Ok(p) => {
+                        tracing::debug!(device_id = %device_id, entries = p.entries.len(), covered_through = p.covered_through, complete = p.complete, "backlog page");
+                        session.handle_backlog(p, now_ms());
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "backlog read failed; retrying");
                         session.handle_backlog_failed(now_ms());

@@ -319,6 +319,12 @@ mod tests {
             .collect();
         assert_eq!(offsets, vec![13, 16, 19]);
 
+        // The one partition, named.
+        let r = call(&ingest, "/v1/admin/events?partition=0&from=3&to=5")
+            .await
+            .unwrap();
+        assert_eq!(body(r).await.lines().count(), 2);
+
         // Past the end: empty, not an error.
         let r = call(&ingest, &format!("/v1/admin/events?from={}", n + 10))
             .await
@@ -336,6 +342,8 @@ mod tests {
             ("/v1/admin/events?type=A,,B", "type"),
             ("/v1/admin/events?from_ts=5&to_ts=1", "to_ts"),
             ("/v1/admin/events?nope=1", "nope"),
+            ("/v1/admin/events?partition=1", "partition 1 does not exist"),
+            ("/v1/admin/events?partition=-1", "partition"),
         ] {
             let e = call(&ingest, uri).await.unwrap_err();
             assert_eq!(e.status, StatusCode::BAD_REQUEST, "{uri}");

@@ -23,6 +23,15 @@ fn checkpoint_key(partition: u32) -> Vec<u8> {
     k
 }
 
+/// An app's Idempotency-Key's record in a partition: the app id, a NUL, the key, a NUL,
+/// the partition (u32, big-endian).
+fn idempotency_key(app_id: &str, key: &str, partition: u32) -> Vec<u8> {
+    let mut k = pair_key(app_id, key);
+    k.push(0);
+    k.extend_from_slice(&partition.to_be_bytes());
+    k
+}
+
 /// A message's status row in a partition: the id, a NUL, the partition (u32, big-endian).
 fn message_key(message_id: &str, partition: u32) -> Vec<u8> {
     let mut k = Vec::with_capacity(message_id.len() + 5);
@@ -197,6 +206,12 @@ impl EmbeddedStore {
         Ok(())
     }
 
+    /// Whether the store was written by a herald before partitions (one `checkpoint` key,
+    /// message rows without a partition): such a store is rebuilt from the log.
+    pub fn has_legacy_layout(&self) -> Result<bool, StoreError> {
+        Ok(self.meta.get(b"checkpoint").map_err(storage)?.is_some())
+    }
+
     /// Reads the whole state into memory, for tests and digests.
     pub fn to_mem_state(&self) -> Result<MemState, StoreError> {
         fn all<T: DeserializeOwned>(
@@ -253,8 +268,11 @@ impl EmbeddedStore {
             s.presence.insert(text(&k), v);
         }
         for (k, v) in all::<IdempotencyRecord>(&self.idempotency, "idempotency")? {
-            if let Some((a, key)) = text(&k).split_once('\0') {
-                s.idempotency.insert((a.to_owned(), key.to_owned()), v);
+            let (pair, p) = k.split_at(k.len().saturating_sub(5));
+            let p = p.get(1..).and_then(|p| <[u8; 4]>::try_from(p).ok());
+            if let (Some((a, key)), Some(p)) = (text(pair).split_once('\0'), p) {
+                s.idempotency
+                    .insert((a.to_owned(), key.to_owned(), u32::from_be_bytes(p)), v);
             }
         }
         for (k, v) in all::<u64>(&self.collapse, "collapse")? {
@@ -341,8 +359,13 @@ impl View for EmbeddedStore {
         &self,
         app_id: &str,
         key: &str,
+        partition: u32,
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
-        Self::get(&self.idempotency, "idempotency", &pair_key(app_id, key))
+        Self::get(
+            &self.idempotency,
+            "idempotency",
+            &idempotency_key(app_id, key, partition),
+        )
     }
     fn collapse(&self, device_id: &str, collapse_key: &str) -> Result<Option<u64>, StoreError> {
         Self::get(
@@ -395,7 +418,11 @@ impl Store for EmbeddedStore {
             b.insert(&self.presence, k.as_bytes(), encode(v));
         }
         for ((a, k), v) in &w.idempotency {
-            b.insert(&self.idempotency, pair_key(a, k), encode(v));
+            b.insert(
+                &self.idempotency,
+                idempotency_key(a, k, partition),
+                encode(v),
+            );
         }
         for ((d, k), v) in &w.collapse {
             b.insert(&self.collapse, pair_key(d, k), encode(v));
@@ -406,6 +433,21 @@ impl Store for EmbeddedStore {
             next_offset.to_be_bytes().to_vec(),
         );
         b.commit().map_err(storage)
+    }
+
+    fn idempotency_record(
+        &self,
+        app_id: &str,
+        key: &str,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        let mut prefix = pair_key(app_id, key);
+        prefix.push(0);
+        let mut records = Vec::new();
+        for g in self.idempotency.prefix(&prefix) {
+            let v = g.value().map_err(storage)?;
+            records.push(decode("idempotency", &v)?);
+        }
+        Ok(crate::model::earliest(records))
     }
 
     fn message_status(&self, message_id: &str) -> Result<Option<MessageStatus>, StoreError> {
@@ -456,5 +498,30 @@ impl Store for EmbeddedStore {
 
     fn payload(&self, message_id: &str) -> Result<Option<Payload>, StoreError> {
         Self::get(&self.payloads, "payloads", message_id.as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_store_of_the_layout_before_partitions_is_recognised() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_database(dir.path()).unwrap();
+        let store = EmbeddedStore::open(db, "").unwrap();
+        store.commit(&Writes::default(), 0, 5).unwrap();
+        store.commit(&Writes::default(), 3, 7).unwrap();
+        assert!(!store.has_legacy_layout().unwrap());
+        assert_eq!(store.checkpoint(0).unwrap(), 5);
+        assert_eq!(store.checkpoint(3).unwrap(), 7);
+        assert_eq!(store.checkpoint(1).unwrap(), 0);
+        // What an older herald wrote: one checkpoint, under the bare key.
+        store
+            .meta
+            .insert(b"checkpoint", 9u64.to_be_bytes().to_vec())
+            .unwrap();
+        assert!(store.has_legacy_layout().unwrap());
     }
 }

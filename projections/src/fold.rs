@@ -30,7 +30,11 @@ pub fn apply(tx: &mut Tx<'_>, event: &Event) -> Result<(), StoreError> {
     let ts = event.ts_ms;
     let accepted = match &event.kind {
         Some(Kind::AppCreated(e)) => {
-            if tx.app(&e.app_id)?.is_some() || tx.app_id_by_client(&e.client_id)?.is_some() {
+            // Client ids are random and unique; the index of another partition's apps is
+            // not read on a partitioned topic.
+            if tx.app(&e.app_id)?.is_some()
+                || (!tx.scope.is_partitioned() && tx.app_id_by_client(&e.client_id)?.is_some())
+            {
                 false
             } else {
                 let w = &mut tx.writes;
@@ -272,7 +276,7 @@ fn apply_push(
     if origin == Origin::Home && !e.idempotency_key.is_empty() {
         // A retry that reached the log twice (two ingests, or a lost race) is the same
         // message: the first one in the log wins, the later one changes nothing.
-        if let Some(rec) = tx.idempotency(&e.app_id, &e.idempotency_key)?
+        if let Some(rec) = tx.idempotency(&e.app_id, &e.idempotency_key, tx.scope.partition)?
             && rec.holds_at(ts)
         {
             return Ok(false);

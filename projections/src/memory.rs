@@ -33,7 +33,7 @@ pub struct MemState {
     /// Presence.
     pub presence: BTreeMap<String, Presence>,
     /// Idempotency records.
-    pub idempotency: BTreeMap<(String, String), IdempotencyRecord>,
+    pub idempotency: BTreeMap<(String, String, u32), IdempotencyRecord>,
     /// Collapse keys.
     pub collapse: BTreeMap<(String, String), u64>,
     /// The checkpoint of each partition that has one.
@@ -120,11 +120,12 @@ impl View for MemStore {
         &self,
         app_id: &str,
         key: &str,
+        partition: u32,
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
         Ok(self
             .lock()
             .idempotency
-            .get(&(app_id.to_owned(), key.to_owned()))
+            .get(&(app_id.to_owned(), key.to_owned(), partition))
             .cloned())
     }
     fn collapse(&self, device_id: &str, collapse_key: &str) -> Result<Option<u64>, StoreError> {
@@ -158,7 +159,11 @@ impl Store for MemStore {
         );
         s.payloads.extend(w.payloads.clone());
         s.presence.extend(w.presence.clone());
-        s.idempotency.extend(w.idempotency.clone());
+        s.idempotency.extend(
+            w.idempotency
+                .iter()
+                .map(|((a, k), v)| ((a.clone(), k.clone(), partition), v.clone())),
+        );
         s.collapse.extend(w.collapse.clone());
         let checkpoint = s.checkpoints.entry(partition).or_default();
         assert!(next_offset >= *checkpoint, "checkpoints never go back");
@@ -172,6 +177,19 @@ impl Store for MemStore {
             .get(&partition)
             .copied()
             .unwrap_or_default())
+    }
+    fn idempotency_record(
+        &self,
+        app_id: &str,
+        key: &str,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        let (a, k) = (app_id.to_owned(), key.to_owned());
+        Ok(crate::model::earliest(
+            self.lock()
+                .idempotency
+                .range((a.clone(), k.clone(), 0)..=(a, k, u32::MAX))
+                .map(|(_, r)| r.clone()),
+        ))
     }
     fn message_status(&self, message_id: &str) -> Result<Option<MessageStatus>, StoreError> {
         let s = self.lock();

@@ -135,6 +135,12 @@ pub fn merge_rows(rows: impl IntoIterator<Item = MessageStatus>) -> Option<Messa
     Some(m)
 }
 
+/// Of an Idempotency-Key's records in several partitions, the earliest (its push was
+/// accepted first).
+pub fn earliest(records: impl IntoIterator<Item = IdempotencyRecord>) -> Option<IdempotencyRecord> {
+    records.into_iter().min_by_key(|r| r.ts_ms)
+}
+
 /// What an Idempotency-Key of an app stands for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdempotencyRecord {

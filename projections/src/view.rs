@@ -44,9 +44,14 @@ pub trait View {
     ) -> Result<Option<MessageStatus>, StoreError>;
     /// A device's presence.
     fn presence(&self, device_id: &str) -> Result<Option<Presence>, StoreError>;
-    /// What an app's Idempotency-Key stands for.
-    fn idempotency(&self, app_id: &str, key: &str)
-    -> Result<Option<IdempotencyRecord>, StoreError>;
+    /// What an app's Idempotency-Key stands for in `partition` (where the pushes with
+    /// that key were folded; see [`Store::idempotency_record`] for any partition).
+    fn idempotency(
+        &self,
+        app_id: &str,
+        key: &str,
+        partition: u32,
+    ) -> Result<Option<IdempotencyRecord>, StoreError>;
     /// The seq of the newest entry of a device with this collapse key.
     fn collapse(&self, device_id: &str, collapse_key: &str) -> Result<Option<u64>, StoreError>;
 }
@@ -74,7 +79,7 @@ pub struct Writes {
     pub payloads: BTreeMap<String, Payload>,
     /// Presence changed.
     pub presence: BTreeMap<String, Presence>,
-    /// (app id, key) -> idempotency record.
+    /// (app id, key) -> idempotency record, of the batch's partition.
     pub idempotency: BTreeMap<(String, String), IdempotencyRecord>,
     /// (device id, collapse key) -> seq of the newest entry with that key.
     pub collapse: BTreeMap<(String, String), u64>,
@@ -244,14 +249,15 @@ impl View for Tx<'_> {
         &self,
         app_id: &str,
         key: &str,
+        partition: u32,
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
         match self
             .writes
             .idempotency
             .get(&(app_id.to_owned(), key.to_owned()))
         {
-            Some(r) => Ok(Some(r.clone())),
-            None => self.base.idempotency(app_id, key),
+            Some(r) if partition == self.scope.partition => Ok(Some(r.clone())),
+            _ => self.base.idempotency(app_id, key, partition),
         }
     }
 
@@ -275,6 +281,14 @@ pub trait Store: View + Send + Sync {
     fn commit(&self, writes: &Writes, partition: u32, next_offset: u64) -> Result<(), StoreError>;
     /// The first offset of `partition` not yet applied.
     fn checkpoint(&self, partition: u32) -> Result<u64, StoreError>;
+    /// What an app's Idempotency-Key stands for: of its records in every partition (more
+    /// than one only when pushes with one key raced into different partitions), the
+    /// earliest.
+    fn idempotency_record(
+        &self,
+        app_id: &str,
+        key: &str,
+    ) -> Result<Option<IdempotencyRecord>, StoreError>;
     /// A message's whole status: the sum of its rows in every partition.
     fn message_status(&self, message_id: &str) -> Result<Option<MessageStatus>, StoreError>;
     /// Up to `limit` unacknowledged entries of a device with seq > `after_seq`, in order.
