@@ -69,6 +69,8 @@ pub struct FileConfig {
     pub kafka_partitions: Option<u32>,
     /// How long an append may wait for Kafka before the API answers 503, in milliseconds.
     pub kafka_timeout_ms: Option<u64>,
+    /// `retention.ms` of the topic when herald creates it (-1: keep every event).
+    pub kafka_retention_ms: Option<i64>,
 }
 
 impl FileConfig {
@@ -139,6 +141,8 @@ pub struct Config {
     pub kafka_partitions: u32,
     /// Append timeout, ms.
     pub kafka_timeout_ms: u64,
+    /// `retention.ms` of the topic when created (-1: forever).
+    pub kafka_retention_ms: i64,
 }
 
 /// Values from flags and environment variables (clap reads both).
@@ -255,6 +259,7 @@ impl Config {
             kafka_replication: file.kafka_replication.unwrap_or(1),
             kafka_partitions: o.kafka_partitions.or(file.kafka_partitions).unwrap_or(12),
             kafka_timeout_ms: file.kafka_timeout_ms.unwrap_or(10_000),
+            kafka_retention_ms: file.kafka_retention_ms.unwrap_or(-1),
         };
         c.validate()?;
         Ok(c)
@@ -296,6 +301,11 @@ impl Config {
         }
         if !(1..=16).contains(&self.kafka_replication) {
             bail!("kafka_replication must be between 1 and 16");
+        }
+        if self.kafka_retention_ms != -1 && self.kafka_retention_ms < 3_600_000 {
+            bail!(
+                "kafka_retention_ms must be -1 (keep every event: the log is what the projections are rebuilt from) or at least 3600000 (an hour)"
+            );
         }
         if !(500..=300_000).contains(&self.kafka_timeout_ms) {
             bail!("kafka_timeout_ms must be between 500 and 300000");
@@ -357,6 +367,41 @@ mod tests {
         let e = Config::resolve(bad, Overrides::default()).unwrap_err();
         assert!(e.to_string().contains("max_inflight"));
         assert!(toml::from_str::<FileConfig>("no_such_key = 1").is_err());
+    }
+
+    #[test]
+    fn kafka_topic_settings_come_from_the_file_and_flags() {
+        let file: FileConfig = toml::from_str(
+            "kafka_partitions = 6\nkafka_retention_ms = 604800000\nkafka_topic = \"t\"",
+        )
+        .unwrap();
+        let c = Config::resolve(file, Overrides::default()).unwrap();
+        assert_eq!(
+            (
+                c.kafka_partitions,
+                c.kafka_retention_ms,
+                c.kafka_topic.as_str()
+            ),
+            (6, 604_800_000, "t")
+        );
+        let file: FileConfig = toml::from_str("kafka_partitions = 6").unwrap();
+        let c = Config::resolve(
+            file,
+            Overrides {
+                kafka_partitions: Some(4),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!((c.kafka_partitions, c.kafka_retention_ms), (4, -1));
+        for bad in ["kafka_partitions = 0", "kafka_retention_ms = 1000"] {
+            let file: FileConfig = toml::from_str(bad).unwrap();
+            let e = Config::resolve(file, Overrides::default()).unwrap_err();
+            assert!(
+                e.to_string().contains(bad.split(' ').next().unwrap()),
+                "{e}"
+            );
+        }
     }
 
     #[test]

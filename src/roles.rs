@@ -16,7 +16,7 @@ use herald_delivery::directory::StoreDirectory;
 use herald_delivery::link::{Gated, Link, NoLink};
 use herald_delivery::quic::{QuicLink, QuicLinkConfig};
 use herald_delivery::worker::Worker;
-use herald_eventlog::kafka::{KafkaConfig, OrderedKafkaLog, Polled, Rebalance};
+use herald_eventlog::kafka::{OrderedKafkaLog, Polled, Rebalance};
 use herald_eventlog::{EventLog, Partitions};
 use herald_gateway::link::LinkTls;
 use herald_ingest::Ingest;
@@ -24,7 +24,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::serve::{Secrets, ingest_config, load_secrets, open_store, shutdown_signal};
+use crate::serve::{
+    Secrets, ingest_config, kafka_config, load_secrets, open_store, shutdown_signal,
+};
 
 /// The consumer group whose members share the topic's partitions.
 pub const DELIVER_GROUP: &str = "herald-deliver";
@@ -41,11 +43,11 @@ async fn open_kafka(config: &Config) -> anyhow::Result<(Partitions, Vec<Arc<Orde
             "the roles share one log on Kafka: set kafka_brokers (--kafka-brokers, HERALD_KAFKA_BROKERS)"
         );
     };
-    let mut k = KafkaConfig::new(brokers.clone());
-    k.topic.clone_from(&config.kafka_topic);
-    k.replication_factor = config.kafka_replication;
-    k.partitions = i32::try_from(config.kafka_partitions).unwrap_or(1);
-    k.timeout = Duration::from_millis(config.kafka_timeout_ms);
+    let k = kafka_config(
+        config,
+        brokers,
+        i32::try_from(config.kafka_partitions).unwrap_or(1),
+    );
     let logs = OrderedKafkaLog::open_topic(k)
         .await
         .with_context(|| format!("cannot open the event log on Kafka at {brokers}"))?;

@@ -137,6 +137,22 @@ pub fn load_secrets(config: &Config, shared: bool) -> anyhow::Result<Secrets> {
     })
 }
 
+/// The Kafka settings of `config`, for a topic of `partitions` when herald creates it.
+#[cfg(feature = "kafka")]
+pub fn kafka_config(
+    config: &Config,
+    brokers: &str,
+    partitions: i32,
+) -> herald_eventlog::kafka::KafkaConfig {
+    let mut k = herald_eventlog::kafka::KafkaConfig::new(brokers);
+    k.topic.clone_from(&config.kafka_topic);
+    k.replication_factor = config.kafka_replication;
+    k.partitions = partitions;
+    k.retention_ms = config.kafka_retention_ms;
+    k.timeout = Duration::from_millis(config.kafka_timeout_ms);
+    k
+}
+
 /// Opens the projection store in the data dir, rebuilding it if it is ahead of any
 /// partition of `topic`.
 pub fn open_store(
@@ -317,12 +333,8 @@ pub async fn open_log(config: &Config) -> anyhow::Result<Arc<dyn EventLog>> {
     };
     #[cfg(feature = "kafka")]
     {
-        use herald_eventlog::kafka::{KafkaConfig, OrderedKafkaLog};
-        let mut k = KafkaConfig::new(brokers.clone());
-        k.topic.clone_from(&config.kafka_topic);
-        k.replication_factor = config.kafka_replication;
-        k.timeout = Duration::from_millis(config.kafka_timeout_ms);
-        let log = OrderedKafkaLog::open(k)
+        use herald_eventlog::kafka::OrderedKafkaLog;
+        let log = OrderedKafkaLog::open(kafka_config(config, brokers, 1))
             .await
             .with_context(|| format!("cannot open the event log on Kafka at {brokers}"))?;
         tracing::info!(%brokers, topic = %config.kafka_topic, "event log on Kafka");

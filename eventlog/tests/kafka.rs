@@ -359,3 +359,73 @@ async fn one_partition_is_an_ordered_event_log_that_other_processes_can_tail() {
     assert_eq!(late.len(), 1);
     assert_eq!(late[0].value, b"late");
 }
+
+#[tokio::test]
+async fn a_partitioned_topic_is_made_from_config_and_records_go_to_their_keys_partition() {
+    use herald_eventlog::kafka::OrderedKafkaLog;
+    use herald_eventlog::{Append, EventLog, Partitions};
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    let Some(b) = broker() else { return };
+    let mut cfg = config(&b, "partitioned", 3);
+    cfg.retention_ms = 7 * 24 * 3600 * 1000;
+    let logs = OrderedKafkaLog::open_topic(cfg.clone())
+        .await
+        .expect("open");
+    assert_eq!(logs.len(), 3, "the topic has the configured partitions");
+
+    // The topic's retention is the configured one.
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &b)
+        .create()
+        .unwrap();
+    let described = admin
+        .describe_configs(
+            &[ResourceSpecifier::Topic(&cfg.topic)],
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .unwrap();
+    let resource = described.into_iter().next().unwrap().unwrap();
+    let retention = resource
+        .get("retention.ms")
+        .and_then(|e| e.value.clone())
+        .unwrap();
+    assert_eq!(retention, "604800000");
+
+    // Every record lands in its key's partition, in order there.
+    let topic = Partitions::new(
+        logs.iter()
+            .map(|l| l.clone() as Arc<dyn EventLog>)
+            .collect(),
+    );
+    let keys: Vec<String> = (0..30).map(|i| format!("device-{i}")).collect();
+    let records = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| record(k, i.to_string()))
+        .collect();
+    let offsets = topic.append(records).await.expect("append");
+    let mut expected: BTreeMap<u32, Vec<(u64, String)>> = BTreeMap::new();
+    for (i, (k, o)) in keys.iter().zip(&offsets).enumerate() {
+        let p = topic.of(k.as_bytes());
+        assert_eq!(
+            p as i32,
+            partition_for(k.as_bytes(), 3),
+            "the Java partitioner"
+        );
+        expected.entry(p).or_default().push((*o, i.to_string()));
+    }
+    assert_eq!(expected.len(), 3, "30 keys use every partition");
+    for (p, want) in expected {
+        let got: Vec<(u64, String)> = topic
+            .get(p)
+            .read(0, 100)
+            .await
+            .expect("read")
+            .into_iter()
+            .map(|r| (r.offset, String::from_utf8(r.value).unwrap()))
+            .collect();
+        assert_eq!(got, want, "partition {p}");
+    }
+}
