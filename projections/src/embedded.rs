@@ -206,6 +206,21 @@ impl EmbeddedStore {
         Ok(())
     }
 
+    /// Every partition's row of one thing: the keys `id`, a NUL, a partition.
+    fn partition_rows<T: DeserializeOwned>(
+        ks: &Keyspace,
+        name: &'static str,
+        mut id: Vec<u8>,
+    ) -> Result<Vec<T>, StoreError> {
+        id.push(0);
+        let mut rows = Vec::new();
+        for g in ks.prefix(&id) {
+            let v = g.value().map_err(storage)?;
+            rows.push(decode(name, &v)?);
+        }
+        Ok(rows)
+    }
+
     /// Whether the store was written by a herald before partitions (one `checkpoint` key,
     /// message rows without a partition): such a store is rebuilt from the log.
     pub fn has_legacy_layout(&self) -> Result<bool, StoreError> {
@@ -440,24 +455,14 @@ impl Store for EmbeddedStore {
         app_id: &str,
         key: &str,
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
-        let mut prefix = pair_key(app_id, key);
-        prefix.push(0);
-        let mut records = Vec::new();
-        for g in self.idempotency.prefix(&prefix) {
-            let v = g.value().map_err(storage)?;
-            records.push(decode("idempotency", &v)?);
-        }
+        let records =
+            Self::partition_rows(&self.idempotency, "idempotency", pair_key(app_id, key))?;
         Ok(crate::model::earliest(records))
     }
 
     fn message_status(&self, message_id: &str) -> Result<Option<MessageStatus>, StoreError> {
-        let mut prefix = message_id.as_bytes().to_vec();
-        prefix.push(0);
-        let mut rows = Vec::new();
-        for g in self.messages.prefix(&prefix) {
-            let v = g.value().map_err(storage)?;
-            rows.push(decode("messages", &v)?);
-        }
+        let rows =
+            Self::partition_rows(&self.messages, "messages", message_id.as_bytes().to_vec())?;
         Ok(crate::model::merge_rows(rows))
     }
 
