@@ -378,19 +378,23 @@ async fn a_partitioned_topic_is_made_from_config_and_records_go_to_their_keys_pa
     let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", &b)
         .create()
-        .unwrap();
+        .expect("admin client");
     let described = admin
         .describe_configs(
             &[ResourceSpecifier::Topic(&cfg.topic)],
             &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
         )
         .await
-        .unwrap();
-    let resource = described.into_iter().next().unwrap().unwrap();
+        .expect("describe configs");
+    let resource = described
+        .into_iter()
+        .next()
+        .expect("one resource")
+        .expect("the topic's configs");
     let retention = resource
         .get("retention.ms")
         .and_then(|e| e.value.clone())
-        .unwrap();
+        .expect("retention.ms is set");
     assert_eq!(retention, "604800000");
 
     // Every record lands in its key's partition, in order there.
@@ -424,7 +428,7 @@ async fn a_partitioned_topic_is_made_from_config_and_records_go_to_their_keys_pa
             .await
             .expect("read")
             .into_iter()
-            .map(|r| (r.offset, String::from_utf8(r.value).unwrap()))
+            .map(|r| (r.offset, String::from_utf8(r.value).expect("utf-8")))
             .collect();
         assert_eq!(got, want, "partition {p}");
     }
