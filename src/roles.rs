@@ -319,7 +319,15 @@ pub async fn deliver(config: Config) -> anyhow::Result<()> {
                     )?;
                     let (stop, stop_rx) = watch::channel(false);
                     let applied = worker.applied();
-                    let target = *topic.get(p).durable_end().borrow();
+                    // Where the partition ends now, from the broker: the polled end may
+                    // lag (the broker was away a moment ago).
+                    let target = match kafka_logs[p as usize].refresh_end().await {
+                        Ok(end) => end,
+                        Err(e) => {
+                            tracing::warn!(partition = p, error = %e, "cannot ask the broker where the partition ends; using the last polled end");
+                            *topic.get(p).durable_end().borrow()
+                        }
+                    };
                     tracing::info!(
                         partition = p,
                         target,

@@ -481,15 +481,13 @@ async fn push(
     let _guard = ingest.idempotency_lock(&app_id, &key).lock().await;
     // A push accepted before a crash may not be applied yet: catch up first.
     ingest.catch_up().await;
-    if let Some(rec) = ingest.store.idempotency_record(&app_id, &key)?
-        && rec.holds_at(now_ms())
-    {
+    if let Some(rec) = ingest.store.idempotency_record(&app_id, &key, now_ms())? {
         return replayed(&rec, &hash);
     }
     let (message_id, offset) =
         accept(&ingest, &app_id, req, Some((key.clone(), hash.clone()))).await?;
     ingest.wait_applied(offset).await?;
-    match ingest.store.idempotency_record(&app_id, &key)? {
+    match ingest.store.idempotency_record(&app_id, &key, now_ms())? {
         Some(rec) if rec.message_id != message_id => replayed(&rec, &hash),
         _ => Ok((StatusCode::ACCEPTED, Json(PushResponse { message_id }))),
     }

@@ -454,10 +454,11 @@ impl Store for EmbeddedStore {
         &self,
         app_id: &str,
         key: &str,
+        now_ms: u64,
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
         let records =
             Self::partition_rows(&self.idempotency, "idempotency", pair_key(app_id, key))?;
-        Ok(crate::model::earliest(records))
+        Ok(crate::model::earliest(records, now_ms))
     }
 
     fn message_status(&self, message_id: &str) -> Result<Option<MessageStatus>, StoreError> {

@@ -182,6 +182,7 @@ impl Store for MemStore {
         &self,
         app_id: &str,
         key: &str,
+        now_ms: u64,
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
         let (a, k) = (app_id.to_owned(), key.to_owned());
         Ok(crate::model::earliest(
@@ -189,6 +190,7 @@ impl Store for MemStore {
                 .idempotency
                 .range((a.clone(), k.clone(), 0)..=(a, k, u32::MAX))
                 .map(|(_, r)| r.clone()),
+            now_ms,
         ))
     }
     fn message_status(&self, message_id: &str) -> Result<Option<MessageStatus>, StoreError> {

@@ -135,10 +135,16 @@ pub fn merge_rows(rows: impl IntoIterator<Item = MessageStatus>) -> Option<Messa
     Some(m)
 }
 
-/// Of an Idempotency-Key's records in several partitions, the earliest (its push was
-/// accepted first).
-pub fn earliest(records: impl IntoIterator<Item = IdempotencyRecord>) -> Option<IdempotencyRecord> {
-    records.into_iter().min_by_key(|r| r.ts_ms)
+/// Of an Idempotency-Key's records in several partitions, the earliest that still holds
+/// at `now_ms` (its push was accepted first); an expired record never hides a newer one.
+pub fn earliest(
+    records: impl IntoIterator<Item = IdempotencyRecord>,
+    now_ms: u64,
+) -> Option<IdempotencyRecord> {
+    records
+        .into_iter()
+        .filter(|r| r.holds_at(now_ms))
+        .min_by_key(|r| r.ts_ms)
 }
 
 /// What an Idempotency-Key of an app stands for.
@@ -183,4 +189,29 @@ pub struct Payload {
     pub nonce: Vec<u8>,
     /// The ciphertext with its tag.
     pub ciphertext: Vec<u8>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, ts_ms: u64) -> IdempotencyRecord {
+        IdempotencyRecord {
+            message_id: id.into(),
+            request_sha256: Vec::new(),
+            ts_ms,
+            window_s: 10,
+        }
+    }
+
+    #[test]
+    fn an_expired_idempotency_record_never_hides_a_newer_one() {
+        let rows = || [record("new", 50_000), record("old", 1_000)];
+        // Both hold: the first accepted wins.
+        assert_eq!(earliest(rows(), 5_000).map(|r| r.message_id), Some("old".into()));
+        // The old one expired at 11 s: the newer one stands.
+        assert_eq!(earliest(rows(), 55_000).map(|r| r.message_id), Some("new".into()));
+        // Both expired: the key is free.
+        assert_eq!(earliest(rows(), 70_000), None);
+    }
 }

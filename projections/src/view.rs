@@ -281,13 +281,14 @@ pub trait Store: View + Send + Sync {
     fn commit(&self, writes: &Writes, partition: u32, next_offset: u64) -> Result<(), StoreError>;
     /// The first offset of `partition` not yet applied.
     fn checkpoint(&self, partition: u32) -> Result<u64, StoreError>;
-    /// What an app's Idempotency-Key stands for: of its records in every partition (more
-    /// than one only when pushes with one key raced into different partitions), the
-    /// earliest.
+    /// What an app's Idempotency-Key stands for at `now_ms`: of its records in every
+    /// partition (more than one when one key was used for pushes keyed to different
+    /// partitions), the earliest that still holds.
     fn idempotency_record(
         &self,
         app_id: &str,
         key: &str,
+        now_ms: u64,
     ) -> Result<Option<IdempotencyRecord>, StoreError>;
     /// A message's whole status: the sum of its rows in every partition.
     fn message_status(&self, message_id: &str) -> Result<Option<MessageStatus>, StoreError>;
