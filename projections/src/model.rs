@@ -208,9 +208,15 @@ mod tests {
     fn an_expired_idempotency_record_never_hides_a_newer_one() {
         let rows = || [record("new", 50_000), record("old", 1_000)];
         // Both hold: the first accepted wins.
-        assert_eq!(earliest(rows(), 5_000).map(|r| r.message_id), Some("old".into()));
+        assert_eq!(
+            earliest(rows(), 5_000).map(|r| r.message_id),
+            Some("old".into())
+        );
         // The old one expired at 11 s: the newer one stands.
-        assert_eq!(earliest(rows(), 55_000).map(|r| r.message_id), Some("new".into()));
+        assert_eq!(
+            earliest(rows(), 55_000).map(|r| r.message_id),
+            Some("new".into())
+        );
         // Both expired: the key is free.
         assert_eq!(earliest(rows(), 70_000), None);
     }
