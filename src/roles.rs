@@ -267,6 +267,7 @@ pub async fn deliver(config: Config) -> anyhow::Result<()> {
         }
         match polled {
             Ok(Polled::Rebalance(Rebalance::Assigned(parts))) => {
+                let mut new = Vec::new();
                 for p in parts.into_iter().filter_map(|p| u32::try_from(p).ok()) {
                     if p >= count {
                         // The topic grew partitions after this process started: a key's
@@ -276,31 +277,31 @@ pub async fn deliver(config: Config) -> anyhow::Result<()> {
                             count,
                             "the group assigned a partition the topic did not have at start-up; ignoring it (restart every role after adding partitions)"
                         );
-                        continue;
-                    }
-                    if let Some(h) = held.get_mut(&p) {
+                    } else if let Some(h) = held.get_mut(&p) {
                         h.release_at = None;
-                        continue;
+                    } else {
+                        new.push(p);
                     }
-                    tracing::debug!(partition = p, "reading the group's offset");
-                    // Shares of records before the group's offset were appended by the
-                    // partition's last owner (it commits only what it has stored).
-                    let share_from = match kafka
-                        .kafka()
-                        .committed_offsets(DELIVER_GROUP, &[p as i32])
-                        .await
-                    {
-                        Ok(o) => o
-                            .first()
-                            .copied()
-                            .flatten()
-                            .and_then(|o| u64::try_from(o).ok())
-                            .unwrap_or(0),
+                }
+                // Shares of records before the group's offset were appended by the
+                // partition's last owner (it commits only what it has stored). One
+                // question to the broker for every partition new here.
+                let asked: Vec<i32> = new.iter().map(|&p| p as i32).collect();
+                let offsets = if new.is_empty() {
+                    Vec::new()
+                } else {
+                    match kafka.kafka().committed_offsets(DELIVER_GROUP, &asked).await {
+                        Ok(o) => o,
                         Err(e) => {
-                            tracing::warn!(error = %e, partition = p, "cannot read the group's offset; appending every share again");
-                            0
+                            tracing::warn!(error = %e, partitions = ?new, "cannot read the group's offsets; appending every share again");
+                            vec![None; new.len()]
                         }
-                    };
+                    }
+                };
+                for (p, group_offset) in new.into_iter().zip(offsets) {
+                    let share_from = group_offset
+                        .and_then(|o| u64::try_from(o).ok())
+                        .unwrap_or(0);
                     if let Some(mut done) = stopping.remove(&p) {
                         tracing::debug!(
                             partition = p,
