@@ -638,6 +638,16 @@ async fn run(args: Args) -> anyhow::Result<Vec<Row>> {
         let (d, p) = if q { (200, 2_000) } else { (10_000, 100_000) };
         let mut plans: Vec<(String, &str, Deploy)> = Vec::new();
         let mut kafka = None;
+        // A deployment that could not run still gets its row, empty.
+        let e2e_failed = |name: &str| {
+            herald_only(
+                name,
+                "first request → last device receipt",
+                Better::Lower,
+                None,
+                "s",
+            )
+        };
         if wanted.contains(&"e2e") {
             plans.push((
                 format!(
@@ -678,13 +688,7 @@ async fn run(args: Args) -> anyhow::Result<Vec<Row>> {
                 }
                 Err(e) => {
                     eprintln!("e2e-kafka: no Kafka broker: {e:#}");
-                    rows.push(herald_only(
-                        &name,
-                        "first request → last device receipt",
-                        Better::Lower,
-                        None,
-                        "s",
-                    ));
+                    rows.push(e2e_failed(&name));
                 }
             }
         }
@@ -715,13 +719,7 @@ async fn run(args: Args) -> anyhow::Result<Vec<Row>> {
                 }
                 Err(e) => {
                     eprintln!("{name} failed: {e:#}");
-                    rows.push(herald_only(
-                        &name,
-                        "first request → last device receipt",
-                        Better::Lower,
-                        None,
-                        "s",
-                    ));
+                    rows.push(e2e_failed(&name));
                 }
             }
         }

@@ -182,6 +182,25 @@ async fn make_certs(bins: &Bins, dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Waits until a gateway's log says a delivery worker linked to it; fails with
+/// `timed_out` at `deadline`.
+async fn wait_linked(
+    log: &std::path::Path,
+    deadline: Instant,
+    timed_out: &str,
+) -> anyhow::Result<()> {
+    while !std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .contains("delivery worker linked")
+    {
+        if Instant::now() > deadline {
+            bail!("{timed_out}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
 async fn wait_port(port: u16, what: &str, child: &mut Child) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -344,15 +363,12 @@ next_connection_delay_ms = 0
         let deadline = Instant::now() + Duration::from_secs(30);
         for i in 0..gateway_children.len() {
             let log = dir.path().join(format!("gateway-{i}.log"));
-            while !std::fs::read_to_string(&log)
-                .unwrap_or_default()
-                .contains("delivery worker linked")
-            {
-                if Instant::now() > deadline {
-                    bail!("herald gateway {i} was not linked within 30 s");
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            wait_linked(
+                &log,
+                deadline,
+                &format!("herald gateway {i} was not linked within 30 s"),
+            )
+            .await?;
         }
         Ok(Server {
             kind,
@@ -431,16 +447,12 @@ next_connection_delay_ms = 0
         ingest_args.extend(s(&["--http-addr", &format!("127.0.0.1:{http}")]));
         let mut ingest = spawn(ingest_args, "ingest")?;
         wait_port(http, "herald ingest", &mut ingest).await?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !std::fs::read_to_string(dir.path().join("gateway-0.log"))
-            .unwrap_or_default()
-            .contains("delivery worker linked")
-        {
-            if Instant::now() > deadline {
-                bail!("herald deliver did not link to the gateway within 60 s");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_linked(
+            &dir.path().join("gateway-0.log"),
+            Instant::now() + Duration::from_secs(60),
+            "herald deliver did not link to the gateway within 60 s",
+        )
+        .await?;
         Ok(Server {
             kind: Kind::Herald,
             mqtt_port: mqtt,
