@@ -275,6 +275,9 @@ impl Config {
         if self.max_body_bytes < self.max_data_bytes + 1024 {
             bail!("max_body_bytes must be at least max_data_bytes + 1024");
         }
+        if self.max_ttl_s > 365 * 24 * 3600 {
+            bail!("max_ttl_s must be at most 31536000 (a year)");
+        }
         if self.default_ttl_s == 0 || self.default_ttl_s > self.max_ttl_s {
             bail!("default_ttl_s must be between 1 and max_ttl_s");
         }

@@ -86,8 +86,9 @@ pub fn run(args: RebuildArgs, verify: bool) -> anyhow::Result<()> {
     }
     bar.finish_and_clear();
 
-    let rebuilt = fresh.digests()?;
-    let current = live.digests()?;
+    let now = now_ms();
+    let rebuilt = fresh.digests(now)?;
+    let current = live.digests(now)?;
     println!("rebuilt {until} events from {}", args.data_dir.display());
     println!(
         "{:<14} {:>10}  {:<64}  {}",
@@ -120,4 +121,11 @@ pub fn run(args: RebuildArgs, verify: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

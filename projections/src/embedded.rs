@@ -168,31 +168,10 @@ impl EmbeddedStore {
         ]
     }
 
-    /// A SHA-256 digest of each projection keyspace (every key and value, in key order)
-    /// and how many records it holds. Two stores with the same state have the same
-    /// digests, because values are encoded deterministically. `meta` (the checkpoint) is
-    /// left out: compare checkpoints separately.
-    pub fn digests(&self) -> Result<Vec<(&'static str, u64, String)>, StoreError> {
-        use sha2::{Digest, Sha256};
-        let mut out = Vec::new();
-        for (name, ks) in self.keyspaces() {
-            if name == "meta" {
-                continue;
-            }
-            let mut h = Sha256::new();
-            let mut n = 0u64;
-            for g in ks.iter() {
-                let (k, v) = g.into_inner().map_err(storage)?;
-                h.update((k.len() as u64).to_be_bytes());
-                h.update(&k);
-                h.update((v.len() as u64).to_be_bytes());
-                h.update(&v);
-                n += 1;
-            }
-            let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-            out.push((name, n, hex));
-        }
-        Ok(out)
+    /// The digest of each projection at `now_ms` ([`crate::digest::digests`]), the same
+    /// for any store holding the same state. Reads the whole state into memory.
+    pub fn digests(&self, now_ms: u64) -> Result<Vec<crate::digest::Digest>, StoreError> {
+        Ok(crate::digest::digests(&self.to_mem_state()?, now_ms))
     }
 
     /// Deletes every keyspace of this store (used to drop a rebuilt copy).

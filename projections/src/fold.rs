@@ -16,6 +16,7 @@
 use herald_schemas::events::{Event, FanOut, Kind, To, fan_out};
 
 use crate::StoreError;
+use crate::digest::INBOX_TTL_GRACE_MS;
 use crate::model::{App, Device, IdempotencyRecord, InboxEntry, MessageStatus, Payload, Presence};
 use crate::view::{Tx, View, Withdrawn};
 
@@ -135,7 +136,7 @@ pub fn apply(tx: &mut Tx<'_>, event: &Event) -> Result<(), StoreError> {
                 _ => false,
             }
         }
-        Some(Kind::DeviceAcked(e)) => match tx.inbox_entry(&e.device_id, e.seq)? {
+        Some(Kind::DeviceAcked(e)) => match live_entry(tx, &e.device_id, e.seq, ts)? {
             Some(entry) if entry.message_id == e.message_id => {
                 tx.writes.entries.insert((e.device_id.clone(), e.seq), None);
                 if let Some(mut m) = tx.local_message(&e.message_id)? {
@@ -156,7 +157,7 @@ pub fn apply(tx: &mut Tx<'_>, event: &Event) -> Result<(), StoreError> {
             // Duplicate ack, or an ack for an entry that was never there.
             _ => false,
         },
-        Some(Kind::DeviceReceived(e)) => match tx.inbox_entry(&e.device_id, e.seq)? {
+        Some(Kind::DeviceReceived(e)) => match live_entry(tx, &e.device_id, e.seq, ts)? {
             Some(mut entry) if entry.message_id == e.message_id && !entry.received => {
                 entry.received = true;
                 tx.writes
@@ -319,7 +320,7 @@ fn apply_push(
             // log is the authority and may hold events from elsewhere.
             match tx.device(device_id)? {
                 Some(d) if d.app_id == e.app_id => {
-                    put_entry(tx, device_id, &e.collapse_key, &entry_for)?;
+                    put_entry(tx, ts, device_id, &e.collapse_key, &entry_for)?;
                     status.targeted = 1;
                     status.unicast_device = Some(device_id.clone());
                 }
@@ -340,7 +341,7 @@ fn apply_push(
                 // The app's index holds every partition's devices a store has folded.
                 let scope = tx.scope;
                 for device_id in page.iter().filter(|d| scope.holds(d)) {
-                    put_entry(tx, device_id, &e.collapse_key, &entry_for)?;
+                    put_entry(tx, ts, device_id, &e.collapse_key, &entry_for)?;
                     status.targeted += 1;
                 }
                 if page.len() < BROADCAST_PAGE {
@@ -374,10 +375,25 @@ fn apply_push(
     Ok(true)
 }
 
+/// An inbox entry as a fold may see it at `ts_ms` (the event's time): an entry more than
+/// [`INBOX_TTL_GRACE_MS`] past its expiry is gone, whether or not the store still holds
+/// it (the CQL store lets such rows expire), so every store folds the same way.
+fn live_entry(
+    tx: &Tx<'_>,
+    device_id: &str,
+    seq: u64,
+    ts_ms: u64,
+) -> Result<Option<InboxEntry>, StoreError> {
+    Ok(tx
+        .inbox_entry(device_id, seq)?
+        .filter(|e| e.expires_at_ms.saturating_add(INBOX_TTL_GRACE_MS) > ts_ms))
+}
+
 /// Puts the next entry of a device's inbox. With a collapse key, an older entry with the
 /// same key that the device has not confirmed is removed and reported replaced.
 fn put_entry(
     tx: &mut Tx<'_>,
+    ts: u64,
     device_id: &str,
     collapse_key: &str,
     entry_for: &dyn Fn(u64) -> InboxEntry,
@@ -385,7 +401,7 @@ fn put_entry(
     let mut head = tx.inbox_head(device_id)?;
     if !collapse_key.is_empty() {
         if let Some(old_seq) = tx.collapse(device_id, collapse_key)?
-            && let Some(old) = tx.inbox_entry(device_id, old_seq)?
+            && let Some(old) = live_entry(tx, device_id, old_seq, ts)?
             && !old.received
         {
             tx.writes

@@ -10,6 +10,9 @@
 //!   checkpoint.
 //! - [`memory`]: an in-memory store, used by tests to check replay == live.
 //! - [`embedded`]: the fjall store `herald serve` uses.
+//! - [`cql`] (feature `cql`): the store on ScyllaDB or Cassandra, shared by the delivery
+//!   workers of a partitioned topic.
+//! - [`digest`]: store-independent digests of the projected state (`herald verify`).
 //!
 //! # Invariants
 //! - Folds do no I/O, read no clock and draw no randomness: time arrives in events, and the
@@ -20,6 +23,9 @@
 //! - A store commits a batch's writes and the checkpoint (the next log offset to apply)
 //!   in one atomic write, so after a crash the state matches its checkpoint exactly.
 
+#[cfg(feature = "cql")]
+pub mod cql;
+pub mod digest;
 pub mod embedded;
 pub mod fold;
 pub mod memory;
@@ -33,6 +39,17 @@ pub enum StoreError {
     /// The storage engine failed.
     #[error("projection store failed: {0}")]
     Storage(String),
+    /// The store cannot be reached just now (a CQL server stopped, timed out or
+    /// overloaded): the caller may retry, and the API answers 503.
+    #[error("projection store unavailable: {0}")]
+    Unavailable(String),
+    /// Another worker took this partition over since this one claimed it: its commits
+    /// are refused, and it must stop folding the partition.
+    #[error("partition {partition} was taken over by another worker")]
+    Fenced {
+        /// The partition.
+        partition: u32,
+    },
     /// A stored value could not be decoded: the store is corrupt or from a newer herald.
     #[error("corrupt projection record in {keyspace}: {reason}")]
     Corrupt {

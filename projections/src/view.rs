@@ -9,6 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use herald_schemas::events::Event;
 pub use herald_schemas::partition::Scope;
 
+use serde::{Deserialize, Serialize};
+
 use crate::StoreError;
 use crate::model::{
     App, Device, IdempotencyRecord, InboxEntry, InboxHead, MessageStatus, Payload, Presence,
@@ -56,33 +58,70 @@ pub trait View {
     fn collapse(&self, device_id: &str, collapse_key: &str) -> Result<Option<u64>, StoreError>;
 }
 
-/// The writes of one batch, ready to be committed atomically.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+/// The writes of one batch, ready to be committed atomically. Every value is the row's
+/// final value after the batch (never a delta), so applying the same `Writes` twice gives
+/// the same state: the CQL store's journal relies on it. Serialized (maps as lists of
+/// pairs) only by stores, for their own journal.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Writes {
     /// Apps created.
+    #[serde(with = "pairs")]
     pub apps: BTreeMap<String, App>,
     /// client id -> app id.
+    #[serde(with = "pairs")]
     pub app_by_client: BTreeMap<String, String>,
     /// app key -> app id.
+    #[serde(with = "pairs")]
     pub app_by_key: BTreeMap<String, String>,
     /// Devices registered.
+    #[serde(with = "pairs")]
     pub devices: BTreeMap<String, Device>,
     /// (app id, device id) pairs added to the app's device index.
     pub app_devices: BTreeSet<(String, String)>,
     /// Inbox heads changed.
+    #[serde(with = "pairs")]
     pub heads: BTreeMap<String, InboxHead>,
     /// Inbox entries put (`Some`) or removed (`None`).
+    #[serde(with = "pairs")]
     pub entries: BTreeMap<(String, u64), Option<InboxEntry>>,
     /// Message status rows changed, of the batch's partition.
+    #[serde(with = "pairs")]
     pub messages: BTreeMap<String, MessageStatus>,
     /// Payloads stored.
+    #[serde(with = "pairs")]
     pub payloads: BTreeMap<String, Payload>,
     /// Presence changed.
+    #[serde(with = "pairs")]
     pub presence: BTreeMap<String, Presence>,
     /// (app id, key) -> idempotency record, of the batch's partition.
+    #[serde(with = "pairs")]
     pub idempotency: BTreeMap<(String, String), IdempotencyRecord>,
     /// (device id, collapse key) -> seq of the newest entry with that key.
+    #[serde(with = "pairs")]
     pub collapse: BTreeMap<(String, String), u64>,
+}
+
+/// Maps as lists of pairs: JSON has only string keys, and these maps have tuple keys.
+mod pairs {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer, K: Serialize, V: Serialize>(
+        map: &BTreeMap<K, V>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(map.iter())
+    }
+
+    pub fn deserialize<'de, D, K, V>(d: D) -> Result<BTreeMap<K, V>, D::Error>
+    where
+        D: Deserializer<'de>,
+        K: Deserialize<'de> + Ord,
+        V: Deserialize<'de>,
+    {
+        Ok(Vec::<(K, V)>::deserialize(d)?.into_iter().collect())
+    }
 }
 
 /// A new inbox entry made by a batch, for the delivery worker to forward live.
@@ -281,6 +320,19 @@ pub trait Store: View + Send + Sync {
     fn commit(&self, writes: &Writes, partition: u32, next_offset: u64) -> Result<(), StoreError>;
     /// The first offset of `partition` not yet applied.
     fn checkpoint(&self, partition: u32) -> Result<u64, StoreError>;
+    /// The checkpoints of partitions `0..count`, in order.
+    fn checkpoints(&self, count: u32) -> Result<Vec<u64>, StoreError> {
+        (0..count).map(|p| self.checkpoint(p)).collect()
+    }
+    /// Makes the caller the one writer of `partition`, before it reads the partition's
+    /// checkpoint and folds from there. A store that several processes share (CQL)
+    /// records the claim, so commits of an earlier writer of the partition are refused
+    /// from now on ([`StoreError::Fenced`]), and completes a commit that writer left
+    /// half done. A store of one process has nothing to do.
+    fn take_partition(&self, partition: u32) -> Result<(), StoreError> {
+        let _ = partition;
+        Ok(())
+    }
     /// What an app's Idempotency-Key stands for at `now_ms`: of its records in every
     /// partition (more than one when one key was used for pushes keyed to different
     /// partitions), the earliest that still holds.

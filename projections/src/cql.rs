@@ -1,0 +1,1298 @@
+//! The projection store on ScyllaDB or Apache Cassandra (the CQL protocol, through the
+//! `scylla` driver): what the delivery workers of a partitioned topic share, so a worker
+//! that takes a partition over starts from the partition's shared checkpoint.
+//!
+//! # Schema
+//! Created by versioned migrations ([`migrate`], `herald migrate`, and at every start):
+//! one table per projection, values as the same private JSON the embedded store writes.
+//! Inbox rows are keyed by (device, seq) and carry a TTL of the entry's remaining life
+//! plus [`INBOX_TTL_GRACE_MS`] (at least a week, so a replay of old events finds them); message status and Idempotency-Key records are rows per
+//! (id, partition), never CQL counters; `app_devices` is the app → devices index a
+//! broadcast reads in pages. The CQL is what ScyllaDB and Cassandra both accept.
+//!
+//! # Commits
+//! A batch's [`Writes`] hold each row's final value, so writing them twice gives the same
+//! state. A commit of partition `p` is:
+//! 1. the batch, serialized, as journal chunks in `p`'s `progress` partition (under the
+//!    writer's epoch), then a lightweight transaction (LWT) marking the journal
+//!    complete, `IF epoch = <ours>`;
+//! 2. every row written, with `USING TIMESTAMP` the batch's next offset, so a late write
+//!    of an older batch never overwrites a newer one;
+//! 3. an LWT advancing the checkpoint and clearing the journal, `IF epoch = <ours>`.
+//!
+//! A crash between 1 and 3 leaves a complete journal: whoever takes the partition next
+//! ([`Store::take_partition`]) writes it again and advances the checkpoint, so the state
+//! is never half a batch when a fold reads it. Taking a partition raises its epoch (an
+//! LWT): an earlier owner's later journal or checkpoint is refused
+//! ([`StoreError::Fenced`]), and the only rows it may still be writing are those of a
+//! journal the new owner has rewritten with the same values and timestamps.
+//!
+//! # Calls
+//! The [`Store`] trait is synchronous (folds run on blocking threads); this store runs
+//! the driver on a small runtime of its own and blocks the caller until its request is
+//! answered. Every request has a timeout; a server that is away or overloaded is
+//! [`StoreError::Unavailable`], which workers retry and the API answers with 503.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use scylla::client::execution_profile::ExecutionProfile;
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::errors::{DbError, ExecutionError, RequestAttemptError};
+use scylla::statement::prepared::PreparedStatement;
+use scylla::statement::{Consistency, SerialConsistency};
+use scylla::value::{CqlValue, Row};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::StoreError;
+use crate::digest::INBOX_TTL_GRACE_MS;
+use crate::memory::MemState;
+use crate::model::{
+    App, Device, IdempotencyRecord, InboxEntry, InboxHead, MessageStatus, Payload, Presence,
+};
+use crate::view::{Store, View, Writes};
+
+/// The largest journal chunk, in bytes (well under any server's mutation limit).
+const JOURNAL_CHUNK_BYTES: usize = 256 * 1024;
+
+/// Most row writes of one commit in flight at once.
+const MAX_WRITES_IN_FLIGHT: usize = 64;
+
+/// The longest TTL herald gives a row, in seconds (two years: Cassandra refuses
+/// expiration dates after 2038, and pushes live at most a year, `max_ttl_s`).
+const MAX_TTL_S: u64 = 2 * 365 * 24 * 3600;
+
+/// The shortest TTL of an inbox row, in seconds: a replay of old events writes rows
+/// long expired by the clock, which its later events (acks, collapse keys) must still
+/// find, exactly as the live fold did.
+const MIN_INBOX_TTL_S: u64 = 7 * 24 * 3600;
+
+/// An inbox row's TTL written at `now_ms`: until [`INBOX_TTL_GRACE_MS`] after the entry
+/// expires (after which no fold looks at it), and at least [`MIN_INBOX_TTL_S`].
+fn inbox_ttl_s(e: &InboxEntry, now_ms: u64) -> i32 {
+    let ms = e
+        .expires_at_ms
+        .saturating_add(INBOX_TTL_GRACE_MS)
+        .saturating_sub(now_ms);
+    let s = ms.div_ceil(1000).clamp(MIN_INBOX_TTL_S, MAX_TTL_S);
+    i32::try_from(s).unwrap_or(i32::MAX)
+}
+
+/// How many replicas must answer a read or write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CqlConsistency {
+    /// One replica.
+    One,
+    /// One replica in the local datacenter.
+    LocalOne,
+    /// A majority of all replicas.
+    Quorum,
+    /// A majority of the local datacenter's replicas (the default).
+    LocalQuorum,
+    /// Every replica.
+    All,
+}
+
+impl FromStr for CqlConsistency {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "one" => CqlConsistency::One,
+            "local_one" => CqlConsistency::LocalOne,
+            "quorum" => CqlConsistency::Quorum,
+            "local_quorum" => CqlConsistency::LocalQuorum,
+            "all" => CqlConsistency::All,
+            other => {
+                return Err(format!(
+                    "{other:?} is not a consistency level (one, local_one, quorum, local_quorum, all)"
+                ));
+            }
+        })
+    }
+}
+
+impl CqlConsistency {
+    fn driver(self) -> Consistency {
+        match self {
+            CqlConsistency::One => Consistency::One,
+            CqlConsistency::LocalOne => Consistency::LocalOne,
+            CqlConsistency::Quorum => Consistency::Quorum,
+            CqlConsistency::LocalQuorum => Consistency::LocalQuorum,
+            CqlConsistency::All => Consistency::All,
+        }
+    }
+
+    /// The Paxos consistency of LWTs that goes with it.
+    fn serial(self) -> SerialConsistency {
+        match self {
+            CqlConsistency::LocalOne | CqlConsistency::LocalQuorum => {
+                SerialConsistency::LocalSerial
+            }
+            _ => SerialConsistency::Serial,
+        }
+    }
+}
+
+/// Where the CQL store is and how it is used.
+#[derive(Debug, Clone)]
+pub struct CqlConfig {
+    /// Contact points, `host:port`.
+    pub nodes: Vec<String>,
+    /// The keyspace (created if missing, with `replication_factor`).
+    pub keyspace: String,
+    /// Consistency of reads and writes.
+    pub consistency: CqlConsistency,
+    /// Replication factor of the keyspace when herald creates it (`SimpleStrategy`;
+    /// create it yourself for several datacenters).
+    pub replication_factor: u32,
+    /// How long one request may take before it counts as unavailable.
+    pub request_timeout: Duration,
+}
+
+impl CqlConfig {
+    /// The defaults for a server at `node`.
+    pub fn new(node: &str, keyspace: &str) -> Self {
+        CqlConfig {
+            nodes: vec![node.to_owned()],
+            keyspace: keyspace.to_owned(),
+            consistency: CqlConsistency::LocalQuorum,
+            replication_factor: 1,
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Whether `name` can be a keyspace (CQL unquoted identifiers, at most 48 characters).
+pub fn valid_keyspace(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.len() <= 48
+}
+
+/// The migrations, in order: a version, what it does, and its statements (`{ks}` is the
+/// keyspace). Only ever append; an applied migration is never changed.
+const MIGRATIONS: &[(i32, &str, &[&str])] = &[(
+    1,
+    "projection tables, progress and journal",
+    &[
+        "CREATE TABLE IF NOT EXISTS {ks}.apps (app_id text PRIMARY KEY, v blob)",
+        "CREATE TABLE IF NOT EXISTS {ks}.app_by_client (client_id text PRIMARY KEY, app_id text)",
+        "CREATE TABLE IF NOT EXISTS {ks}.app_by_key (app_key text PRIMARY KEY, app_id text)",
+        "CREATE TABLE IF NOT EXISTS {ks}.devices (device_id text PRIMARY KEY, v blob)",
+        "CREATE TABLE IF NOT EXISTS {ks}.app_devices (app_id text, device_id text, PRIMARY KEY (app_id, device_id))",
+        "CREATE TABLE IF NOT EXISTS {ks}.inbox_heads (device_id text PRIMARY KEY, next_seq bigint)",
+        "CREATE TABLE IF NOT EXISTS {ks}.inbox (device_id text, seq bigint, v blob, PRIMARY KEY (device_id, seq))",
+        "CREATE TABLE IF NOT EXISTS {ks}.messages (message_id text, part int, v blob, PRIMARY KEY (message_id, part))",
+        "CREATE TABLE IF NOT EXISTS {ks}.payloads (message_id text PRIMARY KEY, v blob)",
+        "CREATE TABLE IF NOT EXISTS {ks}.presence (device_id text PRIMARY KEY, v blob)",
+        "CREATE TABLE IF NOT EXISTS {ks}.idempotency (app_id text, key text, part int, v blob, PRIMARY KEY ((app_id, key), part))",
+        "CREATE TABLE IF NOT EXISTS {ks}.collapse (device_id text, collapse_key text, seq bigint, PRIMARY KEY (device_id, collapse_key))",
+        "CREATE TABLE IF NOT EXISTS {ks}.progress (part int, writer bigint, chunk int, data blob, epoch bigint static, checkpoint bigint static, journal_next bigint static, journal_writer bigint static, journal_chunks int static, PRIMARY KEY (part, writer, chunk))",
+    ],
+)];
+
+/// The projection tables, for `truncate`.
+const TABLES: &[&str] = &[
+    "apps",
+    "app_by_client",
+    "app_by_key",
+    "devices",
+    "app_devices",
+    "inbox_heads",
+    "inbox",
+    "messages",
+    "payloads",
+    "presence",
+    "idempotency",
+    "collapse",
+    "progress",
+];
+
+fn exec(e: ExecutionError) -> StoreError {
+    // What the caller got wrong stays an error; everything else (no connection, a
+    // timeout, an overloaded or bootstrapping node) is worth retrying.
+    match &e {
+        ExecutionError::BadQuery(_) | ExecutionError::PrepareError(_) => {
+            StoreError::Storage(e.to_string())
+        }
+        ExecutionError::LastAttemptError(RequestAttemptError::DbError(
+            DbError::SyntaxError
+            | DbError::Invalid
+            | DbError::ConfigError
+            | DbError::Unauthorized
+            | DbError::AuthenticationError
+            | DbError::AlreadyExists { .. },
+            _,
+        )) => StoreError::Storage(e.to_string()),
+        _ => StoreError::Unavailable(e.to_string()),
+    }
+}
+
+fn corrupt(table: &'static str) -> impl Fn(String) -> StoreError {
+    move |reason| StoreError::Corrupt {
+        keyspace: table,
+        reason,
+    }
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serializing these plain structs to JSON cannot fail.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn decode<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| corrupt(table)(e.to_string()))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn as_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn as_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn limit(n: usize) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX).max(1)
+}
+
+/// The journal of one commit: the batch, and the checkpoint it leads to.
+#[derive(Serialize, Deserialize)]
+struct Journal {
+    next: u64,
+    writes: Writes,
+}
+
+/// Connects, creates the keyspace and applies every migration not applied yet; returns
+/// the versions it applied (none when the schema is current).
+pub async fn migrate(config: &CqlConfig) -> Result<Vec<i32>, StoreError> {
+    let session = connect(config).await?;
+    migrate_on(&session, config).await
+}
+
+async fn connect(config: &CqlConfig) -> Result<Session, StoreError> {
+    if !valid_keyspace(&config.keyspace) {
+        return Err(StoreError::Storage(format!(
+            "cql_keyspace {:?} is not a valid keyspace name (a letter, then letters, digits or _; at most 48)",
+            config.keyspace
+        )));
+    }
+    let profile = ExecutionProfile::builder()
+        .consistency(config.consistency.driver())
+        .serial_consistency(Some(config.consistency.serial()))
+        .request_timeout(Some(config.request_timeout))
+        .build()
+        .into_handle();
+    SessionBuilder::new()
+        .known_nodes(&config.nodes)
+        .connection_timeout(config.request_timeout)
+        .default_execution_profile_handle(profile)
+        .build()
+        .await
+        .map_err(|e| {
+            StoreError::Unavailable(format!(
+                "cannot connect to the CQL store at {}: {e}",
+                config.nodes.join(",")
+            ))
+        })
+}
+
+async fn migrate_on(session: &Session, config: &CqlConfig) -> Result<Vec<i32>, StoreError> {
+    let ks = &config.keyspace;
+    let ddl = |s: String| async move {
+        session.query_unpaged(s, ()).await.map_err(exec)?;
+        session
+            .await_schema_agreement()
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("schema agreement: {e}")))?;
+        Ok::<_, StoreError>(())
+    };
+    ddl(format!(
+        "CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {{'class': 'SimpleStrategy', 'replication_factor': {}}}",
+        config.replication_factor
+    ))
+    .await?;
+    ddl(format!(
+        "CREATE TABLE IF NOT EXISTS {ks}.schema_migrations (version int PRIMARY KEY, description text, applied_ms bigint)"
+    ))
+    .await?;
+    let rows = session
+        .query_unpaged(format!("SELECT version FROM {ks}.schema_migrations"), ())
+        .await
+        .map_err(exec)?
+        .into_rows_result()
+        .map_err(|e| corrupt("schema_migrations")(e.to_string()))?;
+    let mut done = Vec::new();
+    for r in rows
+        .rows::<(i32,)>()
+        .map_err(|e| corrupt("schema_migrations")(e.to_string()))?
+    {
+        done.push(
+            r.map_err(|e| corrupt("schema_migrations")(e.to_string()))?
+                .0,
+        );
+    }
+    if let Some(newer) = done
+        .iter()
+        .find(|v| !MIGRATIONS.iter().any(|(m, _, _)| m == *v))
+    {
+        return Err(StoreError::Storage(format!(
+            "the CQL keyspace {ks} has schema version {newer}, which this herald does not know: it was migrated by a newer herald"
+        )));
+    }
+    let mut applied = Vec::new();
+    for (version, description, statements) in MIGRATIONS {
+        if done.contains(version) {
+            continue;
+        }
+        for s in *statements {
+            ddl(s.replace("{ks}", ks)).await?;
+        }
+        session
+            .query_unpaged(
+                format!(
+                    "INSERT INTO {ks}.schema_migrations (version, description, applied_ms) VALUES (?, ?, ?)"
+                ),
+                (*version, *description, as_i64(now_ms())),
+            )
+            .await
+            .map_err(exec)?;
+        tracing::info!(keyspace = %ks, version, description, "applied a CQL migration");
+        applied.push(*version);
+    }
+    Ok(applied)
+}
+
+/// The prepared statements.
+struct Stmts {
+    put_app: PreparedStatement,
+    get_app: PreparedStatement,
+    put_app_by_client: PreparedStatement,
+    get_app_by_client: PreparedStatement,
+    put_app_by_key: PreparedStatement,
+    get_app_by_key: PreparedStatement,
+    put_device: PreparedStatement,
+    get_device: PreparedStatement,
+    put_app_device: PreparedStatement,
+    app_devices: PreparedStatement,
+    put_head: PreparedStatement,
+    get_head: PreparedStatement,
+    put_entry: PreparedStatement,
+    del_entry: PreparedStatement,
+    get_entry: PreparedStatement,
+    inbox_page: PreparedStatement,
+    put_message: PreparedStatement,
+    get_message: PreparedStatement,
+    message_rows: PreparedStatement,
+    put_payload: PreparedStatement,
+    get_payload: PreparedStatement,
+    put_presence: PreparedStatement,
+    get_presence: PreparedStatement,
+    put_idempotency: PreparedStatement,
+    get_idempotency: PreparedStatement,
+    idempotency_rows: PreparedStatement,
+    put_collapse: PreparedStatement,
+    get_collapse: PreparedStatement,
+    progress: PreparedStatement,
+    checkpoint: PreparedStatement,
+    claim_first: PreparedStatement,
+    claim: PreparedStatement,
+    put_chunk: PreparedStatement,
+    drop_chunks: PreparedStatement,
+    journal_complete: PreparedStatement,
+    journal_chunks: PreparedStatement,
+    advance: PreparedStatement,
+}
+
+impl Stmts {
+    async fn prepare(session: &Session, ks: &str) -> Result<Self, StoreError> {
+        let p = |cql: &str| {
+            let cql = cql.replace("{ks}", ks);
+            async move {
+                session
+                    .prepare(cql.clone())
+                    .await
+                    .map_err(|e| StoreError::Unavailable(format!("cannot prepare {cql:?}: {e}")))
+            }
+        };
+        // Reads of `progress` for a claim see every LWT before them.
+        let mut progress = p("SELECT epoch, checkpoint, journal_next, journal_writer, journal_chunks FROM {ks}.progress WHERE part = ? LIMIT 1").await?;
+        progress.set_consistency(Consistency::Serial);
+        let mut journal_chunks =
+            p("SELECT chunk, data FROM {ks}.progress WHERE part = ? AND writer = ? AND chunk < ?")
+                .await?;
+        journal_chunks.set_consistency(Consistency::Serial);
+        Ok(Stmts {
+            put_app: p("INSERT INTO {ks}.apps (app_id, v) VALUES (?, ?) USING TIMESTAMP ?").await?,
+            get_app: p("SELECT v FROM {ks}.apps WHERE app_id = ?").await?,
+            put_app_by_client: p("INSERT INTO {ks}.app_by_client (client_id, app_id) VALUES (?, ?) USING TIMESTAMP ?").await?,
+            get_app_by_client: p("SELECT app_id FROM {ks}.app_by_client WHERE client_id = ?").await?,
+            put_app_by_key: p("INSERT INTO {ks}.app_by_key (app_key, app_id) VALUES (?, ?) USING TIMESTAMP ?").await?,
+            get_app_by_key: p("SELECT app_id FROM {ks}.app_by_key WHERE app_key = ?").await?,
+            put_device: p("INSERT INTO {ks}.devices (device_id, v) VALUES (?, ?) USING TIMESTAMP ?").await?,
+            get_device: p("SELECT v FROM {ks}.devices WHERE device_id = ?").await?,
+            put_app_device: p("INSERT INTO {ks}.app_devices (app_id, device_id) VALUES (?, ?) USING TIMESTAMP ?").await?,
+            app_devices: p("SELECT device_id FROM {ks}.app_devices WHERE app_id = ? AND device_id > ? LIMIT ?").await?,
+            put_head: p("INSERT INTO {ks}.inbox_heads (device_id, next_seq) VALUES (?, ?) USING TIMESTAMP ?").await?,
+            get_head: p("SELECT next_seq FROM {ks}.inbox_heads WHERE device_id = ?").await?,
+            put_entry: p("INSERT INTO {ks}.inbox (device_id, seq, v) VALUES (?, ?, ?) USING TIMESTAMP ? AND TTL ?").await?,
+            del_entry: p("DELETE FROM {ks}.inbox USING TIMESTAMP ? WHERE device_id = ? AND seq = ?").await?,
+            get_entry: p("SELECT v FROM {ks}.inbox WHERE device_id = ? AND seq = ?").await?,
+            inbox_page: p("SELECT v FROM {ks}.inbox WHERE device_id = ? AND seq > ? LIMIT ?").await?,
+            put_message: p("INSERT INTO {ks}.messages (message_id, part, v) VALUES (?, ?, ?) USING TIMESTAMP ?").await?,
+            get_message: p("SELECT v FROM {ks}.messages WHERE message_id = ? AND part = ?").await?,
+            message_rows: p("SELECT v FROM {ks}.messages WHERE message_id = ?").await?,
+            put_payload: p("INSERT INTO {ks}.payloads (message_id, v) VALUES (?, ?) USING TIMESTAMP ?").await?,
+            get_payload: p("SELECT v FROM {ks}.payloads WHERE message_id = ?").await?,
+            put_presence: p("INSERT INTO {ks}.presence (device_id, v) VALUES (?, ?) USING TIMESTAMP ?").await?,
+            get_presence: p("SELECT v FROM {ks}.presence WHERE device_id = ?").await?,
+            put_idempotency: p("INSERT INTO {ks}.idempotency (app_id, key, part, v) VALUES (?, ?, ?, ?) USING TIMESTAMP ?").await?,
+            get_idempotency: p("SELECT v FROM {ks}.idempotency WHERE app_id = ? AND key = ? AND part = ?").await?,
+            idempotency_rows: p("SELECT v FROM {ks}.idempotency WHERE app_id = ? AND key = ?").await?,
+            put_collapse: p("INSERT INTO {ks}.collapse (device_id, collapse_key, seq) VALUES (?, ?, ?) USING TIMESTAMP ?").await?,
+            get_collapse: p("SELECT seq FROM {ks}.collapse WHERE device_id = ? AND collapse_key = ?").await?,
+            progress,
+            checkpoint: p("SELECT checkpoint FROM {ks}.progress WHERE part = ? LIMIT 1").await?,
+            claim_first: p("UPDATE {ks}.progress SET epoch = ?, checkpoint = 0 WHERE part = ? IF epoch = null").await?,
+            claim: p("UPDATE {ks}.progress SET epoch = ? WHERE part = ? IF epoch = ?").await?,
+            put_chunk: p("INSERT INTO {ks}.progress (part, writer, chunk, data) VALUES (?, ?, ?, ?)").await?,
+            drop_chunks: p("DELETE FROM {ks}.progress WHERE part = ? AND writer < ?").await?,
+            journal_complete: p("UPDATE {ks}.progress SET journal_next = ?, journal_writer = ?, journal_chunks = ? WHERE part = ? IF epoch = ?").await?,
+            journal_chunks,
+            advance: p("UPDATE {ks}.progress SET checkpoint = ?, journal_next = null WHERE part = ? IF epoch = ?").await?,
+        })
+    }
+}
+
+/// What a partition's `progress` row says.
+struct Progress {
+    epoch: Option<i64>,
+    checkpoint: u64,
+    journal_next: Option<u64>,
+    journal_writer: i64,
+    journal_chunks: i32,
+}
+
+/// A partition this process writes: its epoch and the checkpoint it last committed.
+#[derive(Debug, Clone, Copy)]
+struct Owned {
+    epoch: i64,
+    checkpoint: u64,
+}
+
+struct Inner {
+    session: Session,
+    s: Stmts,
+    keyspace: String,
+    owned: Mutex<HashMap<u32, Owned>>,
+}
+
+/// The CQL-backed [`Store`].
+pub struct CqlStore {
+    inner: Arc<Inner>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl std::fmt::Debug for CqlStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CqlStore")
+            .field("keyspace", &self.inner.keyspace)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for CqlStore {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks; this may be dropped inside another runtime.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl CqlStore {
+    /// Connects to the CQL servers of `config`, applies the migrations and prepares the
+    /// statements. Blocks the caller (call it from a blocking thread or outside a
+    /// runtime).
+    pub fn connect(config: &CqlConfig) -> Result<Self, StoreError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("herald-cql")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Storage(format!("cannot start the CQL runtime: {e}")))?;
+        let config = config.clone();
+        let inner = block(&runtime, async move {
+            let session = connect(&config).await?;
+            migrate_on(&session, &config).await?;
+            let s = Stmts::prepare(&session, &config.keyspace).await?;
+            Ok(Arc::new(Inner {
+                session,
+                s,
+                keyspace: config.keyspace.clone(),
+                owned: Mutex::new(HashMap::new()),
+            }))
+        })?;
+        Ok(CqlStore {
+            inner,
+            runtime: Some(runtime),
+        })
+    }
+
+    /// Runs `f` on the store's runtime and waits for it.
+    fn run<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(Arc<Inner>) -> Fut,
+        Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let Some(rt) = &self.runtime else {
+            return Err(StoreError::Storage("the CQL store is closed".into()));
+        };
+        block(rt, f(self.inner.clone()))
+    }
+
+    /// The keyspace.
+    pub fn keyspace(&self) -> &str {
+        &self.inner.keyspace
+    }
+
+    /// Empties every table of the keyspace (for a rebuild into it). Every node must be
+    /// up.
+    pub fn truncate(&self) -> Result<(), StoreError> {
+        self.run(|i| async move {
+            for t in TABLES {
+                i.session
+                    .query_unpaged(format!("TRUNCATE {}.{t}", i.keyspace), ())
+                    .await
+                    .map_err(exec)?;
+            }
+            lock(&i.owned).clear();
+            Ok(())
+        })
+    }
+
+    /// What a worker killed in the middle of a commit leaves: the journal of `writes`
+    /// written and marked complete, not one row of them, the checkpoint not advanced.
+    /// For tests of the recovery in [`Store::take_partition`].
+    #[doc(hidden)]
+    pub fn write_journal_only(
+        &self,
+        writes: &Writes,
+        partition: u32,
+        next: u64,
+    ) -> Result<(), StoreError> {
+        let w = writes.clone();
+        self.run(move |i| async move {
+            let owned = i.owned(partition).await?;
+            i.write_journal(&w, partition, next, owned.epoch).await
+        })
+    }
+
+    /// Reads the whole state into memory (for digests and tests), in pages.
+    pub fn to_mem_state(&self) -> Result<MemState, StoreError> {
+        self.run(|i| async move { i.to_mem_state().await })
+    }
+
+    /// The digest of each projection at `now_ms` ([`crate::digest::digests`]), the same
+    /// as the embedded store's for the same state.
+    pub fn digests(&self, now_ms: u64) -> Result<Vec<crate::digest::Digest>, StoreError> {
+        Ok(crate::digest::digests(&self.to_mem_state()?, now_ms))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn block<T: Send + 'static>(
+    rt: &tokio::runtime::Runtime,
+    fut: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+) -> Result<T, StoreError> {
+    let task = rt.spawn(fut);
+    futures::executor::block_on(task)
+        .map_err(|e| StoreError::Storage(format!("a CQL request task failed: {e}")))?
+}
+
+type Op<'a> = std::pin::Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + 'a>>;
+
+/// Runs writes, at most [`MAX_WRITES_IN_FLIGHT`] at once; the first error stops them.
+async fn run_all(ops: Vec<Op<'_>>) -> Result<(), StoreError> {
+    futures::stream::iter(ops)
+        .buffer_unordered(MAX_WRITES_IN_FLIGHT)
+        .try_for_each(|()| async { Ok(()) })
+        .await
+}
+
+impl Inner {
+    async fn rows<T: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm>>(
+        &self,
+        stmt: &PreparedStatement,
+        values: impl scylla::serialize::row::SerializeRow,
+        table: &'static str,
+    ) -> Result<Vec<T>, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(stmt, values)
+            .await
+            .map_err(exec)?
+            .into_rows_result()
+            .map_err(|e| corrupt(table)(e.to_string()))?;
+        let mut out = Vec::new();
+        for r in result
+            .rows::<T>()
+            .map_err(|e| corrupt(table)(e.to_string()))?
+        {
+            out.push(r.map_err(|e| corrupt(table)(e.to_string()))?);
+        }
+        Ok(out)
+    }
+
+    async fn one<T: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm>>(
+        &self,
+        stmt: &PreparedStatement,
+        values: impl scylla::serialize::row::SerializeRow,
+        table: &'static str,
+    ) -> Result<Option<T>, StoreError> {
+        Ok(self.rows(stmt, values, table).await?.into_iter().next())
+    }
+
+    async fn blob<T: DeserializeOwned>(
+        &self,
+        stmt: &PreparedStatement,
+        values: impl scylla::serialize::row::SerializeRow,
+        table: &'static str,
+    ) -> Result<Option<T>, StoreError> {
+        match self.one::<(Vec<u8>,)>(stmt, values, table).await? {
+            Some((v,)) => Ok(Some(decode(table, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn blobs<T: DeserializeOwned>(
+        &self,
+        stmt: &PreparedStatement,
+        values: impl scylla::serialize::row::SerializeRow,
+        table: &'static str,
+    ) -> Result<Vec<T>, StoreError> {
+        self.rows::<(Vec<u8>,)>(stmt, values, table)
+            .await?
+            .iter()
+            .map(|(v,)| decode(table, v))
+            .collect()
+    }
+
+    /// Runs an LWT; whether it applied.
+    async fn lwt(
+        &self,
+        stmt: &PreparedStatement,
+        values: impl scylla::serialize::row::SerializeRow,
+    ) -> Result<bool, StoreError> {
+        let row = self.one::<Row>(stmt, values, "progress").await?;
+        match row.and_then(|r| r.columns.into_iter().next().flatten()) {
+            Some(CqlValue::Boolean(applied)) => Ok(applied),
+            other => Err(corrupt("progress")(format!(
+                "an LWT answered {other:?}, not [applied]"
+            ))),
+        }
+    }
+
+    async fn progress(&self, partition: u32) -> Result<Progress, StoreError> {
+        type R = (
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            Option<i32>,
+        );
+        let row = self
+            .one::<R>(&self.s.progress, (partition as i32,), "progress")
+            .await?;
+        let (epoch, checkpoint, journal_next, journal_writer, journal_chunks) =
+            row.unwrap_or_default();
+        Ok(Progress {
+            epoch,
+            checkpoint: checkpoint.map(as_u64).unwrap_or(0),
+            journal_next: journal_next.map(as_u64),
+            journal_writer: journal_writer.unwrap_or(0),
+            journal_chunks: journal_chunks.unwrap_or(0),
+        })
+    }
+
+    async fn checkpoint(&self, partition: u32) -> Result<u64, StoreError> {
+        let row = self
+            .one::<(Option<i64>,)>(&self.s.checkpoint, (partition as i32,), "progress")
+            .await?;
+        Ok(row.and_then(|(c,)| c).map(as_u64).unwrap_or(0))
+    }
+
+    /// Raises the partition's epoch (this process writes it from now on), then finishes
+    /// a commit an earlier writer left with a complete journal.
+    async fn take_partition(&self, partition: u32) -> Result<(), StoreError> {
+        let part = partition as i32;
+        let (epoch, progress) = loop {
+            let progress = self.progress(partition).await?;
+            let next = progress.epoch.unwrap_or(0) + 1;
+            let applied = match progress.epoch {
+                None => self.lwt(&self.s.claim_first, (next, part)).await?,
+                Some(e) => self.lwt(&self.s.claim, (next, part, e)).await?,
+            };
+            if applied {
+                break (next, progress);
+            }
+            // Another worker claimed it at the same moment: read again and outbid it
+            // (the group decides who keeps it; the loser is fenced at its next commit).
+        };
+        let mut checkpoint = progress.checkpoint;
+        if let Some(next) = progress.journal_next.filter(|n| *n > checkpoint) {
+            let chunks = self
+                .rows::<(i32, Vec<u8>)>(
+                    &self.s.journal_chunks,
+                    (part, progress.journal_writer, progress.journal_chunks),
+                    "progress",
+                )
+                .await?;
+            let bytes: Vec<u8> = chunks.into_iter().flat_map(|(_, d)| d).collect();
+            let journal: Journal = decode("progress", &bytes)?;
+            if journal.next != next {
+                return Err(corrupt("progress")(format!(
+                    "partition {partition}'s journal leads to {}, its marker to {next}",
+                    journal.next
+                )));
+            }
+            tracing::info!(
+                partition,
+                from = checkpoint,
+                next,
+                "finishing a commit the partition's last writer left half done"
+            );
+            self.write_rows(&journal.writes, partition, next).await?;
+            self.fenced_lwt(&self.s.advance, (as_i64(next), part, epoch), partition)
+                .await?;
+            checkpoint = next;
+        }
+        // Journals of earlier writers are done with.
+        self.session
+            .execute_unpaged(&self.s.drop_chunks, (part, epoch))
+            .await
+            .map_err(exec)?;
+        lock(&self.owned).insert(partition, Owned { epoch, checkpoint });
+        tracing::debug!(
+            partition,
+            epoch,
+            checkpoint,
+            "took a partition of the CQL store"
+        );
+        Ok(())
+    }
+
+    /// This process's hold on `partition`, taking it first if it has none.
+    async fn owned(&self, partition: u32) -> Result<Owned, StoreError> {
+        let held = lock(&self.owned).get(&partition).copied();
+        match held {
+            Some(o) => Ok(o),
+            None => {
+                self.take_partition(partition).await?;
+                let held = lock(&self.owned).get(&partition).copied();
+                held.ok_or(StoreError::Fenced { partition })
+            }
+        }
+    }
+
+    /// Runs an LWT of `partition` that must apply while this process holds `epoch`; if
+    /// it does not, the partition was taken over.
+    async fn fenced_lwt(
+        &self,
+        stmt: &PreparedStatement,
+        values: impl scylla::serialize::row::SerializeRow,
+        partition: u32,
+    ) -> Result<(), StoreError> {
+        if self.lwt(stmt, values).await? {
+            return Ok(());
+        }
+        lock(&self.owned).remove(&partition);
+        Err(StoreError::Fenced { partition })
+    }
+
+    /// Step 1 of a commit: the batch as journal chunks, then the LWT that marks them a
+    /// complete journal leading to `next`.
+    async fn write_journal(
+        &self,
+        w: &Writes,
+        partition: u32,
+        next: u64,
+        epoch: i64,
+    ) -> Result<(), StoreError> {
+        let part = partition as i32;
+        let journal = encode(&Journal {
+            next,
+            writes: w.clone(),
+        });
+        let chunks: Vec<&[u8]> = journal.chunks(JOURNAL_CHUNK_BYTES).collect();
+        let mut ops: Vec<Op<'_>> = Vec::new();
+        for (n, chunk) in chunks.iter().enumerate() {
+            // Under the writer's epoch: a writer fenced a moment ago cannot overwrite
+            // the chunks of the journal its successor may have to read.
+            let values = (part, epoch, n as i32, chunk.to_vec());
+            let (x, stmt) = (&self.session, &self.s.put_chunk);
+            ops.push(Box::pin(async move {
+                x.execute_unpaged(stmt, values).await.map_err(exec)?;
+                Ok(())
+            }));
+        }
+        run_all(ops).await?;
+        let n = i32::try_from(chunks.len()).unwrap_or(i32::MAX);
+        self.fenced_lwt(
+            &self.s.journal_complete,
+            (as_i64(next), epoch, n, part, epoch),
+            partition,
+        )
+        .await
+    }
+
+    async fn commit(&self, w: Writes, partition: u32, next: u64) -> Result<(), StoreError> {
+        let owned = self.owned(partition).await?;
+        assert!(
+            next >= owned.checkpoint,
+            "checkpoint must not go back ({next} < {})",
+            owned.checkpoint
+        );
+        let empty = w == Writes::default();
+        if !empty {
+            self.write_journal(&w, partition, next, owned.epoch).await?;
+            self.write_rows(&w, partition, next).await?;
+        }
+        if next > owned.checkpoint || !empty {
+            self.fenced_lwt(
+                &self.s.advance,
+                (as_i64(next), partition as i32, owned.epoch),
+                partition,
+            )
+            .await?;
+            if let Some(o) = lock(&self.owned).get_mut(&partition) {
+                o.checkpoint = next;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes every row of a batch of `partition` that leads to checkpoint `next`, with
+    /// `next` as the write timestamp.
+    async fn write_rows(&self, w: &Writes, partition: u32, next: u64) -> Result<(), StoreError> {
+        let ts = as_i64(next);
+        let part = partition as i32;
+        let now = now_ms();
+        let s = &self.s;
+        let x = &self.session;
+        let mut ops: Vec<Op<'_>> = Vec::new();
+        macro_rules! op {
+            ($stmt:expr, $values:expr) => {{
+                let values = $values;
+                ops.push(Box::pin(async move {
+                    x.execute_unpaged($stmt, values).await.map_err(exec)?;
+                    Ok(())
+                }));
+            }};
+        }
+        for (k, v) in &w.apps {
+            op!(&s.put_app, (k, encode(v), ts));
+        }
+        for (k, v) in &w.app_by_client {
+            op!(&s.put_app_by_client, (k, v, ts));
+        }
+        for (k, v) in &w.app_by_key {
+            op!(&s.put_app_by_key, (k, v, ts));
+        }
+        for (k, v) in &w.devices {
+            op!(&s.put_device, (k, encode(v), ts));
+        }
+        for (a, d) in &w.app_devices {
+            op!(&s.put_app_device, (a, d, ts));
+        }
+        for (k, v) in &w.heads {
+            op!(&s.put_head, (k, as_i64(v.next_seq), ts));
+        }
+        for ((d, seq), e) in &w.entries {
+            let seq = as_i64(*seq);
+            match e {
+                Some(e) => op!(&s.put_entry, (d, seq, encode(e), ts, inbox_ttl_s(e, now))),
+                None => op!(&s.del_entry, (ts, d, seq)),
+            }
+        }
+        for (k, v) in &w.messages {
+            op!(&s.put_message, (k, part, encode(v), ts));
+        }
+        for (k, v) in &w.payloads {
+            op!(&s.put_payload, (k, encode(v), ts));
+        }
+        for (k, v) in &w.presence {
+            op!(&s.put_presence, (k, encode(v), ts));
+        }
+        for ((a, k), v) in &w.idempotency {
+            op!(&s.put_idempotency, (a, k, part, encode(v), ts));
+        }
+        for ((d, k), v) in &w.collapse {
+            op!(&s.put_collapse, (d, k, as_i64(*v), ts));
+        }
+        run_all(ops).await
+    }
+
+    async fn to_mem_state(&self) -> Result<MemState, StoreError> {
+        let ks = &self.keyspace;
+        let mut s = MemState::default();
+        macro_rules! scan {
+            ($cql:expr, $t:ty, $table:expr, |$row:ident| $body:block) => {{
+                let pager = self
+                    .session
+                    .query_iter(format!($cql, ks = ks), ())
+                    .await
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                let mut rows = pager
+                    .rows_stream::<$t>()
+                    .map_err(|e| corrupt($table)(e.to_string()))?;
+                while let Some(r) = rows.next().await {
+                    let $row = r.map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                    $body
+                }
+            }};
+        }
+        scan!(
+            "SELECT app_id, v FROM {ks}.apps",
+            (String, Vec<u8>),
+            "apps",
+            |r| {
+                s.apps.insert(r.0, decode::<App>("apps", &r.1)?);
+            }
+        );
+        scan!(
+            "SELECT client_id, app_id FROM {ks}.app_by_client",
+            (String, String),
+            "app_by_client",
+            |r| {
+                s.app_by_client.insert(r.0, r.1);
+            }
+        );
+        scan!(
+            "SELECT app_key, app_id FROM {ks}.app_by_key",
+            (String, String),
+            "app_by_key",
+            |r| {
+                s.app_by_key.insert(r.0, r.1);
+            }
+        );
+        scan!(
+            "SELECT device_id, v FROM {ks}.devices",
+            (String, Vec<u8>),
+            "devices",
+            |r| {
+                s.devices.insert(r.0, decode::<Device>("devices", &r.1)?);
+            }
+        );
+        scan!(
+            "SELECT app_id, device_id FROM {ks}.app_devices",
+            (String, String),
+            "app_devices",
+            |r| {
+                s.app_devices.insert(r);
+            }
+        );
+        scan!(
+            "SELECT device_id, next_seq FROM {ks}.inbox_heads",
+            (String, i64),
+            "inbox_heads",
+            |r| {
+                s.heads.insert(
+                    r.0,
+                    InboxHead {
+                        next_seq: as_u64(r.1),
+                    },
+                );
+            }
+        );
+        scan!(
+            "SELECT device_id, seq, v FROM {ks}.inbox",
+            (String, i64, Vec<u8>),
+            "inbox",
+            |r| {
+                s.entries
+                    .insert((r.0, as_u64(r.1)), decode::<InboxEntry>("inbox", &r.2)?);
+            }
+        );
+        scan!(
+            "SELECT message_id, part, v FROM {ks}.messages",
+            (String, i32, Vec<u8>),
+            "messages",
+            |r| {
+                s.messages.insert(
+                    (r.0, r.1 as u32),
+                    decode::<MessageStatus>("messages", &r.2)?,
+                );
+            }
+        );
+        scan!(
+            "SELECT message_id, v FROM {ks}.payloads",
+            (String, Vec<u8>),
+            "payloads",
+            |r| {
+                s.payloads.insert(r.0, decode::<Payload>("payloads", &r.1)?);
+            }
+        );
+        scan!(
+            "SELECT device_id, v FROM {ks}.presence",
+            (String, Vec<u8>),
+            "presence",
+            |r| {
+                s.presence
+                    .insert(r.0, decode::<Presence>("presence", &r.1)?);
+            }
+        );
+        scan!(
+            "SELECT app_id, key, part, v FROM {ks}.idempotency",
+            (String, String, i32, Vec<u8>),
+            "idempotency",
+            |r| {
+                s.idempotency.insert(
+                    (r.0, r.1, r.2 as u32),
+                    decode::<IdempotencyRecord>("idempotency", &r.3)?,
+                );
+            }
+        );
+        scan!(
+            "SELECT device_id, collapse_key, seq FROM {ks}.collapse",
+            (String, String, i64),
+            "collapse",
+            |r| {
+                s.collapse.insert((r.0, r.1), as_u64(r.2));
+            }
+        );
+        scan!(
+            "SELECT DISTINCT part, checkpoint FROM {ks}.progress",
+            (i32, Option<i64>),
+            "progress",
+            |r| {
+                if let Some(c) = r.1 {
+                    s.checkpoints.insert(r.0 as u32, as_u64(c));
+                }
+            }
+        );
+        Ok(s)
+    }
+}
+
+impl View for CqlStore {
+    fn app(&self, app_id: &str) -> Result<Option<App>, StoreError> {
+        let k = app_id.to_owned();
+        self.run(|i| async move { i.blob(&i.s.get_app, (k,), "apps").await })
+    }
+    fn app_id_by_client(&self, client_id: &str) -> Result<Option<String>, StoreError> {
+        let k = client_id.to_owned();
+        self.run(|i| async move {
+            let r = i
+                .one::<(String,)>(&i.s.get_app_by_client, (k,), "app_by_client")
+                .await?;
+            Ok(r.map(|(a,)| a))
+        })
+    }
+    fn app_id_by_key(&self, app_key: &str) -> Result<Option<String>, StoreError> {
+        let k = app_key.to_owned();
+        self.run(|i| async move {
+            let r = i
+                .one::<(String,)>(&i.s.get_app_by_key, (k,), "app_by_key")
+                .await?;
+            Ok(r.map(|(a,)| a))
+        })
+    }
+    fn device(&self, device_id: &str) -> Result<Option<Device>, StoreError> {
+        let k = device_id.to_owned();
+        self.run(|i| async move { i.blob(&i.s.get_device, (k,), "devices").await })
+    }
+    fn app_devices(
+        &self,
+        app_id: &str,
+        after: Option<&str>,
+        limit_n: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let (a, after) = (app_id.to_owned(), after.unwrap_or("").to_owned());
+        self.run(|i| async move {
+            let rows = i
+                .rows::<(String,)>(&i.s.app_devices, (a, after, limit(limit_n)), "app_devices")
+                .await?;
+            Ok(rows.into_iter().map(|(d,)| d).collect())
+        })
+    }
+    fn inbox_head(&self, device_id: &str) -> Result<InboxHead, StoreError> {
+        let k = device_id.to_owned();
+        self.run(|i| async move {
+            let r = i
+                .one::<(Option<i64>,)>(&i.s.get_head, (k,), "inbox_heads")
+                .await?;
+            Ok(match r.and_then(|(n,)| n) {
+                Some(n) => InboxHead {
+                    next_seq: as_u64(n),
+                },
+                None => InboxHead::default(),
+            })
+        })
+    }
+    fn inbox_entry(&self, device_id: &str, seq: u64) -> Result<Option<InboxEntry>, StoreError> {
+        let k = device_id.to_owned();
+        self.run(move |i| async move { i.blob(&i.s.get_entry, (k, as_i64(seq)), "inbox").await })
+    }
+    fn message(
+        &self,
+        message_id: &str,
+        partition: u32,
+    ) -> Result<Option<MessageStatus>, StoreError> {
+        let k = message_id.to_owned();
+        self.run(move |i| async move {
+            i.blob(&i.s.get_message, (k, partition as i32), "messages")
+                .await
+        })
+    }
+    fn presence(&self, device_id: &str) -> Result<Option<Presence>, StoreError> {
+        let k = device_id.to_owned();
+        self.run(|i| async move { i.blob(&i.s.get_presence, (k,), "presence").await })
+    }
+    fn idempotency(
+        &self,
+        app_id: &str,
+        key: &str,
+        partition: u32,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        let (a, k) = (app_id.to_owned(), key.to_owned());
+        self.run(move |i| async move {
+            i.blob(
+                &i.s.get_idempotency,
+                (a, k, partition as i32),
+                "idempotency",
+            )
+            .await
+        })
+    }
+    fn collapse(&self, device_id: &str, collapse_key: &str) -> Result<Option<u64>, StoreError> {
+        let (d, k) = (device_id.to_owned(), collapse_key.to_owned());
+        self.run(|i| async move {
+            let r = i
+                .one::<(Option<i64>,)>(&i.s.get_collapse, (d, k), "collapse")
+                .await?;
+            Ok(r.and_then(|(s,)| s).map(as_u64))
+        })
+    }
+}
+
+impl Store for CqlStore {
+    fn commit(&self, writes: &Writes, partition: u32, next_offset: u64) -> Result<(), StoreError> {
+        let w = writes.clone();
+        self.run(move |i| async move { i.commit(w, partition, next_offset).await })
+    }
+
+    fn checkpoint(&self, partition: u32) -> Result<u64, StoreError> {
+        self.run(move |i| async move { i.checkpoint(partition).await })
+    }
+
+    fn checkpoints(&self, count: u32) -> Result<Vec<u64>, StoreError> {
+        self.run(move |i| async move {
+            futures::future::try_join_all((0..count).map(|p| i.checkpoint(p))).await
+        })
+    }
+
+    fn take_partition(&self, partition: u32) -> Result<(), StoreError> {
+        self.run(move |i| async move { i.take_partition(partition).await })
+    }
+
+    fn idempotency_record(
+        &self,
+        app_id: &str,
+        key: &str,
+        now_ms: u64,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        let (a, k) = (app_id.to_owned(), key.to_owned());
+        self.run(move |i| async move {
+            let rows = i
+                .blobs(&i.s.idempotency_rows, (a, k), "idempotency")
+                .await?;
+            Ok(crate::model::earliest(rows, now_ms))
+        })
+    }
+
+    fn message_status(&self, message_id: &str) -> Result<Option<MessageStatus>, StoreError> {
+        let k = message_id.to_owned();
+        self.run(|i| async move {
+            let rows = i.blobs(&i.s.message_rows, (k,), "messages").await?;
+            Ok(crate::model::merge_rows(rows))
+        })
+    }
+
+    fn inbox_page(
+        &self,
+        device_id: &str,
+        after_seq: u64,
+        limit_n: usize,
+    ) -> Result<Vec<InboxEntry>, StoreError> {
+        if after_seq >= i64::MAX as u64 {
+            return Ok(Vec::new());
+        }
+        let k = device_id.to_owned();
+        self.run(move |i| async move {
+            i.blobs(
+                &i.s.inbox_page,
+                (k, as_i64(after_seq), limit(limit_n)),
+                "inbox",
+            )
+            .await
+        })
+    }
+
+    fn payload(&self, message_id: &str) -> Result<Option<Payload>, StoreError> {
+        let k = message_id.to_owned();
+        self.run(|i| async move { i.blob(&i.s.get_payload, (k,), "payloads").await })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consistency_levels_and_keyspace_names_are_checked() {
+        assert_eq!(
+            "LOCAL_QUORUM".parse::<CqlConsistency>(),
+            Ok(CqlConsistency::LocalQuorum)
+        );
+        assert!("twice".parse::<CqlConsistency>().is_err());
+        assert!(valid_keyspace("herald_1"));
+        for bad in ["", "1herald", "her-ald", "h;drop", &"k".repeat(49)] {
+            assert!(!valid_keyspace(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_journal_round_trips_with_tuple_keys() {
+        let mut w = Writes::default();
+        w.entries.insert(("d".into(), 3), None);
+        w.collapse.insert(("d".into(), "k".into()), 3);
+        w.app_devices.insert(("a".into(), "d".into()));
+        let j: Journal = serde_json::from_slice(&encode(&Journal {
+            next: 9,
+            writes: w.clone(),
+        }))
+        .expect("decodes");
+        assert_eq!((j.next, j.writes), (9, w));
+    }
+}
