@@ -71,6 +71,18 @@ pub struct FileConfig {
     pub kafka_timeout_ms: Option<u64>,
     /// `retention.ms` of the topic when herald creates it (-1: keep every event).
     pub kafka_retention_ms: Option<i64>,
+    /// Where the projections are kept: `embedded` (the data dir) or `cql`.
+    pub store: Option<String>,
+    /// CQL contact points (`host:port`) of the ScyllaDB or Cassandra cluster.
+    pub cql_nodes: Option<Vec<String>>,
+    /// The CQL keyspace.
+    pub cql_keyspace: Option<String>,
+    /// Consistency of CQL reads and writes.
+    pub cql_consistency: Option<String>,
+    /// Replication factor of the keyspace when herald creates it.
+    pub cql_replication_factor: Option<u32>,
+    /// How long one CQL request may take, in milliseconds.
+    pub cql_timeout_ms: Option<u64>,
 }
 
 impl FileConfig {
@@ -143,6 +155,27 @@ pub struct Config {
     pub kafka_timeout_ms: u64,
     /// `retention.ms` of the topic when created (-1: forever).
     pub kafka_retention_ms: i64,
+    /// Where the projections are kept.
+    pub store: StoreKind,
+    /// CQL contact points.
+    pub cql_nodes: Vec<String>,
+    /// The CQL keyspace.
+    pub cql_keyspace: String,
+    /// CQL consistency (one, local_one, quorum, local_quorum, all).
+    pub cql_consistency: String,
+    /// Replication factor of the keyspace when created.
+    pub cql_replication_factor: u32,
+    /// CQL request timeout, ms.
+    pub cql_timeout_ms: u64,
+}
+
+/// Where the projections are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// fjall in the data dir: one process's own.
+    Embedded,
+    /// A ScyllaDB or Cassandra cluster, shared by the role processes.
+    Cql,
 }
 
 /// Values from flags and environment variables (clap reads both).
@@ -182,6 +215,14 @@ pub struct Overrides {
     pub kafka_topic: Option<String>,
     /// `--kafka-partitions` / `HERALD_KAFKA_PARTITIONS`.
     pub kafka_partitions: Option<u32>,
+    /// `--store` / `HERALD_STORE`.
+    pub store: Option<String>,
+    /// `--cql-nodes` / `HERALD_CQL_NODES`.
+    pub cql_nodes: Option<Vec<String>>,
+    /// `--cql-keyspace` / `HERALD_CQL_KEYSPACE`.
+    pub cql_keyspace: Option<String>,
+    /// `--cql-consistency` / `HERALD_CQL_CONSISTENCY`.
+    pub cql_consistency: Option<String>,
 }
 
 fn advertised(scheme: &str, addr: SocketAddr, path: &str) -> String {
@@ -260,6 +301,31 @@ impl Config {
             kafka_partitions: o.kafka_partitions.or(file.kafka_partitions).unwrap_or(12),
             kafka_timeout_ms: file.kafka_timeout_ms.unwrap_or(10_000),
             kafka_retention_ms: file.kafka_retention_ms.unwrap_or(-1),
+            store: match o
+                .store
+                .or(file.store)
+                .unwrap_or_else(|| "embedded".into())
+                .as_str()
+            {
+                "embedded" => StoreKind::Embedded,
+                "cql" => StoreKind::Cql,
+                other => bail!("store must be \"embedded\" or \"cql\", not {other:?}"),
+            },
+            cql_nodes: o
+                .cql_nodes
+                .filter(|n| !n.is_empty())
+                .or(file.cql_nodes)
+                .unwrap_or_else(|| vec!["127.0.0.1:9042".into()]),
+            cql_keyspace: o
+                .cql_keyspace
+                .or(file.cql_keyspace)
+                .unwrap_or_else(|| "herald".into()),
+            cql_consistency: o
+                .cql_consistency
+                .or(file.cql_consistency)
+                .unwrap_or_else(|| "local_quorum".into()),
+            cql_replication_factor: file.cql_replication_factor.unwrap_or(1),
+            cql_timeout_ms: file.cql_timeout_ms.unwrap_or(5_000),
         };
         c.validate()?;
         Ok(c)
@@ -336,6 +402,39 @@ impl Config {
                 "link_gateways needs link_certs (HERALD_LINK_CERTS): the directory `herald certs` wrote"
             );
         }
+        if self.cql_nodes.is_empty() {
+            bail!("cql_nodes must name at least one host:port");
+        }
+        for n in &self.cql_nodes {
+            match n.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
+                _ => bail!("cql_nodes: {n:?} is not host:port"),
+            }
+        }
+        let mut ks = self.cql_keyspace.chars();
+        if !(ks.next().is_some_and(|c| c.is_ascii_alphabetic())
+            && ks.all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && self.cql_keyspace.len() <= 48)
+        {
+            bail!(
+                "cql_keyspace must be a letter, then letters, digits or _ (at most 48): {:?}",
+                self.cql_keyspace
+            );
+        }
+        if !["one", "local_one", "quorum", "local_quorum", "all"]
+            .contains(&self.cql_consistency.to_ascii_lowercase().as_str())
+        {
+            bail!(
+                "cql_consistency must be one, local_one, quorum, local_quorum or all, not {:?}",
+                self.cql_consistency
+            );
+        }
+        if !(1..=16).contains(&self.cql_replication_factor) {
+            bail!("cql_replication_factor must be between 1 and 16");
+        }
+        if !(100..=120_000).contains(&self.cql_timeout_ms) {
+            bail!("cql_timeout_ms must be between 100 and 120000");
+        }
         if let Some(t) = &self.admin_token
             && t.len() < 16
         {
@@ -404,6 +503,30 @@ mod tests {
                 e.to_string().contains(bad.split(' ').next().unwrap()),
                 "{e}"
             );
+        }
+    }
+
+    #[test]
+    fn the_store_and_its_cql_settings_are_checked() {
+        let file: FileConfig = toml::from_str(
+            "store = \"cql\"\ncql_nodes = [\"10.0.0.1:9042\"]\ncql_consistency = \"QUORUM\"",
+        )
+        .unwrap();
+        let c = Config::resolve(file, Overrides::default()).unwrap();
+        assert_eq!(
+            (c.store, c.cql_keyspace.as_str()),
+            (StoreKind::Cql, "herald")
+        );
+        for (bad, key) in [
+            ("store = \"postgres\"", "store"),
+            ("cql_keyspace = \"a-b\"", "cql_keyspace"),
+            ("cql_nodes = [\"nowhere\"]", "cql_nodes"),
+            ("cql_consistency = \"twice\"", "cql_consistency"),
+            ("max_ttl_s = 99999999", "max_ttl_s"),
+        ] {
+            let file: FileConfig = toml::from_str(bad).unwrap();
+            let e = Config::resolve(file, Overrides::default()).unwrap_err();
+            assert!(e.to_string().contains(key), "{bad}: {e}");
         }
     }
 

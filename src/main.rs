@@ -88,6 +88,13 @@ enum Command {
     /// --out. Give the gateway processes and the workers the same directory (or copies
     /// of its files); keep ca.key away from both.
     Certs(CertsArgs),
+    /// Create the CQL keyspace and tables, or bring them up to this herald's schema
+    /// (store = "cql").
+    ///
+    /// Applies every versioned migration the keyspace has not had yet and prints what it
+    /// did. Every herald process on the CQL store does the same at start-up; run this to
+    /// do it ahead of a deployment. Needs a herald built with `--features cql`.
+    Migrate(MigrateArgs),
     /// Stream the event log as JSON lines, through a server's API or from a data dir.
     Replay(replay::ReplayArgs),
     /// Fold the whole log again into a fresh store and print a digest of each projection
@@ -158,6 +165,21 @@ struct SharedArgs {
     /// gateway is known yet [default: mqtt://<mqtt_addr>].
     #[arg(long, env = "HERALD_ADVERTISED_MQTT")]
     advertised_mqtt: Option<String>,
+    /// Where the projections are kept: `embedded` (in the data dir, one process's own)
+    /// or `cql` (a ScyllaDB or Cassandra cluster that the role processes share; needs a
+    /// herald built with `--features cql`) [default: embedded].
+    #[arg(long, env = "HERALD_STORE")]
+    store: Option<String>,
+    /// CQL contact points, host:port,… (with --store cql) [default: 127.0.0.1:9042].
+    #[arg(long, env = "HERALD_CQL_NODES", value_delimiter = ',')]
+    cql_nodes: Vec<String>,
+    /// The CQL keyspace, created with the tables if missing [default: herald].
+    #[arg(long, env = "HERALD_CQL_KEYSPACE")]
+    cql_keyspace: Option<String>,
+    /// Consistency of CQL reads and writes: one, local_one, quorum, local_quorum, all
+    /// [default: local_quorum].
+    #[arg(long, env = "HERALD_CQL_CONSISTENCY")]
+    cql_consistency: Option<String>,
 }
 
 impl SharedArgs {
@@ -172,6 +194,10 @@ impl SharedArgs {
             kafka_brokers: self.kafka_brokers,
             kafka_topic: self.kafka_topic,
             kafka_partitions: self.kafka_partitions,
+            store: self.store,
+            cql_nodes: Some(self.cql_nodes),
+            cql_keyspace: self.cql_keyspace,
+            cql_consistency: self.cql_consistency,
             heartbeat_ms: heartbeat_from_env()?,
             ..config::Overrides::default()
         })
@@ -217,6 +243,19 @@ struct RoleArgs {
 }
 
 #[derive(Debug, clap::Args)]
+struct MigrateArgs {
+    /// A TOML config file (see herald.example.toml); flags and HERALD_* variables win.
+    #[arg(long, env = "HERALD_CONFIG")]
+    config: Option<PathBuf>,
+    /// CQL contact points, host:port,… [default: 127.0.0.1:9042].
+    #[arg(long, env = "HERALD_CQL_NODES", value_delimiter = ',')]
+    cql_nodes: Vec<String>,
+    /// The CQL keyspace [default: herald].
+    #[arg(long, env = "HERALD_CQL_KEYSPACE")]
+    cql_keyspace: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
 struct CertsArgs {
     /// Where to write the files.
     #[arg(long, default_value = "herald-certs")]
@@ -231,7 +270,7 @@ fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("HERALD_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info,fjall=warn,lsm_tree=warn"));
+        .unwrap_or_else(|_| EnvFilter::new("info,fjall=warn,lsm_tree=warn,scylla=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -281,6 +320,34 @@ fn run_role(args: RoleArgs, role: Role) -> anyhow::Result<()> {
         let _ = config;
         anyhow::bail!(
             "herald {role:?} runs on Kafka, and this herald was built without Kafka support: build it with `cargo build --release --features kafka`"
+        )
+    }
+}
+
+/// `herald migrate`.
+fn migrate(config: &config::Config) -> anyhow::Result<()> {
+    #[cfg(feature = "cql")]
+    {
+        let c = serve::cql_config(config)?;
+        let applied = runtime()?.block_on(herald_projections::cql::migrate(&c))?;
+        if applied.is_empty() {
+            println!(
+                "herald: the CQL keyspace {} is up to date",
+                config.cql_keyspace
+            );
+        } else {
+            println!(
+                "herald: applied migrations {applied:?} to the CQL keyspace {}",
+                config.cql_keyspace
+            );
+        }
+        Ok(())
+    }
+    #[cfg(not(feature = "cql"))]
+    {
+        anyhow::bail!(
+            "herald migrate is for the CQL store ({}), and this herald was built without CQL support: build it with `cargo build --release --features cql`",
+            config.cql_keyspace
         )
     }
 }
@@ -342,6 +409,15 @@ fn main() -> anyhow::Result<()> {
                 args.out.display()
             );
             Ok(())
+        }
+        Command::Migrate(args) => {
+            let overrides = config::Overrides {
+                cql_nodes: Some(args.cql_nodes),
+                cql_keyspace: args.cql_keyspace,
+                ..config::Overrides::default()
+            };
+            let config = load_config(args.config.as_deref(), overrides)?;
+            migrate(&config)
         }
         Command::Replay(args) => replay::run(args),
         Command::Rebuild(args) => rebuild::run(args, false),

@@ -4,11 +4,12 @@
 //! Both work on a stopped data dir (the embedded database is locked by a running
 //! `herald serve`). The fresh store is built in keyspaces prefixed `rebuild.` beside the
 //! live ones, up to exactly the live store's checkpoint, so the two are comparable; it is
-//! dropped afterwards.
+//! dropped afterwards. With `--store cql` it is built in a CQL keyspace instead (and
+//! kept), so a CQL store can be compared with the embedded one: the digests do not
+//! depend on the store.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use herald_delivery::worker::fold_batch;
@@ -23,6 +24,68 @@ pub struct RebuildArgs {
     /// The data dir of a stopped herald [default: ./herald-data].
     #[arg(long, env = "HERALD_DATA_DIR", default_value = "herald-data")]
     data_dir: PathBuf,
+    /// Rebuild into a CQL keyspace instead of beside the live store: `cql`. The
+    /// keyspace (--cql-keyspace, required) is emptied first; verify then compares it
+    /// with the data dir's live projections.
+    #[arg(long, value_parser = ["embedded", "cql"], default_value = "embedded")]
+    store: String,
+    /// CQL contact points, host:port,… (with --store cql).
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:9042")]
+    cql_nodes: Vec<String>,
+    /// The CQL keyspace to rebuild into (with --store cql); everything in it is replaced.
+    #[arg(long)]
+    cql_keyspace: Option<String>,
+}
+
+/// Where the rebuilt copy goes.
+enum Fresh {
+    Embedded(EmbeddedStore),
+    #[cfg(feature = "cql")]
+    Cql(herald_projections::cql::CqlStore),
+}
+
+impl Fresh {
+    fn store(&self) -> &dyn Store {
+        match self {
+            Fresh::Embedded(s) => s,
+            #[cfg(feature = "cql")]
+            Fresh::Cql(s) => s,
+        }
+    }
+
+    fn digests(&self, now_ms: u64) -> anyhow::Result<Vec<herald_projections::digest::Digest>> {
+        Ok(match self {
+            Fresh::Embedded(s) => s.digests(now_ms)?,
+            #[cfg(feature = "cql")]
+            Fresh::Cql(s) => s.digests(now_ms)?,
+        })
+    }
+
+    fn open(args: &RebuildArgs, db: &fjall::Database) -> anyhow::Result<Self> {
+        if args.store == "cql" {
+            let Some(keyspace) = &args.cql_keyspace else {
+                bail!(
+                    "--store cql needs --cql-keyspace: the keyspace to rebuild into (it is emptied first)"
+                );
+            };
+            #[cfg(feature = "cql")]
+            {
+                let mut c = herald_projections::cql::CqlConfig::new("", keyspace);
+                c.nodes.clone_from(&args.cql_nodes);
+                let store = herald_projections::cql::CqlStore::connect(&c)
+                    .with_context(|| format!("cannot open the CQL keyspace {keyspace}"))?;
+                store.truncate()?;
+                return Ok(Fresh::Cql(store));
+            }
+            #[cfg(not(feature = "cql"))]
+            bail!(
+                "--store cql ({keyspace}): this herald was built without CQL support (cargo build --release --features cql)"
+            );
+        }
+        // A rebuilt copy left by an interrupted run is dropped first.
+        EmbeddedStore::open(db.clone(), PREFIX)?.destroy()?;
+        Ok(Fresh::Embedded(EmbeddedStore::open(db.clone(), PREFIX)?))
+    }
 }
 
 /// Records folded per batch.
@@ -57,9 +120,7 @@ pub fn run(args: RebuildArgs, verify: bool) -> anyhow::Result<()> {
     }
     let until = live.checkpoint(0)?;
 
-    // A rebuilt copy left by an interrupted run is dropped first.
-    EmbeddedStore::open(db.clone(), PREFIX)?.destroy()?;
-    let fresh = Arc::new(EmbeddedStore::open(db.clone(), PREFIX)?);
+    let fresh = Fresh::open(&args, &db)?;
 
     let bar = if std::io::stderr().is_terminal() {
         let bar = indicatif::ProgressBar::new(until);
@@ -80,7 +141,7 @@ pub fn run(args: RebuildArgs, verify: bool) -> anyhow::Result<()> {
         if records.is_empty() {
             bail!("the log ends at {from}, before the live checkpoint {until}");
         }
-        let (next, _, _) = fold_batch(&*fresh, from, &records)?;
+        let (next, _, _) = fold_batch(fresh.store(), from, &records)?;
         bar.set_position(next);
         from = next;
     }
@@ -89,7 +150,17 @@ pub fn run(args: RebuildArgs, verify: bool) -> anyhow::Result<()> {
     let now = now_ms();
     let rebuilt = fresh.digests(now)?;
     let current = live.digests(now)?;
-    println!("rebuilt {until} events from {}", args.data_dir.display());
+    match &fresh {
+        Fresh::Embedded(_) => {
+            println!("rebuilt {until} events from {}", args.data_dir.display());
+        }
+        #[cfg(feature = "cql")]
+        Fresh::Cql(s) => println!(
+            "rebuilt {until} events from {} into the CQL keyspace {}",
+            args.data_dir.display(),
+            s.keyspace()
+        ),
+    }
     println!(
         "{:<14} {:>10}  {:<64}  {}",
         "projection",
@@ -110,7 +181,9 @@ pub fn run(args: RebuildArgs, verify: bool) -> anyhow::Result<()> {
         println!("{name:<14} {n:>10}  {digest}  {verdict}");
     }
     drop(log);
-    if let Ok(f) = Arc::try_unwrap(fresh) {
+    // The only kind without the `cql` feature.
+    #[allow(irrefutable_let_patterns)]
+    if let Fresh::Embedded(f) = fresh {
         f.destroy()?;
     }
     if verify {

@@ -4,9 +4,12 @@
 //! Gateways are `herald gateway` processes (see `gateway.rs`).
 //!
 //! The topic is partitioned by key: everything about a device is in the device's
-//! partition. Each delivery worker folds the partitions the group gives it into its own
-//! data dir and serves their devices; `herald ingest` and `herald nav` fold every
-//! partition (the projections they read).
+//! partition. Each delivery worker folds the partitions the group gives it and serves
+//! their devices. With the embedded store each folds into its own data dir, and `herald
+//! ingest` and `herald nav` fold every partition themselves (the projections they read);
+//! with the CQL store (`store = "cql"`) every process shares one store, which only the
+//! workers write: a worker taking a partition over starts from its shared checkpoint,
+//! and ingest and nav read what the workers wrote.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,15 +18,16 @@ use anyhow::{Context, bail};
 use herald_delivery::directory::StoreDirectory;
 use herald_delivery::link::{Gated, Link, NoLink};
 use herald_delivery::quic::{QuicLink, QuicLinkConfig};
-use herald_delivery::worker::Worker;
+use herald_delivery::worker::{Worker, WorkerError};
 use herald_eventlog::kafka::{OrderedKafkaLog, Polled, Rebalance};
 use herald_eventlog::{EventLog, Partitions};
 use herald_gateway::link::LinkTls;
 use herald_ingest::Ingest;
+use herald_projections::StoreError;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::config::Config;
+use crate::config::{Config, StoreKind};
 use crate::serve::{
     Secrets, ingest_config, kafka_config, load_secrets, open_store, shutdown_signal,
 };
@@ -107,28 +111,38 @@ async fn api_process(
         jwt_secret,
     } = load_secrets(config, true)?;
     let (topic, _) = open_kafka(config).await?;
-    let (_db, store) = open_store(config, &topic)?;
-    let workers = (0..topic.count())
-        .map(|p| {
-            Worker::for_partition(
-                &topic,
-                p,
-                store.clone(),
-                Arc::new(NoLink),
-                keyring.clone(),
-                None,
-            )
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let (_db, store) = open_store(config, &topic).await?;
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let (workers, applied) = if config.store == StoreKind::Cql {
+        // The delivery workers fold every partition into the shared store: this process
+        // only reads it, and learns how far each partition is applied from the store's
+        // checkpoints.
+        let applied = follow_checkpoints(store.clone(), topic.count(), shutdown.clone());
+        (Vec::new(), applied)
+    } else {
+        let workers = (0..topic.count())
+            .map(|p| {
+                Worker::for_partition(
+                    &topic,
+                    p,
+                    store.clone(),
+                    Arc::new(NoLink),
+                    keyring.clone(),
+                    None,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let applied = workers.iter().map(Worker::applied).collect();
+        (workers, applied)
+    };
     let ingest = Ingest::partitioned(
         ingest_config(config, admin_token),
         topic.clone(),
         store,
-        workers.iter().map(Worker::applied).collect(),
+        applied,
         keyring,
         jwt_secret.as_bytes(),
     );
-    let (shutdown_tx, shutdown) = watch::channel(false);
     for log in topic.all() {
         follow_navigation(&ingest, log.clone(), shutdown.clone());
     }
@@ -160,6 +174,46 @@ pub async fn nav(config: Config) -> anyhow::Result<()> {
         shutdown_tx,
     )
     .await
+}
+
+/// How often a process reading a shared store asks how far each partition is applied.
+const CHECKPOINT_POLL: Duration = Duration::from_millis(20);
+
+/// How far the shared store has applied each of `count` partitions, polled from its
+/// checkpoints until `shutdown`.
+fn follow_checkpoints(
+    store: Arc<dyn herald_projections::view::Store>,
+    count: u32,
+    mut shutdown: watch::Receiver<bool>,
+) -> Vec<watch::Receiver<u64>> {
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..count).map(|_| watch::channel(0)).unzip();
+    tokio::spawn(async move {
+        loop {
+            let s = store.clone();
+            match tokio::task::spawn_blocking(move || s.checkpoints(count)).await {
+                Ok(Ok(checkpoints)) => {
+                    for (tx, c) in senders.iter().zip(checkpoints) {
+                        tx.send_if_modified(|v| {
+                            let newer = c > *v;
+                            if newer {
+                                *v = c;
+                            }
+                            newer
+                        });
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "cannot read the store's checkpoints");
+                }
+                Err(_) => return,
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(CHECKPOINT_POLL) => {},
+                _ = shutdown.changed() => return,
+            }
+        }
+    });
+    receivers
 }
 
 fn follow_navigation(
@@ -209,7 +263,7 @@ pub async fn deliver(config: Config) -> anyhow::Result<()> {
         .context("herald deliver needs link_certs (--link-certs)")?;
     let (topic, kafka_logs) = open_kafka(&config).await?;
     let kafka = kafka_logs[0].clone();
-    let (_db, store) = open_store(&config, &topic)?;
+    let (_db, store) = open_store(&config, &topic).await?;
     let count = topic.count();
     let quic = QuicLink::new(QuicLinkConfig {
         gateways: config.link_gateways.clone(),
@@ -247,6 +301,22 @@ pub async fn deliver(config: Config) -> anyhow::Result<()> {
             _ = &mut signal => { tracing::info!("shutting down"); break Ok(()); }
             Some(done) = tasks.join_next() => {
                 match done {
+                    Ok((p, g, Err(WorkerError::Store(StoreError::Fenced { .. })))) => {
+                        // Another worker took the partition over in the shared store (the
+                        // group gave it away while this one still held it): stop serving it.
+                        if let Some(h) = held.get(&p).filter(|h| h.generation == g) {
+                            tracing::warn!(partition = p, "gave a partition up: another worker took it over in the shared store");
+                            h.gated.set_active(false);
+                            directory.serve_partition(p, None);
+                            held.remove(&p);
+                            committed.remove(&(p as i32));
+                            quic.set_owned(
+                                count,
+                                held.iter().filter(|(_, h)| h.serving).map(|(p, _)| *p).collect(),
+                            );
+                        }
+                        continue;
+                    }
                     Ok((p, _, Err(e))) => break Err(anyhow::anyhow!("the worker of partition {p} failed: {e}")),
                     Ok((p, g, Ok(()))) => {
                         if held.get(&p).is_some_and(|h| h.generation == g) {

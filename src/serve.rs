@@ -21,7 +21,7 @@ use herald_schemas::seal::{KEY_BYTES, Keyring};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::config::Config;
+use crate::config::{Config, StoreKind};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
@@ -153,12 +153,27 @@ pub fn kafka_config(
     k
 }
 
-/// Opens the projection store in the data dir, rebuilding it if it is ahead of any
-/// partition of `topic`.
-pub fn open_store(
+/// Opens the projection store: in the data dir (rebuilt if it is ahead of any
+/// partition of `topic`), or on the CQL cluster (`store = "cql"`). The database handle
+/// is the embedded store's, for the final sync at shutdown.
+pub async fn open_store(
     config: &Config,
     topic: &Partitions,
-) -> anyhow::Result<(fjall::Database, Arc<dyn Store>)> {
+) -> anyhow::Result<(Option<fjall::Database>, Arc<dyn Store>)> {
+    if config.store == StoreKind::Cql {
+        let store = open_cql(config).await?;
+        for (p, log) in topic.all().iter().enumerate() {
+            let log_end = *log.durable_end().borrow();
+            let checkpoint = store.checkpoint(p as u32)?;
+            if checkpoint > log_end {
+                bail!(
+                    "the CQL keyspace {} has applied partition {p} up to {checkpoint}, beyond the end of the event log ({log_end}): it holds another log's projections (give this log a keyspace of its own, or rebuild it with `herald rebuild`)",
+                    config.cql_keyspace
+                );
+            }
+        }
+        return Ok((None, store));
+    }
     let db = open_database(&config.data_dir.join("store"))?;
     let mut embedded = EmbeddedStore::open(db.clone(), "")?;
     if embedded.has_legacy_layout()? {
@@ -186,7 +201,64 @@ pub fn open_store(
             break;
         }
     }
-    Ok((db, Arc::new(embedded)))
+    Ok((Some(db), Arc::new(embedded)))
+}
+
+/// The CQL settings of `config`.
+#[cfg(feature = "cql")]
+pub fn cql_config(config: &Config) -> anyhow::Result<herald_projections::cql::CqlConfig> {
+    Ok(herald_projections::cql::CqlConfig {
+        nodes: config.cql_nodes.clone(),
+        keyspace: config.cql_keyspace.clone(),
+        consistency: config
+            .cql_consistency
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("cql_consistency: {e}"))?,
+        replication_factor: config.cql_replication_factor,
+        request_timeout: Duration::from_millis(config.cql_timeout_ms),
+    })
+}
+
+/// Connects to the CQL store (applying its migrations), retrying for a while: the
+/// cluster may still be starting.
+async fn open_cql(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    #[cfg(feature = "cql")]
+    {
+        let c = cql_config(config)?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let attempt = c.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                herald_projections::cql::CqlStore::connect(&attempt)
+            })
+            .await?;
+            match r {
+                Ok(store) => {
+                    tracing::info!(nodes = ?c.nodes, keyspace = %c.keyspace, "projections on the CQL store");
+                    return Ok(Arc::new(store));
+                }
+                Err(herald_projections::StoreError::Unavailable(e))
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tracing::warn!(error = %e, "the CQL store is not reachable yet; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => {
+                    return Err(anyhow::anyhow!(e).context(format!(
+                        "cannot open the CQL store at {} (cql_nodes)",
+                        c.nodes.join(",")
+                    )));
+                }
+            }
+        }
+    }
+    #[cfg(not(feature = "cql"))]
+    {
+        bail!(
+            "store = \"cql\" ({}), but this herald was built without CQL support: build it with `cargo build --release --features cql`",
+            config.cql_nodes.join(",")
+        )
+    }
 }
 
 /// The API settings of `config`.
@@ -213,7 +285,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     } = load_secrets(&config, false)?;
     let dir = &config.data_dir;
     let log = open_log(&config).await?;
-    let (db, store) = open_store(&config, &Partitions::single(log.clone()))?;
+    let (db, store) = open_store(&config, &Partitions::single(log.clone())).await?;
 
     let hub = Arc::new(Hub::default());
     let (shutdown_tx, shutdown) = watch::channel(false);
@@ -318,8 +390,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     .await;
     // Give connections a moment to write their last events.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    db.persist(fjall::PersistMode::SyncAll)
-        .context("final sync of the embedded database failed")?;
+    if let Some(db) = db {
+        db.persist(fjall::PersistMode::SyncAll)
+            .context("final sync of the embedded database failed")?;
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -109,15 +109,29 @@ impl Worker {
         self.applied.subscribe()
     }
 
-    /// Runs until `shutdown` turns true or the log or store fails.
+    /// Runs until `shutdown` turns true or the log or store fails. A store that is
+    /// unavailable for a while (a CQL server stopped or overloaded) pauses the worker: it
+    /// retries the same batch with backoff, and nothing is forwarded meanwhile.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<(), WorkerError> {
         let mut end = self.log.durable_end();
-        // This worker is the store's only writer: after the first read, its position is
-        // the checkpoint it last committed.
-        let mut from = self.store.checkpoint(self.scope.partition)?;
+        let partition = self.scope.partition;
+        // This worker becomes the partition's one writer (a shared store fences the one
+        // before it and finishes a commit it left half done), then starts from the
+        // checkpoint; after that, its position is the checkpoint it last committed.
+        let store = self.store.clone();
+        let Some(mut from) = self
+            .retrying(&mut shutdown, move || {
+                store.take_partition(partition)?;
+                Ok(store.checkpoint(partition)?)
+            })
+            .await?
+        else {
+            return Ok(());
+        };
+        self.applied.send_replace(from);
         loop {
             if *shutdown.borrow() {
-                tracing::debug!(partition = self.scope.partition, "worker stopped");
+                tracing::debug!(partition, "worker stopped");
                 return Ok(());
             }
             // The end as it was before the read: marked seen, so `changed` below wakes for
@@ -141,32 +155,42 @@ impl Worker {
                 }
                 continue;
             }
+            let records = Arc::new(records);
             let store = self.store.clone();
             let scope = self.scope;
             let share_from = self.shares.as_ref().map_or(Offset::MAX, |s| s.from);
-            let batch = tokio::task::spawn_blocking(move || {
-                let batch = fold_partition_batch(&*store, scope, from, &records, share_from)?;
-                if batch.shares.is_empty() {
-                    store.commit(&batch.writes, scope.partition, batch.next)?;
-                }
-                Ok::<_, WorkerError>(batch)
-            })
-            .await
-            .map_err(|e| WorkerError::Task(e.to_string()))??;
+            let Some(batch) = self
+                .retrying(&mut shutdown, move || {
+                    let batch = fold_partition_batch(&*store, scope, from, &records, share_from)?;
+                    if batch.shares.is_empty() {
+                        store.commit(&batch.writes, scope.partition, batch.next)?;
+                    }
+                    Ok(batch)
+                })
+                .await?
+            else {
+                return Ok(());
+            };
             if !batch.shares.is_empty() {
                 if !self.append_shares(&batch.shares, &mut shutdown).await {
                     return Ok(());
                 }
                 let store = self.store.clone();
-                let partition = self.scope.partition;
-                let (writes, at) = (batch.writes, batch.next);
-                tokio::task::spawn_blocking(move || store.commit(&writes, partition, at))
-                    .await
-                    .map_err(|e| WorkerError::Task(e.to_string()))??;
+                let writes = Arc::new(batch.writes);
+                let at = batch.next;
+                if self
+                    .retrying(&mut shutdown, move || {
+                        Ok(store.commit(&writes, partition, at)?)
+                    })
+                    .await?
+                    .is_none()
+                {
+                    return Ok(());
+                }
             }
             let (next, new_entries, withdrawn) = (batch.next, batch.new_entries, batch.withdrawn);
             tracing::debug!(
-                partition = self.scope.partition,
+                partition,
                 next,
                 entries = new_entries.len(),
                 "folded a batch"
@@ -198,6 +222,36 @@ impl Worker {
                 );
             }
             self.forward(new_entries)?;
+        }
+    }
+
+    /// Runs `work` on a blocking thread, again after a pause (100 ms, doubling to 5 s)
+    /// for as long as the store is unavailable; `None` if shut down meanwhile. Any other
+    /// error stops the worker ([`herald_projections::StoreError::Fenced`] among them: the
+    /// partition has a newer writer).
+    async fn retrying<T: Send + 'static>(
+        &self,
+        shutdown: &mut watch::Receiver<bool>,
+        work: impl Fn() -> Result<T, WorkerError> + Send + Sync + 'static,
+    ) -> Result<Option<T>, WorkerError> {
+        let work = Arc::new(work);
+        let mut delay = std::time::Duration::from_millis(100);
+        loop {
+            let w = work.clone();
+            match tokio::task::spawn_blocking(move || w())
+                .await
+                .map_err(|e| WorkerError::Task(e.to_string()))?
+            {
+                Err(WorkerError::Store(herald_projections::StoreError::Unavailable(e))) => {
+                    tracing::warn!(partition = self.scope.partition, error = %e, retry_in = ?delay, "the projection store is unavailable; the worker waits");
+                }
+                other => return other.map(Some),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {},
+                _ = shutdown.changed() => return Ok(None),
+            }
+            delay = (delay * 2).min(std::time::Duration::from_secs(5));
         }
     }
 
