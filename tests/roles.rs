@@ -113,11 +113,49 @@ async fn nav(base: &str, device_id: &str) -> Value {
         .unwrap()
 }
 
+/// The Cassandra server of the CQL variant, or why there is none.
+fn cassandra() -> Option<String> {
+    match std::env::var("HERALD_CASSANDRA") {
+        Ok(addr) if !addr.is_empty() && cfg!(feature = "cql") => Some(addr),
+        _ if std::env::var_os("HERALD_REQUIRE_TOOLS").is_some() => {
+            panic!(
+                "HERALD_CASSANDRA is not set or the cql feature is off, and HERALD_REQUIRE_TOOLS says not to skip"
+            )
+        }
+        _ => {
+            eprintln!(
+                "skipped: HERALD_CASSANDRA is not set (scripts/test starts Cassandra) or the cql feature is off"
+            );
+            None
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_in_their_own_processes_share_the_partitions_and_take_over_a_dead_workers() {
     if broker().is_none() {
         return;
     }
+    roles(None).await;
+}
+
+/// The same deployment with the projections on a real Cassandra server that every role
+/// shares: the worker that takes a killed worker's partitions over starts from their
+/// shared checkpoints (finishing a commit the dead one left half done).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_share_one_cql_store_and_a_worker_killed_mid_batch_loses_nothing() {
+    if broker().is_none() {
+        return;
+    }
+    let Some(cassandra) = cassandra() else {
+        return;
+    };
+    roles(Some(cassandra)).await;
+}
+
+/// The roles test, with each process's own embedded store, or with one CQL store at
+/// `cql` for all.
+async fn roles(cql: Option<String>) {
     // A broker of its own: this test stops it for a while.
     let kafka = Broker::start();
     let brokers = kafka.addr();
@@ -142,6 +180,17 @@ async fn roles_in_their_own_processes_share_the_partitions_and_take_over_a_dead_
         "--kafka-partitions".into(),
         "4".into(),
     ];
+    let mut shared = shared;
+    if let Some(nodes) = &cql {
+        shared.extend([
+            "--store".into(),
+            "cql".into(),
+            "--cql-nodes".into(),
+            nodes.clone(),
+            "--cql-keyspace".into(),
+            format!("roles_{}", std::process::id()),
+        ]);
+    }
     let mut deliver_args = shared.clone();
     deliver_args.extend([
         "--link-gateway".into(),
@@ -281,12 +330,24 @@ async fn roles_in_their_own_processes_share_the_partitions_and_take_over_a_dead_
         }
     }
 
-    // A worker dies; pushes go on (to devices in every partition); the other takes its
-    // partitions over.
+    // A worker dies in the middle of folding a burst of pushes (to devices in every
+    // partition); the other takes its partitions over.
+    let burst: Vec<_> = devices
+        .iter()
+        .take(30)
+        .map(|(dev, _)| {
+            let (app, id) = (app.clone(), dev.device_id.clone());
+            tokio::spawn(async move {
+                let m = app.push(&id, json!({"after": true})).await;
+                (id, m)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(30)).await;
     workers[0].kill9();
-    for (dev, _) in devices.iter().take(30) {
-        let id = app.push(&dev.device_id, json!({"after": true})).await;
-        sent.get_mut(&dev.device_id).unwrap().push(id);
+    for pushed in burst {
+        let (id, m) = pushed.await.unwrap();
+        sent.get_mut(&id).unwrap().push(m);
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     while serving(&workers[1]) != 4 {

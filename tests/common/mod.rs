@@ -602,3 +602,59 @@ pub fn quick_options() -> herald_client::DeviceOptions {
     opts.backoff.max_delay = Duration::from_millis(500);
     opts
 }
+
+/// A Cassandra node of a test's own (scripts/cassandra-up), on free CQL and gossip ports.
+pub struct CassandraNode {
+    pub port: u16,
+    gossip: u16,
+    dir: PathBuf,
+}
+
+impl CassandraNode {
+    pub fn start() -> CassandraNode {
+        let (port, gossip) = (free_port(), free_port());
+        let dir = std::env::temp_dir().join(format!(
+            "herald-cassandra-test-{}-{port}",
+            std::process::id()
+        ));
+        let node = CassandraNode { port, gossip, dir };
+        node.up(false);
+        node
+    }
+
+    /// Starts it (on the data it had, with `keep`).
+    pub fn up(&self, keep: bool) {
+        let out = Command::new(scripts().join("cassandra-up"))
+            .env("HERALD_CASSANDRA_PORT", self.port.to_string())
+            .env("HERALD_CASSANDRA_STORAGE_PORT", self.gossip.to_string())
+            .env("HERALD_CASSANDRA_DIR", &self.dir)
+            .env("HERALD_CASSANDRA_KEEP", if keep { "1" } else { "0" })
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cassandra-up failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Stops it (keeping its data, with `keep`).
+    pub fn down(&self, keep: bool) {
+        let status = Command::new(scripts().join("cassandra-down"))
+            .env("HERALD_CASSANDRA_DIR", &self.dir)
+            .env("HERALD_CASSANDRA_KEEP", if keep { "1" } else { "0" })
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for CassandraNode {
+    fn drop(&mut self) {
+        self.down(false);
+    }
+}
