@@ -302,20 +302,30 @@ pub async fn deliver(config: Config) -> anyhow::Result<()> {
             Some(done) = tasks.join_next() => {
                 match done {
                     Ok((p, g, Err(WorkerError::Store(StoreError::Fenced { .. })))) => {
-                        // Another worker took the partition over in the shared store (the
-                        // group gave it away while this one still held it): stop serving it.
-                        if let Some(h) = held.get(&p).filter(|h| h.generation == g) {
-                            tracing::warn!(partition = p, "gave a partition up: another worker took it over in the shared store");
-                            h.gated.set_active(false);
-                            directory.serve_partition(p, None);
-                            held.remove(&p);
-                            committed.remove(&(p as i32));
-                            quic.set_owned(
-                                count,
-                                held.iter().filter(|(_, h)| h.serving).map(|(p, _)| *p).collect(),
-                            );
+                        // Another worker took the partition in the shared store since this
+                        // one's worker did: the group gave it away and back while the old
+                        // worker still ran, or gave it away for good.
+                        let Some(h) = held.get(&p).filter(|h| h.generation == g) else {
+                            continue;
+                        };
+                        let assigned = h.release_at.is_none();
+                        tracing::warn!(partition = p, assigned, "another worker took the partition over in the shared store");
+                        if h.serving {
+                            tracing::info!(partition = p, "gave a partition up");
                         }
-                        continue;
+                        h.gated.set_active(false);
+                        directory.serve_partition(p, None);
+                        held.remove(&p);
+                        committed.remove(&(p as i32));
+                        quic.set_owned(
+                            count,
+                            held.iter().filter(|(_, h)| h.serving).map(|(p, _)| *p).collect(),
+                        );
+                        if !assigned {
+                            continue;
+                        }
+                        // Still this member's: take it again, as if given it now.
+                        Ok(Polled::Rebalance(Rebalance::Assigned(vec![p as i32])))
                     }
                     Ok((p, _, Err(e))) => break Err(anyhow::anyhow!("the worker of partition {p} failed: {e}")),
                     Ok((p, g, Ok(()))) => {

@@ -21,16 +21,7 @@ use serde_json::json;
 use tokio::sync::Mutex;
 
 fn cassandra() -> Option<String> {
-    match std::env::var("HERALD_CASSANDRA") {
-        Ok(addr) if !addr.is_empty() => Some(addr),
-        _ if std::env::var_os("HERALD_REQUIRE_TOOLS").is_some() => {
-            panic!("HERALD_CASSANDRA is not set, and HERALD_REQUIRE_TOOLS says not to skip")
-        }
-        _ => {
-            eprintln!("skipped: HERALD_CASSANDRA is not set (scripts/cassandra-up starts one)");
-            None
-        }
-    }
+    service("HERALD_CASSANDRA", "scripts/cassandra-up starts one")
 }
 
 fn herald(args: &[&str]) -> (bool, String) {
@@ -289,6 +280,13 @@ async fn the_cql_store_stopped_for_ten_seconds_under_load_pauses_the_worker_and_
         )
         .await;
         assert_exactly(device, &seen, &want).await;
+        // Only unicasts here: the device's seqs are exactly 1..=n, none skipped.
+        let seqs: Vec<u64> = seen.iter().map(|e| e.seq).collect();
+        assert_eq!(
+            seqs,
+            (1..=want.len() as u64).collect::<Vec<_>>(),
+            "dense seqs"
+        );
         total += want.len();
     }
     eprintln!(

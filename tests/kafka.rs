@@ -18,16 +18,7 @@ use herald_client::Device;
 use serde_json::json;
 
 fn wanted() -> bool {
-    match std::env::var("HERALD_KAFKA") {
-        Ok(b) if !b.is_empty() => true,
-        _ if std::env::var_os("HERALD_REQUIRE_TOOLS").is_some() => {
-            panic!("HERALD_KAFKA is not set, and HERALD_REQUIRE_TOOLS says not to skip")
-        }
-        _ => {
-            eprintln!("skipped: HERALD_KAFKA is not set (scripts/test starts Kafka)");
-            false
-        }
-    }
+    service("HERALD_KAFKA", "scripts/test starts Kafka").is_some()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,16 +24,7 @@ use serde_json::{Value, json};
 const PAYLOAD_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
 fn broker() -> Option<String> {
-    match std::env::var("HERALD_KAFKA") {
-        Ok(b) if !b.is_empty() => Some(b),
-        _ if std::env::var_os("HERALD_REQUIRE_TOOLS").is_some() => {
-            panic!("HERALD_KAFKA is not set, and HERALD_REQUIRE_TOOLS says not to skip")
-        }
-        _ => {
-            eprintln!("skipped: HERALD_KAFKA is not set (scripts/test starts Kafka)");
-            None
-        }
-    }
+    service("HERALD_KAFKA", "scripts/test starts Kafka")
 }
 
 /// A role process.
@@ -58,6 +49,9 @@ impl Role {
             .env("HERALD_CONFIG", dir.join("roles.toml"))
             .env("HERALD_HEARTBEAT_MS", "300")
             .env("HERALD_LOG", "info,herald_gateway=debug")
+            // With the CQL store: once this file exists, the process aborts in the middle
+            // of its next commit.
+            .env("HERALD_CQL_CRASH_FILE", dir.join(format!("crash-{name}")))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -115,20 +109,11 @@ async fn nav(base: &str, device_id: &str) -> Value {
 
 /// The Cassandra server of the CQL variant, or why there is none.
 fn cassandra() -> Option<String> {
-    match std::env::var("HERALD_CASSANDRA") {
-        Ok(addr) if !addr.is_empty() && cfg!(feature = "cql") => Some(addr),
-        _ if std::env::var_os("HERALD_REQUIRE_TOOLS").is_some() => {
-            panic!(
-                "HERALD_CASSANDRA is not set or the cql feature is off, and HERALD_REQUIRE_TOOLS says not to skip"
-            )
-        }
-        _ => {
-            eprintln!(
-                "skipped: HERALD_CASSANDRA is not set (scripts/test starts Cassandra) or the cql feature is off"
-            );
-            None
-        }
+    if !cfg!(feature = "cql") {
+        eprintln!("skipped: the cql feature is off");
+        return None;
     }
+    service("HERALD_CASSANDRA", "scripts/test starts Cassandra")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -140,8 +125,9 @@ async fn roles_in_their_own_processes_share_the_partitions_and_take_over_a_dead_
 }
 
 /// The same deployment with the projections on a real Cassandra server that every role
-/// shares: the worker that takes a killed worker's partitions over starts from their
-/// shared checkpoints (finishing a commit the dead one left half done).
+/// shares. The first worker dies in the middle of a commit (it aborts at its crash point,
+/// after its journal and before any row, while a burst of pushes is folded); the other
+/// takes its partitions over from their shared checkpoints and finishes that commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_share_one_cql_store_and_a_worker_killed_mid_batch_loses_nothing() {
     if broker().is_none() {
@@ -343,8 +329,35 @@ async fn roles(cql: Option<String>) {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(30)).await;
-    workers[0].kill9();
+    if cql.is_some() {
+        // Dies in the middle of a commit: after its journal, before any row.
+        std::fs::write(tmp.path().join("crash-deliver-a"), b"").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let exited = workers[0]
+                .child
+                .as_mut()
+                .is_some_and(|c| c.try_wait().unwrap().is_some());
+            if exited {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the worker never reached its crash point: {}",
+                workers[0].log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            workers[0].log().contains("crash point"),
+            "{}",
+            workers[0].log()
+        );
+        workers[0].kill9();
+    } else {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        workers[0].kill9();
+    }
     for pushed in burst {
         let (id, m) = pushed.await.unwrap();
         sent.get_mut(&id).unwrap().push(m);
@@ -357,6 +370,13 @@ async fn roles(cql: Option<String>) {
             workers[1].log()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if cql.is_some() {
+        assert!(
+            workers[1].log().contains("finishing a commit"),
+            "the surviving worker finished the commit the dead one left half done: {}",
+            workers[1].log()
+        );
     }
     for (dev, device) in devices.iter_mut().take(30) {
         let got = seen.get_mut(&dev.device_id).unwrap();

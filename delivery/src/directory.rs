@@ -237,14 +237,17 @@ impl StoreDirectory {
         limit: usize,
     ) -> Result<BacklogPage, DirectoryError> {
         let err = |e: herald_projections::StoreError| DirectoryError(e.to_string());
-        // The head first: anything committed after it may show up in the page, which is
-        // harmless, but nothing before it can be missed.
+        // The head first, and only entries below it: a store that writes a batch's rows
+        // one by one (CQL) writes its entries before its heads, so every entry below a
+        // head it shows is there, while entries above may still be arriving with gaps
+        // between them. Those come live, or with the next read.
         let head = self.store.inbox_head(device_id).map_err(err)?;
-        let entries = self
+        let mut entries = self
             .store
             .inbox_page(device_id, after_seq, limit)
             .map_err(err)?;
         let full = entries.len() >= limit;
+        entries.retain(|e| e.seq < head.next_seq);
         let now = crate::now_ms();
         let mut page = BacklogPage {
             entries: Vec::with_capacity(entries.len()),

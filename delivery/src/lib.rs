@@ -10,7 +10,8 @@
 //! # Invariants
 //! - An entry is forwarded only after the batch that created it is committed with its
 //!   checkpoint, so a gateway that reads the store after seeing an entry finds it there.
-//! - The checkpoint is written in the same atomic batch as the state it covers.
+//! - The checkpoint is committed with the state it covers (`Store::commit`); a commit
+//!   that fails is retried with the same writes, never folded again.
 
 pub mod directory;
 pub mod link;

@@ -61,7 +61,9 @@ impl Worker {
         link: Arc<dyn Link>,
         keyring: Keyring,
     ) -> Result<Self, WorkerError> {
-        let (applied, _) = watch::channel(store.checkpoint(0)?);
+        // Where the store stood, as a first guess; `run` says exactly once it has taken
+        // the partition (a store that cannot answer now is waited for there).
+        let (applied, _) = watch::channel(store.checkpoint(0).unwrap_or_default());
         Ok(Worker {
             log,
             store,
@@ -85,7 +87,7 @@ impl Worker {
         keyring: Keyring,
         share_from: Option<Offset>,
     ) -> Result<Self, WorkerError> {
-        let (applied, _) = watch::channel(store.checkpoint(partition)?);
+        let (applied, _) = watch::channel(store.checkpoint(partition).unwrap_or_default());
         Ok(Worker {
             log: topic.get(partition).clone(),
             store,
@@ -161,34 +163,38 @@ impl Worker {
             let share_from = self.shares.as_ref().map_or(Offset::MAX, |s| s.from);
             let Some(batch) = self
                 .retrying(&mut shutdown, move || {
-                    let batch = fold_partition_batch(&*store, scope, from, &records, share_from)?;
-                    if batch.shares.is_empty() {
-                        store.commit(&batch.writes, scope.partition, batch.next)?;
-                    }
-                    Ok(batch)
+                    fold_partition_batch(&*store, scope, from, &records, share_from)
                 })
                 .await?
             else {
                 return Ok(());
             };
-            if !batch.shares.is_empty() {
-                if !self.append_shares(&batch.shares, &mut shutdown).await {
-                    return Ok(());
-                }
-                let store = self.store.clone();
-                let writes = Arc::new(batch.writes);
-                let at = batch.next;
-                if self
-                    .retrying(&mut shutdown, move || {
-                        Ok(store.commit(&writes, partition, at)?)
-                    })
-                    .await?
-                    .is_none()
-                {
-                    return Ok(());
-                }
+            if !batch.shares.is_empty() && !self.append_shares(&batch.shares, &mut shutdown).await {
+                return Ok(());
             }
-            let (next, new_entries, withdrawn) = (batch.next, batch.new_entries, batch.withdrawn);
+            // The batch is committed as it was folded, however many tries that takes: a
+            // try that failed may have written some of its rows (a CQL store writes them
+            // one by one), and folding the batch again over them would read part of its
+            // own result (seqs skipped, acks counted twice). Committing the same writes
+            // again is harmless: they are final values.
+            let PartitionBatch {
+                writes,
+                next,
+                new_entries,
+                withdrawn,
+                ..
+            } = batch;
+            let store = self.store.clone();
+            let writes = Arc::new(writes);
+            if self
+                .retrying(&mut shutdown, move || {
+                    Ok(store.commit(&writes, partition, next)?)
+                })
+                .await?
+                .is_none()
+            {
+                return Ok(());
+            }
             tracing::debug!(
                 partition,
                 next,

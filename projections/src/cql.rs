@@ -18,7 +18,8 @@
 //!    complete, `IF epoch = <ours>`;
 //! 2. every row written, with `USING TIMESTAMP` the batch's next offset, so a late write
 //!    of an older batch never overwrites a newer one;
-//! 3. an LWT advancing the checkpoint and clearing the journal, `IF epoch = <ours>`.
+//! 3. an LWT advancing the checkpoint and clearing the journal's marker, `IF epoch =
+//!    <ours>`; then its chunks are deleted.
 //!
 //! A crash between 1 and 3 leaves a complete journal: whoever takes the partition next
 //! ([`Store::take_partition`]) writes it again and advances the checkpoint, so the state
@@ -74,11 +75,14 @@ const MAX_TTL_S: u64 = 2 * 365 * 24 * 3600;
 const MIN_INBOX_TTL_S: u64 = 7 * 24 * 3600;
 
 /// An inbox row's TTL written at `now_ms`: until [`INBOX_TTL_GRACE_MS`] after the entry
-/// expires (after which no fold looks at it), and at least [`MIN_INBOX_TTL_S`].
+/// expires (after which no fold looks at it, by the events' time) and a further
+/// [`MIN_INBOX_TTL_S`], so a worker up to a week behind the log still finds what its
+/// events' time says is there; and at least [`MIN_INBOX_TTL_S`] from now.
 fn inbox_ttl_s(e: &InboxEntry, now_ms: u64) -> i32 {
     let ms = e
         .expires_at_ms
         .saturating_add(INBOX_TTL_GRACE_MS)
+        .saturating_add(MIN_INBOX_TTL_S * 1000)
         .saturating_sub(now_ms);
     let s = ms.div_ceil(1000).clamp(MIN_INBOX_TTL_S, MAX_TTL_S);
     i32::try_from(s).unwrap_or(i32::MAX)
@@ -196,7 +200,7 @@ const MIGRATIONS: &[(i32, &str, &[&str])] = &[(
         "CREATE TABLE IF NOT EXISTS {ks}.presence (device_id text PRIMARY KEY, v blob)",
         "CREATE TABLE IF NOT EXISTS {ks}.idempotency (app_id text, key text, part int, v blob, PRIMARY KEY ((app_id, key), part))",
         "CREATE TABLE IF NOT EXISTS {ks}.collapse (device_id text, collapse_key text, seq bigint, PRIMARY KEY (device_id, collapse_key))",
-        "CREATE TABLE IF NOT EXISTS {ks}.progress (part int, writer bigint, chunk int, data blob, epoch bigint static, checkpoint bigint static, journal_next bigint static, journal_writer bigint static, journal_chunks int static, PRIMARY KEY (part, writer, chunk))",
+        "CREATE TABLE IF NOT EXISTS {ks}.progress (part int, writer bigint, next bigint, chunk int, data blob, epoch bigint static, checkpoint bigint static, journal_next bigint static, journal_writer bigint static, journal_chunks int static, PRIMARY KEY (part, writer, next, chunk)) WITH gc_grace_seconds = 3600",
     ],
 )];
 
@@ -415,13 +419,18 @@ struct Stmts {
     claim: PreparedStatement,
     put_chunk: PreparedStatement,
     drop_chunks: PreparedStatement,
+    drop_own_chunks: PreparedStatement,
     journal_complete: PreparedStatement,
     journal_chunks: PreparedStatement,
     advance: PreparedStatement,
 }
 
 impl Stmts {
-    async fn prepare(session: &Session, ks: &str) -> Result<Self, StoreError> {
+    async fn prepare(
+        session: &Session,
+        ks: &str,
+        consistency: CqlConsistency,
+    ) -> Result<Self, StoreError> {
         let p = |cql: &str| {
             let cql = cql.replace("{ks}", ks);
             async move {
@@ -431,13 +440,17 @@ impl Stmts {
                     .map_err(|e| StoreError::Unavailable(format!("cannot prepare {cql:?}: {e}")))
             }
         };
-        // Reads of `progress` for a claim see every LWT before them.
+        // Reads of `progress` after a claim see every LWT before them (at the serial
+        // level that goes with the configured consistency).
+        let serial = match consistency.serial() {
+            SerialConsistency::LocalSerial => Consistency::LocalSerial,
+            _ => Consistency::Serial,
+        };
         let mut progress = p("SELECT epoch, checkpoint, journal_next, journal_writer, journal_chunks FROM {ks}.progress WHERE part = ? LIMIT 1").await?;
-        progress.set_consistency(Consistency::Serial);
+        progress.set_consistency(serial);
         let mut journal_chunks =
-            p("SELECT chunk, data FROM {ks}.progress WHERE part = ? AND writer = ? AND chunk < ?")
-                .await?;
-        journal_chunks.set_consistency(Consistency::Serial);
+            p("SELECT chunk, data FROM {ks}.progress WHERE part = ? AND writer = ? AND next = ? AND chunk < ?").await?;
+        journal_chunks.set_consistency(serial);
         Ok(Stmts {
             put_app: p("INSERT INTO {ks}.apps (app_id, v) VALUES (?, ?) USING TIMESTAMP ?").await?,
             get_app: p("SELECT v FROM {ks}.apps WHERE app_id = ?").await?,
@@ -471,8 +484,9 @@ impl Stmts {
             checkpoint: p("SELECT checkpoint FROM {ks}.progress WHERE part = ? LIMIT 1").await?,
             claim_first: p("UPDATE {ks}.progress SET epoch = ?, checkpoint = 0 WHERE part = ? IF epoch = null").await?,
             claim: p("UPDATE {ks}.progress SET epoch = ? WHERE part = ? IF epoch = ?").await?,
-            put_chunk: p("INSERT INTO {ks}.progress (part, writer, chunk, data) VALUES (?, ?, ?, ?)").await?,
+            put_chunk: p("INSERT INTO {ks}.progress (part, writer, next, chunk, data) VALUES (?, ?, ?, ?, ?)").await?,
             drop_chunks: p("DELETE FROM {ks}.progress WHERE part = ? AND writer < ?").await?,
+            drop_own_chunks: p("DELETE FROM {ks}.progress WHERE part = ? AND writer = ? AND next <= ?").await?,
             journal_complete: p("UPDATE {ks}.progress SET journal_next = ?, journal_writer = ?, journal_chunks = ? WHERE part = ? IF epoch = ?").await?,
             journal_chunks,
             advance: p("UPDATE {ks}.progress SET checkpoint = ?, journal_next = null WHERE part = ? IF epoch = ?").await?,
@@ -501,6 +515,8 @@ struct Inner {
     s: Stmts,
     keyspace: String,
     owned: Mutex<HashMap<u32, Owned>>,
+    /// Partitions another writer took from this process.
+    fenced: Mutex<std::collections::HashSet<u32>>,
 }
 
 /// The CQL-backed [`Store`].
@@ -541,14 +557,23 @@ impl CqlStore {
         let inner = block(&runtime, async move {
             let session = connect(&config).await?;
             migrate_on(&session, &config).await?;
-            let s = Stmts::prepare(&session, &config.keyspace).await?;
+            let s = Stmts::prepare(&session, &config.keyspace, config.consistency).await?;
             Ok(Arc::new(Inner {
                 session,
                 s,
                 keyspace: config.keyspace.clone(),
                 owned: Mutex::new(HashMap::new()),
+                fenced: Mutex::new(Default::default()),
             }))
-        })?;
+        });
+        let inner = match inner {
+            Ok(inner) => inner,
+            Err(e) => {
+                // Dropping a runtime blocks, which a caller inside another may not do.
+                runtime.shutdown_background();
+                return Err(e);
+            }
+        };
         Ok(CqlStore {
             inner,
             runtime: Some(runtime),
@@ -565,7 +590,15 @@ impl CqlStore {
         let Some(rt) = &self.runtime else {
             return Err(StoreError::Storage("the CQL store is closed".into()));
         };
-        block(rt, f(self.inner.clone()))
+        let fut = f(self.inner.clone());
+        // Called from a task of a multi-thread runtime (an API handler), the wait moves
+        // that runtime's other tasks to another thread instead of stalling them.
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| block(rt, fut))
+            }
+            _ => block(rt, fut),
+        }
     }
 
     /// The keyspace.
@@ -628,6 +661,23 @@ fn block<T: Send + 'static>(
     let task = rt.spawn(fut);
     futures::executor::block_on(task)
         .map_err(|e| StoreError::Storage(format!("a CQL request task failed: {e}")))?
+}
+
+/// For fault tests: with `HERALD_CQL_CRASH_FILE` naming a file, a commit that finds the
+/// file there aborts the process right after its journal is complete, before any row is
+/// written: what a kill -9 in the middle of a commit leaves for the next writer.
+fn crash_point(partition: u32) {
+    static FILE: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    let file = FILE.get_or_init(|| std::env::var_os("HERALD_CQL_CRASH_FILE").map(Into::into));
+    if let Some(f) = file
+        && f.exists()
+    {
+        eprintln!(
+            "herald: crash point: aborting after partition {partition}'s journal ({} exists)",
+            f.display()
+        );
+        std::process::abort();
+    }
 }
 
 type Op<'a> = std::pin::Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + 'a>>;
@@ -746,25 +796,39 @@ impl Inner {
     /// a commit an earlier writer left with a complete journal.
     async fn take_partition(&self, partition: u32) -> Result<(), StoreError> {
         let part = partition as i32;
-        let (epoch, progress) = loop {
-            let progress = self.progress(partition).await?;
-            let next = progress.epoch.unwrap_or(0) + 1;
-            let applied = match progress.epoch {
+        // Claim first, then read: once the epoch is ours no earlier writer can complete a
+        // journal (its LWT names its own epoch), and the claim's Paxos round finishes any
+        // of its proposals still in flight, so the read sees every journal there will be.
+        let epoch = loop {
+            let seen = self.progress(partition).await?.epoch;
+            let next = seen.unwrap_or(0) + 1;
+            let applied = match seen {
                 None => self.lwt(&self.s.claim_first, (next, part)).await?,
                 Some(e) => self.lwt(&self.s.claim, (next, part, e)).await?,
             };
             if applied {
-                break (next, progress);
+                break next;
             }
             // Another worker claimed it at the same moment: read again and outbid it
             // (the group decides who keeps it; the loser is fenced at its next commit).
         };
+        let progress = self.progress(partition).await?;
+        if progress.epoch != Some(epoch) {
+            // Outbid between the claim and the read: the newer writer recovers.
+            lock(&self.fenced).insert(partition);
+            return Err(StoreError::Fenced { partition });
+        }
         let mut checkpoint = progress.checkpoint;
         if let Some(next) = progress.journal_next.filter(|n| *n > checkpoint) {
             let chunks = self
                 .rows::<(i32, Vec<u8>)>(
                     &self.s.journal_chunks,
-                    (part, progress.journal_writer, progress.journal_chunks),
+                    (
+                        part,
+                        progress.journal_writer,
+                        as_i64(next),
+                        progress.journal_chunks,
+                    ),
                     "progress",
                 )
                 .await?;
@@ -787,12 +851,13 @@ impl Inner {
                 .await?;
             checkpoint = next;
         }
-        // Journals of earlier writers are done with.
+        // Journals of earlier writers are done with (this one's, each as it finishes).
         self.session
             .execute_unpaged(&self.s.drop_chunks, (part, epoch))
             .await
             .map_err(exec)?;
         lock(&self.owned).insert(partition, Owned { epoch, checkpoint });
+        lock(&self.fenced).remove(&partition);
         tracing::debug!(
             partition,
             epoch,
@@ -802,8 +867,13 @@ impl Inner {
         Ok(())
     }
 
-    /// This process's hold on `partition`, taking it first if it has none.
+    /// This process's hold on `partition`, taking it first if it has none. A partition
+    /// this process was fenced from stays refused until it is taken again explicitly
+    /// ([`Store::take_partition`]): a retried commit must not fence the rightful owner.
     async fn owned(&self, partition: u32) -> Result<Owned, StoreError> {
+        if lock(&self.fenced).contains(&partition) {
+            return Err(StoreError::Fenced { partition });
+        }
         let held = lock(&self.owned).get(&partition).copied();
         match held {
             Some(o) => Ok(o),
@@ -827,6 +897,7 @@ impl Inner {
             return Ok(());
         }
         lock(&self.owned).remove(&partition);
+        lock(&self.fenced).insert(partition);
         Err(StoreError::Fenced { partition })
     }
 
@@ -847,9 +918,10 @@ impl Inner {
         let chunks: Vec<&[u8]> = journal.chunks(JOURNAL_CHUNK_BYTES).collect();
         let mut ops: Vec<Op<'_>> = Vec::new();
         for (n, chunk) in chunks.iter().enumerate() {
-            // Under the writer's epoch: a writer fenced a moment ago cannot overwrite
-            // the chunks of the journal its successor may have to read.
-            let values = (part, epoch, n as i32, chunk.to_vec());
+            // Under the writer's epoch and the journal's end: a writer fenced a moment
+            // ago, writing its next journal, cannot overwrite the chunks of the one its
+            // successor may be reading (a retry of the same batch writes the same bytes).
+            let values = (part, epoch, as_i64(next), n as i32, chunk.to_vec());
             let (x, stmt) = (&self.session, &self.s.put_chunk);
             ops.push(Box::pin(async move {
                 x.execute_unpaged(stmt, values).await.map_err(exec)?;
@@ -876,6 +948,7 @@ impl Inner {
         let empty = w == Writes::default();
         if !empty {
             self.write_journal(&w, partition, next, owned.epoch).await?;
+            crash_point(partition);
             self.write_rows(&w, partition, next).await?;
         }
         if next > owned.checkpoint || !empty {
@@ -888,69 +961,95 @@ impl Inner {
             if let Some(o) = lock(&self.owned).get_mut(&partition) {
                 o.checkpoint = next;
             }
+            if !empty {
+                // The journal is done with; a failed delete leaves rows that the next
+                // take of the partition deletes.
+                if let Err(e) = self
+                    .session
+                    .execute_unpaged(
+                        &self.s.drop_own_chunks,
+                        (partition as i32, owned.epoch, as_i64(next)),
+                    )
+                    .await
+                {
+                    tracing::debug!(partition, error = %e, "cannot delete a finished journal");
+                }
+            }
         }
         Ok(())
     }
 
     /// Writes every row of a batch of `partition` that leads to checkpoint `next`, with
     /// `next` as the write timestamp.
+    ///
+    /// In three waves, each after the one before has landed, because readers take a
+    /// batch's rows as they come (only folds wait for the checkpoint): payloads, then
+    /// inbox entries, then everything else. A gateway that reads a device's head and then
+    /// its inbox finds every entry below the head, and a visible entry's payload.
     async fn write_rows(&self, w: &Writes, partition: u32, next: u64) -> Result<(), StoreError> {
         let ts = as_i64(next);
         let part = partition as i32;
         let now = now_ms();
         let s = &self.s;
         let x = &self.session;
-        let mut ops: Vec<Op<'_>> = Vec::new();
+        let (mut payloads, mut entries, mut rest): (Vec<Op<'_>>, Vec<Op<'_>>, Vec<Op<'_>>) =
+            Default::default();
         macro_rules! op {
-            ($stmt:expr, $values:expr) => {{
+            ($wave:ident, $stmt:expr, $values:expr) => {{
                 let values = $values;
-                ops.push(Box::pin(async move {
+                $wave.push(Box::pin(async move {
                     x.execute_unpaged($stmt, values).await.map_err(exec)?;
                     Ok(())
                 }));
             }};
         }
-        for (k, v) in &w.apps {
-            op!(&s.put_app, (k, encode(v), ts));
-        }
-        for (k, v) in &w.app_by_client {
-            op!(&s.put_app_by_client, (k, v, ts));
-        }
-        for (k, v) in &w.app_by_key {
-            op!(&s.put_app_by_key, (k, v, ts));
-        }
-        for (k, v) in &w.devices {
-            op!(&s.put_device, (k, encode(v), ts));
-        }
-        for (a, d) in &w.app_devices {
-            op!(&s.put_app_device, (a, d, ts));
-        }
-        for (k, v) in &w.heads {
-            op!(&s.put_head, (k, as_i64(v.next_seq), ts));
+        for (k, v) in &w.payloads {
+            op!(payloads, &s.put_payload, (k, encode(v), ts));
         }
         for ((d, seq), e) in &w.entries {
             let seq = as_i64(*seq);
             match e {
-                Some(e) => op!(&s.put_entry, (d, seq, encode(e), ts, inbox_ttl_s(e, now))),
-                None => op!(&s.del_entry, (ts, d, seq)),
+                Some(e) => op!(
+                    entries,
+                    &s.put_entry,
+                    (d, seq, encode(e), ts, inbox_ttl_s(e, now))
+                ),
+                None => op!(entries, &s.del_entry, (ts, d, seq)),
             }
         }
-        for (k, v) in &w.messages {
-            op!(&s.put_message, (k, part, encode(v), ts));
+        for (k, v) in &w.apps {
+            op!(rest, &s.put_app, (k, encode(v), ts));
         }
-        for (k, v) in &w.payloads {
-            op!(&s.put_payload, (k, encode(v), ts));
+        for (k, v) in &w.app_by_client {
+            op!(rest, &s.put_app_by_client, (k, v, ts));
+        }
+        for (k, v) in &w.app_by_key {
+            op!(rest, &s.put_app_by_key, (k, v, ts));
+        }
+        for (k, v) in &w.devices {
+            op!(rest, &s.put_device, (k, encode(v), ts));
+        }
+        for (a, d) in &w.app_devices {
+            op!(rest, &s.put_app_device, (a, d, ts));
+        }
+        for (k, v) in &w.heads {
+            op!(rest, &s.put_head, (k, as_i64(v.next_seq), ts));
+        }
+        for (k, v) in &w.messages {
+            op!(rest, &s.put_message, (k, part, encode(v), ts));
         }
         for (k, v) in &w.presence {
-            op!(&s.put_presence, (k, encode(v), ts));
+            op!(rest, &s.put_presence, (k, encode(v), ts));
         }
         for ((a, k), v) in &w.idempotency {
-            op!(&s.put_idempotency, (a, k, part, encode(v), ts));
+            op!(rest, &s.put_idempotency, (a, k, part, encode(v), ts));
         }
         for ((d, k), v) in &w.collapse {
-            op!(&s.put_collapse, (d, k, as_i64(*v), ts));
+            op!(rest, &s.put_collapse, (d, k, as_i64(*v), ts));
         }
-        run_all(ops).await
+        run_all(payloads).await?;
+        run_all(entries).await?;
+        run_all(rest).await
     }
 
     async fn to_mem_state(&self) -> Result<MemState, StoreError> {

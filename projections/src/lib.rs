@@ -21,7 +21,9 @@
 //! - A device's inbox seqs are assigned by the fold, starting at 1, strictly increasing
 //!   and dense.
 //! - A store commits a batch's writes and the checkpoint (the next log offset to apply)
-//!   in one atomic write, so after a crash the state matches its checkpoint exactly.
+//!   so that after a crash the state matches its checkpoint exactly once the partition is
+//!   taken again: in one atomic write (embedded), or by a redo journal that the next
+//!   writer finishes (CQL).
 
 #[cfg(feature = "cql")]
 pub mod cql;

@@ -58,7 +58,7 @@ pub trait View {
     fn collapse(&self, device_id: &str, collapse_key: &str) -> Result<Option<u64>, StoreError>;
 }
 
-/// The writes of one batch, ready to be committed atomically. Every value is the row's
+/// The writes of one batch, ready to be committed with their checkpoint. Every value is the row's
 /// final value after the batch (never a delta), so applying the same `Writes` twice gives
 /// the same state: the CQL store's journal relies on it. Serialized (maps as lists of
 /// pairs) only by stores, for their own journal.
@@ -313,10 +313,13 @@ impl View for Tx<'_> {
 }
 
 /// A projection store: committed state, plus what readers outside the folds need. An API
-/// boundary: the embedded store implements it now, the CQL store later.
+/// boundary: the embedded store and the CQL store implement it.
 pub trait Store: View + Send + Sync {
     /// Commits a batch's writes of `partition` together with that partition's checkpoint
-    /// `next_offset` (the first offset not yet applied), atomically.
+    /// `next_offset` (the first offset not yet applied): all of it or, after a failure,
+    /// none of it as far as a fold that starts after [`Store::take_partition`] can tell
+    /// (atomically in the embedded store; the CQL store finishes a half-done commit when
+    /// the partition is taken). A failed commit may be retried with the same writes.
     fn commit(&self, writes: &Writes, partition: u32, next_offset: u64) -> Result<(), StoreError>;
     /// The first offset of `partition` not yet applied.
     fn checkpoint(&self, partition: u32) -> Result<u64, StoreError>;

@@ -497,14 +497,90 @@ impl Drop for UdpCut {
     }
 }
 
-/// A Kafka broker of a test's own (scripts/kafka-up), on a port whose next port (the controller's) is free too.
-pub struct Broker {
-    pub port: u16,
-    dir: PathBuf,
+/// The address a service test runs against, from the variable `var` (set by scripts/test),
+/// or `None` after printing why the test is skipped (`how` says how to get one). Under
+/// HERALD_REQUIRE_TOOLS the test fails instead of skipping.
+pub fn service(var: &str, how: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(v) if !v.is_empty() => Some(v),
+        _ if std::env::var_os("HERALD_REQUIRE_TOOLS").is_some() => {
+            panic!("{var} is not set, and HERALD_REQUIRE_TOOLS says not to skip")
+        }
+        _ => {
+            eprintln!("skipped: {var} is not set ({how})");
+            None
+        }
+    }
 }
 
 pub fn scripts() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts")
+}
+
+/// A server of a test's own, run by scripts/NAME-up and NAME-down in a directory of its
+/// own: what `Broker` and `CassandraNode` share.
+struct Scripted {
+    name: &'static str,
+    /// The scripts' variables (ports, directory), without the keep flag.
+    env: Vec<(String, String)>,
+    dir_var: String,
+    dir: PathBuf,
+}
+
+impl Scripted {
+    fn new(name: &'static str, port: u16, env: Vec<(String, String)>) -> Scripted {
+        let dir =
+            std::env::temp_dir().join(format!("herald-{name}-test-{}-{port}", std::process::id()));
+        let dir_var = format!("HERALD_{}_DIR", name.to_uppercase());
+        Scripted {
+            name,
+            env,
+            dir_var,
+            dir,
+        }
+    }
+
+    fn keep_var(&self) -> String {
+        format!("HERALD_{}_KEEP", self.name.to_uppercase())
+    }
+
+    /// Starts it (on the data it had, with `keep`).
+    fn up(&self, keep: bool) {
+        let out = Command::new(scripts().join(format!("{}-up", self.name)))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env(&self.dir_var, &self.dir)
+            .env(self.keep_var(), if keep { "1" } else { "0" })
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}-up failed: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Stops it (keeping its data, with `keep`).
+    fn down(&self, keep: bool) {
+        let status = Command::new(scripts().join(format!("{}-down", self.name)))
+            .env(&self.dir_var, &self.dir)
+            .env(self.keep_var(), if keep { "1" } else { "0" })
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Scripted {
+    fn drop(&mut self) {
+        self.down(false);
+    }
+}
+
+/// A Kafka broker of a test's own (scripts/kafka-up), on a port whose next port (the controller's) is free too.
+pub struct Broker {
+    pub port: u16,
+    server: Scripted,
 }
 
 impl Broker {
@@ -515,34 +591,21 @@ impl Broker {
                 break p;
             }
         };
-        let tmp =
-            std::env::temp_dir().join(format!("herald-kafka-test-{}-{port}", std::process::id()));
-        let b = Broker { port, dir: tmp };
-        b.up(false);
-        b
+        let server = Scripted::new(
+            "kafka",
+            port,
+            vec![("HERALD_KAFKA_PORT".into(), port.to_string())],
+        );
+        server.up(false);
+        Broker { port, server }
     }
 
     pub fn up(&self, keep: bool) {
-        let out = Command::new(scripts().join("kafka-up"))
-            .env("HERALD_KAFKA_PORT", self.port.to_string())
-            .env("HERALD_KAFKA_DIR", &self.dir)
-            .env("HERALD_KAFKA_KEEP", if keep { "1" } else { "0" })
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "kafka-up failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        self.server.up(keep);
     }
 
     pub fn down(&self, keep: bool) {
-        let status = Command::new(scripts().join("kafka-down"))
-            .env("HERALD_KAFKA_DIR", &self.dir)
-            .env("HERALD_KAFKA_KEEP", if keep { "1" } else { "0" })
-            .status()
-            .unwrap();
-        assert!(status.success());
+        self.server.down(keep);
     }
 
     pub fn addr(&self) -> String {
@@ -550,9 +613,39 @@ impl Broker {
     }
 }
 
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.down(false);
+/// A Cassandra node of a test's own (scripts/cassandra-up), on free CQL and gossip ports.
+pub struct CassandraNode {
+    pub port: u16,
+    server: Scripted,
+}
+
+impl CassandraNode {
+    pub fn start() -> CassandraNode {
+        let (port, gossip) = (free_port(), free_port());
+        let server = Scripted::new(
+            "cassandra",
+            port,
+            vec![
+                ("HERALD_CASSANDRA_PORT".into(), port.to_string()),
+                ("HERALD_CASSANDRA_STORAGE_PORT".into(), gossip.to_string()),
+            ],
+        );
+        server.up(false);
+        CassandraNode { port, server }
+    }
+
+    /// Starts it (on the data it had, with `keep`).
+    pub fn up(&self, keep: bool) {
+        self.server.up(keep);
+    }
+
+    /// Stops it (keeping its data, with `keep`).
+    pub fn down(&self, keep: bool) {
+        self.server.down(keep);
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
     }
 }
 
@@ -601,60 +694,4 @@ pub fn quick_options() -> herald_client::DeviceOptions {
     opts.backoff.initial_delay = Duration::from_millis(50);
     opts.backoff.max_delay = Duration::from_millis(500);
     opts
-}
-
-/// A Cassandra node of a test's own (scripts/cassandra-up), on free CQL and gossip ports.
-pub struct CassandraNode {
-    pub port: u16,
-    gossip: u16,
-    dir: PathBuf,
-}
-
-impl CassandraNode {
-    pub fn start() -> CassandraNode {
-        let (port, gossip) = (free_port(), free_port());
-        let dir = std::env::temp_dir().join(format!(
-            "herald-cassandra-test-{}-{port}",
-            std::process::id()
-        ));
-        let node = CassandraNode { port, gossip, dir };
-        node.up(false);
-        node
-    }
-
-    /// Starts it (on the data it had, with `keep`).
-    pub fn up(&self, keep: bool) {
-        let out = Command::new(scripts().join("cassandra-up"))
-            .env("HERALD_CASSANDRA_PORT", self.port.to_string())
-            .env("HERALD_CASSANDRA_STORAGE_PORT", self.gossip.to_string())
-            .env("HERALD_CASSANDRA_DIR", &self.dir)
-            .env("HERALD_CASSANDRA_KEEP", if keep { "1" } else { "0" })
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "cassandra-up failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// Stops it (keeping its data, with `keep`).
-    pub fn down(&self, keep: bool) {
-        let status = Command::new(scripts().join("cassandra-down"))
-            .env("HERALD_CASSANDRA_DIR", &self.dir)
-            .env("HERALD_CASSANDRA_KEEP", if keep { "1" } else { "0" })
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for CassandraNode {
-    fn drop(&mut self) {
-        self.down(false);
-    }
 }
