@@ -517,6 +517,21 @@ pub fn scripts() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts")
 }
 
+/// A free TCP port on 127.0.0.1 below the ephemeral range (20000 to 32767), for a server
+/// that must get the same port back when it restarts.
+pub fn fixed_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    // Processes start at different places, so parallel test binaries rarely meet.
+    let start = std::process::id() % 1_000 * 12;
+    loop {
+        let i = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = 20_000 + ((start + i) % 12_768) as u16;
+        if TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+}
+
 /// A server of a test's own, run by scripts/NAME-up and NAME-down in a directory of its
 /// own: what `Broker` and `CassandraNode` share.
 struct Scripted {
@@ -544,20 +559,26 @@ impl Scripted {
         format!("HERALD_{}_KEEP", self.name.to_uppercase())
     }
 
-    /// Starts it (on the data it had, with `keep`).
+    /// Starts it (on the data it had, with `keep`); a start that fails is tried twice
+    /// more, printing why.
     fn up(&self, keep: bool) {
-        let out = Command::new(scripts().join(format!("{}-up", self.name)))
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .env(&self.dir_var, &self.dir)
-            .env(self.keep_var(), if keep { "1" } else { "0" })
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}-up failed: {}",
-            self.name,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let mut tries = 0;
+        loop {
+            let out = Command::new(scripts().join(format!("{}-up", self.name)))
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
+                .env(&self.dir_var, &self.dir)
+                .env(self.keep_var(), if keep { "1" } else { "0" })
+                .output()
+                .unwrap();
+            if out.status.success() {
+                return;
+            }
+            tries += 1;
+            let why = String::from_utf8_lossy(&out.stderr);
+            assert!(tries < 3, "{}-up failed {tries} times: {why}", self.name);
+            eprintln!("{}-up failed; trying again: {why}", self.name);
+            std::thread::sleep(Duration::from_secs(2));
+        }
     }
 
     /// Stops it (keeping its data, with `keep`).
@@ -621,7 +642,10 @@ pub struct CassandraNode {
 
 impl CassandraNode {
     pub fn start() -> CassandraNode {
-        let (port, gossip) = (free_port(), free_port());
+        // Below the kernel's ephemeral range (32768 and up): a node restarted on the
+        // same ports must find them free, and an ephemeral port may meanwhile be the
+        // local end of any connection on the machine.
+        let (port, gossip) = (fixed_port(), fixed_port());
         let server = Scripted::new(
             "cassandra",
             port,
