@@ -39,6 +39,18 @@ pub const DELIVER_GROUP: &str = "herald-deliver";
 /// in the same rebalance.
 const RELEASE_GRACE: Duration = Duration::from_secs(3);
 
+/// How long a member waits before it takes again a partition it still holds whose
+/// worker another process fenced in the shared store (a revocation usually follows).
+const RETAKE_DELAY: Duration = Duration::from_secs(2);
+
+/// Resolves at `at`, or never.
+async fn retake_due(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The topic, every partition opened, and each partition's handle on Kafka (the first
 /// has the producer and group membership).
 async fn open_kafka(config: &Config) -> anyhow::Result<(Partitions, Vec<Arc<OrderedKafkaLog>>)> {
@@ -294,6 +306,9 @@ pub async fn deliver(config: Config) -> anyhow::Result<()> {
     let mut stopping: std::collections::HashMap<u32, watch::Receiver<bool>> = Default::default();
     let mut generation = 0u64;
     let mut committed: std::collections::HashMap<i32, i64> = Default::default();
+    // Partitions still assigned here whose worker was fenced in the shared store: taken
+    // again at these times, unless the group revokes them first.
+    let mut retake: std::collections::BTreeMap<u32, tokio::time::Instant> = Default::default();
     let signal = shutdown_signal();
     tokio::pin!(signal);
     let result = loop {
@@ -321,11 +336,13 @@ pub async fn deliver(config: Config) -> anyhow::Result<()> {
                             count,
                             held.iter().filter(|(_, h)| h.serving).map(|(p, _)| *p).collect(),
                         );
-                        if !assigned {
-                            continue;
+                        if assigned {
+                            // Still this member's, as far as it has heard: take it again
+                            // shortly (a revocation on its way cancels that), as if given
+                            // it then.
+                            retake.insert(p, tokio::time::Instant::now() + RETAKE_DELAY);
                         }
-                        // Still this member's: take it again, as if given it now.
-                        Ok(Polled::Rebalance(Rebalance::Assigned(vec![p as i32])))
+                        continue;
                     }
                     Ok((p, _, Err(e))) => break Err(anyhow::anyhow!("the worker of partition {p} failed: {e}")),
                     Ok((p, g, Ok(()))) => {
@@ -336,6 +353,14 @@ pub async fn deliver(config: Config) -> anyhow::Result<()> {
                     }
                     Err(e) => break Err(anyhow::anyhow!("a partition worker panicked: {e}")),
                 }
+            }
+            () = retake_due(retake.values().min().copied()) => {
+                let now = tokio::time::Instant::now();
+                let due: Vec<u32> = retake.iter().filter(|(_, t)| **t <= now).map(|(p, _)| *p).collect();
+                for p in &due {
+                    retake.remove(p);
+                }
+                Ok(Polled::Rebalance(Rebalance::Assigned(due.into_iter().map(|p| p as i32).collect())))
             }
             p = member.poll(16, Duration::from_millis(200)) => p,
         };
@@ -349,6 +374,7 @@ pub async fn deliver(config: Config) -> anyhow::Result<()> {
             Ok(Polled::Rebalance(Rebalance::Assigned(parts))) => {
                 let mut new = Vec::new();
                 for p in parts.into_iter().filter_map(|p| u32::try_from(p).ok()) {
+                    retake.remove(&p);
                     if p >= count {
                         // The topic grew partitions after this process started: a key's
                         // partition would differ between processes. Refuse to serve it.
@@ -440,6 +466,7 @@ pub async fn deliver(config: Config) -> anyhow::Result<()> {
             }
             Ok(Polled::Rebalance(Rebalance::Revoked(parts))) => {
                 for p in parts.into_iter().filter_map(|p| u32::try_from(p).ok()) {
+                    retake.remove(&p);
                     if let Some(h) = held.get_mut(&p) {
                         h.release_at
                             .get_or_insert(tokio::time::Instant::now() + RELEASE_GRACE);

@@ -246,8 +246,11 @@ impl StoreDirectory {
             .store
             .inbox_page(device_id, after_seq, limit)
             .map_err(err)?;
-        let full = entries.len() >= limit;
+        let read = entries.len();
         entries.retain(|e| e.seq < head.next_seq);
+        // Complete when the read reached the end, or reached entries above the head: all
+        // below it are in the page.
+        let full = read >= limit && entries.len() == read;
         let now = crate::now_ms();
         let mut page = BacklogPage {
             entries: Vec::with_capacity(entries.len()),

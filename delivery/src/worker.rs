@@ -122,10 +122,7 @@ impl Worker {
         // checkpoint; after that, its position is the checkpoint it last committed.
         let store = self.store.clone();
         let Some(mut from) = self
-            .retrying(&mut shutdown, move || {
-                store.take_partition(partition)?;
-                Ok(store.checkpoint(partition)?)
-            })
+            .retrying(&mut shutdown, move || Ok(store.take_partition(partition)?))
             .await?
         else {
             return Ok(());

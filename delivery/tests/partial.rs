@@ -241,4 +241,10 @@ async fn a_backlog_read_covers_only_entries_below_the_head_it_read() {
         page.covered_through, 2,
         "3 and 4 are not covered: they come live or with the next read"
     );
+    assert!(page.complete, "everything below the head is in the page");
+    // A full page of entries above the head only: nothing covered, nothing to read again.
+    let page = directory.backlog("d".into(), 4, 1).await.unwrap();
+    assert!(page.entries.is_empty());
+    assert_eq!(page.covered_through, 4);
+    assert!(page.complete);
 }

@@ -661,14 +661,28 @@ impl OrderedKafkaLog {
                 .map_err(|e| unavailable("cannot create the Kafka reader", e))?,
         );
         let mut ends = Vec::new();
+        // A topic created a moment ago (by this process or another role) may not have
+        // its partitions' leaders yet ("not leader for partition"): ask again, within
+        // the configured timeout.
+        let deadline = tokio::time::Instant::now() + log.config().timeout;
         for p in 0..log.partitions() {
-            let high = watermark(
-                watermarks.clone(),
-                log.config().topic.clone(),
-                p,
-                log.config().timeout,
-            )
-            .await?;
+            let high = loop {
+                match watermark(
+                    watermarks.clone(),
+                    log.config().topic.clone(),
+                    p,
+                    log.config().timeout,
+                )
+                .await
+                {
+                    Ok(high) => break high,
+                    Err(e) if tokio::time::Instant::now() < deadline => {
+                        tracing::debug!(partition = p, error = %e, "no high watermark yet; asking again");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
             ends.push(tokio::sync::watch::channel(high).0);
         }
         let topic = std::sync::Arc::new(TopicShared {

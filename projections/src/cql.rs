@@ -200,7 +200,7 @@ const MIGRATIONS: &[(i32, &str, &[&str])] = &[(
         "CREATE TABLE IF NOT EXISTS {ks}.presence (device_id text PRIMARY KEY, v blob)",
         "CREATE TABLE IF NOT EXISTS {ks}.idempotency (app_id text, key text, part int, v blob, PRIMARY KEY ((app_id, key), part))",
         "CREATE TABLE IF NOT EXISTS {ks}.collapse (device_id text, collapse_key text, seq bigint, PRIMARY KEY (device_id, collapse_key))",
-        "CREATE TABLE IF NOT EXISTS {ks}.progress (part int, writer bigint, next bigint, chunk int, data blob, epoch bigint static, checkpoint bigint static, journal_next bigint static, journal_writer bigint static, journal_chunks int static, PRIMARY KEY (part, writer, next, chunk)) WITH gc_grace_seconds = 3600",
+        "CREATE TABLE IF NOT EXISTS {ks}.progress (part int, writer bigint, next bigint, chunk int, data blob, epoch bigint static, checkpoint bigint static, journal_next bigint static, journal_writer bigint static, journal_chunks int static, PRIMARY KEY (part, writer, next, chunk)) WITH gc_grace_seconds = 10800",
     ],
 )];
 
@@ -663,9 +663,11 @@ fn block<T: Send + 'static>(
         .map_err(|e| StoreError::Storage(format!("a CQL request task failed: {e}")))?
 }
 
-/// For fault tests: with `HERALD_CQL_CRASH_FILE` naming a file, a commit that finds the
-/// file there aborts the process right after its journal is complete, before any row is
-/// written: what a kill -9 in the middle of a commit leaves for the next writer.
+/// For fault tests (feature `crash-point`): with `HERALD_CQL_CRASH_FILE` naming a file, a
+/// commit that finds the file there aborts the process right after its journal is
+/// complete, before any row is written: what a kill -9 in the middle of a commit leaves
+/// for the next writer.
+#[cfg(feature = "crash-point")]
 fn crash_point(partition: u32) {
     static FILE: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
     let file = FILE.get_or_init(|| std::env::var_os("HERALD_CQL_CRASH_FILE").map(Into::into));
@@ -679,6 +681,9 @@ fn crash_point(partition: u32) {
         std::process::abort();
     }
 }
+
+#[cfg(not(feature = "crash-point"))]
+fn crash_point(_partition: u32) {}
 
 type Op<'a> = std::pin::Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + 'a>>;
 
@@ -794,7 +799,7 @@ impl Inner {
 
     /// Raises the partition's epoch (this process writes it from now on), then finishes
     /// a commit an earlier writer left with a complete journal.
-    async fn take_partition(&self, partition: u32) -> Result<(), StoreError> {
+    async fn take_partition(&self, partition: u32) -> Result<u64, StoreError> {
         let part = partition as i32;
         // Claim first, then read: once the epoch is ours no earlier writer can complete a
         // journal (its LWT names its own epoch), and the claim's Paxos round finishes any
@@ -832,6 +837,14 @@ impl Inner {
                     "progress",
                 )
                 .await?;
+            if chunks.len() != usize::try_from(progress.journal_chunks).unwrap_or(0) {
+                // A replica that has not seen every chunk yet: ask again later.
+                return Err(StoreError::Unavailable(format!(
+                    "partition {partition}'s journal has {} of its {} chunks",
+                    chunks.len(),
+                    progress.journal_chunks
+                )));
+            }
             let bytes: Vec<u8> = chunks.into_iter().flat_map(|(_, d)| d).collect();
             let journal: Journal = decode("progress", &bytes)?;
             if journal.next != next {
@@ -864,7 +877,7 @@ impl Inner {
             checkpoint,
             "took a partition of the CQL store"
         );
-        Ok(())
+        Ok(checkpoint)
     }
 
     /// This process's hold on `partition`, taking it first if it has none. A partition
@@ -1311,7 +1324,7 @@ impl Store for CqlStore {
         })
     }
 
-    fn take_partition(&self, partition: u32) -> Result<(), StoreError> {
+    fn take_partition(&self, partition: u32) -> Result<u64, StoreError> {
         self.run(move |i| async move { i.take_partition(partition).await })
     }
 

@@ -327,14 +327,13 @@ pub trait Store: View + Send + Sync {
     fn checkpoints(&self, count: u32) -> Result<Vec<u64>, StoreError> {
         (0..count).map(|p| self.checkpoint(p)).collect()
     }
-    /// Makes the caller the one writer of `partition`, before it reads the partition's
-    /// checkpoint and folds from there. A store that several processes share (CQL)
-    /// records the claim, so commits of an earlier writer of the partition are refused
-    /// from now on ([`StoreError::Fenced`]), and completes a commit that writer left
-    /// half done. A store of one process has nothing to do.
-    fn take_partition(&self, partition: u32) -> Result<(), StoreError> {
-        let _ = partition;
-        Ok(())
+    /// Makes the caller the one writer of `partition`, and returns the checkpoint it
+    /// folds from. A store that several processes share (CQL) records the claim, so
+    /// commits of an earlier writer of the partition are refused from now on
+    /// ([`StoreError::Fenced`]), and completes a commit that writer left half done. A
+    /// store of one process only reads the checkpoint.
+    fn take_partition(&self, partition: u32) -> Result<u64, StoreError> {
+        self.checkpoint(partition)
     }
     /// What an app's Idempotency-Key stands for at `now_ms`: of its records in every
     /// partition (more than one when one key was used for pushes keyed to different
