@@ -122,7 +122,7 @@ async fn the_cql_store_stopped_for_ten_seconds_under_load_pauses_the_worker_and_
         return;
     }
     // A server of its own: this test stops it.
-    let node = Arc::new(CassandraNode::start());
+    let node = Arc::new(Service::cassandra());
     let conf = tempfile::tempdir().unwrap();
     let conf_file = conf.path().join("herald.toml");
     // Requests to the store give up after a second, so a stopped server shows quickly.

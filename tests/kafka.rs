@@ -26,7 +26,7 @@ async fn serve_on_kafka_never_accepts_what_the_broker_does_not_have() {
     if !wanted() {
         return;
     }
-    let broker = Broker::start();
+    let broker = Service::kafka();
     let tmp = tempfile::tempdir().unwrap();
     let conf = tmp.path().join("herald.toml");
     std::fs::write(&conf, "kafka_timeout_ms = 3000\n").unwrap();

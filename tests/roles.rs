@@ -148,7 +148,7 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 async fn roles(cql: Option<String>) {
     let _one = ONE_AT_A_TIME.lock().await;
     // A broker of its own: this test stops it for a while.
-    let kafka = Broker::start();
+    let kafka = Service::kafka();
     let brokers = kafka.addr();
     let tmp = tempfile::tempdir().unwrap();
     // Appends give up after 2 s, so a stopped broker shows as 503 quickly.

@@ -532,42 +532,74 @@ pub fn fixed_port() -> u16 {
     }
 }
 
-/// A server of a test's own, run by scripts/NAME-up and NAME-down in a directory of its
-/// own: what `Broker` and `CassandraNode` share.
-struct Scripted {
+/// A server of a test's own (a Kafka broker or a Cassandra node), run by
+/// scripts/NAME-up and NAME-down in a directory of its own, and stopped when dropped.
+pub struct Service {
+    pub port: u16,
     name: &'static str,
-    /// The scripts' variables (ports, directory), without the keep flag.
+    /// The scripts' variables (ports), besides the directory and the keep flag.
     env: Vec<(String, String)>,
-    dir_var: String,
     dir: PathBuf,
 }
 
-impl Scripted {
-    fn new(name: &'static str, port: u16, env: Vec<(String, String)>) -> Scripted {
-        let dir =
-            std::env::temp_dir().join(format!("herald-{name}-test-{}-{port}", std::process::id()));
-        let dir_var = format!("HERALD_{}_DIR", name.to_uppercase());
-        Scripted {
-            name,
-            env,
-            dir_var,
-            dir,
-        }
+impl Service {
+    /// A Kafka broker (scripts/kafka-up), on a port whose next port (the controller's) is
+    /// free too.
+    pub fn kafka() -> Service {
+        let port = loop {
+            let p = free_port();
+            if p < 65000 && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+                break p;
+            }
+        };
+        Service::start(
+            "kafka",
+            port,
+            vec![("HERALD_KAFKA_PORT".into(), port.to_string())],
+        )
     }
 
-    fn keep_var(&self) -> String {
-        format!("HERALD_{}_KEEP", self.name.to_uppercase())
+    /// A Cassandra node (scripts/cassandra-up), on ports below the kernel's ephemeral
+    /// range (32768 and up): a node restarted on the same ports must find them free, and
+    /// an ephemeral port may meanwhile be the local end of any connection on the machine.
+    pub fn cassandra() -> Service {
+        let (port, gossip) = (fixed_port(), fixed_port());
+        Service::start(
+            "cassandra",
+            port,
+            vec![
+                ("HERALD_CASSANDRA_PORT".into(), port.to_string()),
+                ("HERALD_CASSANDRA_STORAGE_PORT".into(), gossip.to_string()),
+            ],
+        )
+    }
+
+    fn start(name: &'static str, port: u16, env: Vec<(String, String)>) -> Service {
+        let dir =
+            std::env::temp_dir().join(format!("herald-{name}-test-{}-{port}", std::process::id()));
+        let s = Service {
+            port,
+            name,
+            env,
+            dir,
+        };
+        s.up(false);
+        s
+    }
+
+    fn var(&self, what: &str) -> String {
+        format!("HERALD_{}_{what}", self.name.to_uppercase())
     }
 
     /// Starts it (on the data it had, with `keep`); a start that fails is tried twice
     /// more, printing why.
-    fn up(&self, keep: bool) {
+    pub fn up(&self, keep: bool) {
         let mut tries = 0;
         loop {
             let out = Command::new(scripts().join(format!("{}-up", self.name)))
                 .envs(self.env.iter().map(|(k, v)| (k, v)))
-                .env(&self.dir_var, &self.dir)
-                .env(self.keep_var(), if keep { "1" } else { "0" })
+                .env(self.var("DIR"), &self.dir)
+                .env(self.var("KEEP"), if keep { "1" } else { "0" })
                 .output()
                 .unwrap();
             if out.status.success() {
@@ -582,94 +614,23 @@ impl Scripted {
     }
 
     /// Stops it (keeping its data, with `keep`).
-    fn down(&self, keep: bool) {
+    pub fn down(&self, keep: bool) {
         let status = Command::new(scripts().join(format!("{}-down", self.name)))
-            .env(&self.dir_var, &self.dir)
-            .env(self.keep_var(), if keep { "1" } else { "0" })
+            .env(self.var("DIR"), &self.dir)
+            .env(self.var("KEEP"), if keep { "1" } else { "0" })
             .status()
             .unwrap();
         assert!(status.success());
     }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
 }
 
-impl Drop for Scripted {
+impl Drop for Service {
     fn drop(&mut self) {
         self.down(false);
-    }
-}
-
-/// A Kafka broker of a test's own (scripts/kafka-up), on a port whose next port (the controller's) is free too.
-pub struct Broker {
-    pub port: u16,
-    server: Scripted,
-}
-
-impl Broker {
-    pub fn start() -> Broker {
-        let port = loop {
-            let p = free_port();
-            if p < 65000 && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
-                break p;
-            }
-        };
-        let server = Scripted::new(
-            "kafka",
-            port,
-            vec![("HERALD_KAFKA_PORT".into(), port.to_string())],
-        );
-        server.up(false);
-        Broker { port, server }
-    }
-
-    pub fn up(&self, keep: bool) {
-        self.server.up(keep);
-    }
-
-    pub fn down(&self, keep: bool) {
-        self.server.down(keep);
-    }
-
-    pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
-
-/// A Cassandra node of a test's own (scripts/cassandra-up), on free CQL and gossip ports.
-pub struct CassandraNode {
-    pub port: u16,
-    server: Scripted,
-}
-
-impl CassandraNode {
-    pub fn start() -> CassandraNode {
-        // Below the kernel's ephemeral range (32768 and up): a node restarted on the
-        // same ports must find them free, and an ephemeral port may meanwhile be the
-        // local end of any connection on the machine.
-        let (port, gossip) = (fixed_port(), fixed_port());
-        let server = Scripted::new(
-            "cassandra",
-            port,
-            vec![
-                ("HERALD_CASSANDRA_PORT".into(), port.to_string()),
-                ("HERALD_CASSANDRA_STORAGE_PORT".into(), gossip.to_string()),
-            ],
-        );
-        server.up(false);
-        CassandraNode { port, server }
-    }
-
-    /// Starts it (on the data it had, with `keep`).
-    pub fn up(&self, keep: bool) {
-        self.server.up(keep);
-    }
-
-    /// Stops it (keeping its data, with `keep`).
-    pub fn down(&self, keep: bool) {
-        self.server.down(keep);
-    }
-
-    pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
     }
 }
 
