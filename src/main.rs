@@ -65,17 +65,20 @@ enum Command {
     Gateway(GatewayArgs),
     /// Run the REST API alone, on the shared Kafka log (one role per process).
     ///
-    /// Appends to the Kafka topic and keeps the projections it reads in --data-dir. Every
-    /// role process must be given the same HERALD_PAYLOAD_KEY and HERALD_ADMIN_TOKEN.
+    /// Appends to the Kafka topic, and reads the projections from the shared CQL store
+    /// (--store cql) or from its own fold of every partition in --data-dir. Every role
+    /// process must be given the same HERALD_PAYLOAD_KEY and HERALD_ADMIN_TOKEN.
     Ingest(RoleArgs),
     /// Run a delivery worker on the shared Kafka log (one role per process).
     ///
     /// The `herald deliver` processes share the topic's partitions through the Kafka
-    /// consumer group `herald-deliver`. Each folds the partitions it is given into
-    /// --data-dir, links to every gateway (--link-gateway), and serves those partitions'
-    /// devices: forwards their new entries and answers the gateways' requests for them.
-    /// When one dies, the others take its partitions over within seconds. Every role
-    /// process must be given the same HERALD_PAYLOAD_KEY and HERALD_ADMIN_TOKEN.
+    /// consumer group `herald-deliver`. Each folds the partitions it is given (into the
+    /// shared CQL store with --store cql, else into --data-dir), links to every gateway
+    /// (--link-gateway), and serves those partitions' devices: forwards their new entries
+    /// and answers the gateways' requests for them. When one dies, the others take its
+    /// partitions over within seconds (from their shared checkpoints with --store cql).
+    /// Every role process must be given the same HERALD_PAYLOAD_KEY and
+    /// HERALD_ADMIN_TOKEN.
     Deliver(RoleArgs),
     /// Run navigation alone (GET /v1/nav), from the gateways' heartbeats in the Kafka log.
     ///
@@ -232,7 +235,8 @@ struct RoleArgs {
     /// A TOML config file (see herald.example.toml); flags and HERALD_* variables win.
     #[arg(long, env = "HERALD_CONFIG")]
     config: Option<PathBuf>,
-    /// Where this process keeps its projections [default: ./herald-data].
+    /// Where this process keeps its own projections (with the embedded store) and its
+    /// generated files [default: ./herald-data].
     #[arg(long, env = "HERALD_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// HTTP listen address (ingest, nav) [default: 0.0.0.0:8080].
