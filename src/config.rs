@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use herald_projections::settings::{CqlConsistency, valid_keyspace};
 use serde::Deserialize;
 
 /// The settings file, every key optional.
@@ -161,8 +162,9 @@ pub struct Config {
     pub cql_nodes: Vec<String>,
     /// The CQL keyspace.
     pub cql_keyspace: String,
-    /// CQL consistency (one, local_one, quorum, local_quorum, all).
-    pub cql_consistency: String,
+    /// CQL consistency (read by the CQL store, in builds with the `cql` feature).
+    #[cfg_attr(not(feature = "cql"), allow(dead_code))]
+    pub cql_consistency: CqlConsistency,
     /// Replication factor of the keyspace when created.
     pub cql_replication_factor: u32,
     /// CQL request timeout, ms.
@@ -323,7 +325,8 @@ impl Config {
             cql_consistency: o
                 .cql_consistency
                 .or(file.cql_consistency)
-                .unwrap_or_else(|| "local_quorum".into()),
+                .map_or(Ok(CqlConsistency::LocalQuorum), |c| c.parse())
+                .map_err(|e| anyhow::anyhow!("cql_consistency: {e}"))?,
             cql_replication_factor: file.cql_replication_factor.unwrap_or(1),
             cql_timeout_ms: file.cql_timeout_ms.unwrap_or(5_000),
         };
@@ -388,12 +391,7 @@ impl Config {
         if self.gateway_id.is_empty() || self.gateway_id.len() > 128 {
             bail!("gateway_id must be 1 to 128 characters");
         }
-        for g in &self.link_gateways {
-            match g.rsplit_once(':') {
-                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
-                _ => bail!("link_gateways: {g:?} is not host:port"),
-            }
-        }
+        check_host_ports("link_gateways", &self.link_gateways)?;
         if !self.advertised_mqtt.starts_with("mqtt://") {
             bail!("advertised_mqtt must be mqtt://host:port");
         }
@@ -405,28 +403,11 @@ impl Config {
         if self.cql_nodes.is_empty() {
             bail!("cql_nodes must name at least one host:port");
         }
-        for n in &self.cql_nodes {
-            match n.rsplit_once(':') {
-                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
-                _ => bail!("cql_nodes: {n:?} is not host:port"),
-            }
-        }
-        let mut ks = self.cql_keyspace.chars();
-        if !(ks.next().is_some_and(|c| c.is_ascii_alphabetic())
-            && ks.all(|c| c.is_ascii_alphanumeric() || c == '_')
-            && self.cql_keyspace.len() <= 48)
-        {
+        check_host_ports("cql_nodes", &self.cql_nodes)?;
+        if !valid_keyspace(&self.cql_keyspace) {
             bail!(
                 "cql_keyspace must be a letter, then letters, digits or _ (at most 48): {:?}",
                 self.cql_keyspace
-            );
-        }
-        if !["one", "local_one", "quorum", "local_quorum", "all"]
-            .contains(&self.cql_consistency.to_ascii_lowercase().as_str())
-        {
-            bail!(
-                "cql_consistency must be one, local_one, quorum, local_quorum or all, not {:?}",
-                self.cql_consistency
             );
         }
         if !(1..=16).contains(&self.cql_replication_factor) {
@@ -442,6 +423,17 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Checks that every address of the list `key` is `host:port`.
+fn check_host_ports(key: &str, addrs: &[String]) -> anyhow::Result<()> {
+    for a in addrs {
+        match a.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
+            _ => bail!("{key}: {a:?} is not host:port"),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -332,7 +332,7 @@ fn run_role(args: RoleArgs, role: Role) -> anyhow::Result<()> {
 fn migrate(config: &config::Config) -> anyhow::Result<()> {
     #[cfg(feature = "cql")]
     {
-        let c = serve::cql_config(config)?;
+        let c = serve::cql_config(config);
         let applied = runtime()?.block_on(herald_projections::cql::migrate(&c))?;
         if applied.is_empty() {
             println!(

@@ -206,17 +206,14 @@ pub async fn open_store(
 
 /// The CQL settings of `config`.
 #[cfg(feature = "cql")]
-pub fn cql_config(config: &Config) -> anyhow::Result<herald_projections::cql::CqlConfig> {
-    Ok(herald_projections::cql::CqlConfig {
+pub fn cql_config(config: &Config) -> herald_projections::cql::CqlConfig {
+    herald_projections::cql::CqlConfig {
         nodes: config.cql_nodes.clone(),
         keyspace: config.cql_keyspace.clone(),
-        consistency: config
-            .cql_consistency
-            .parse()
-            .map_err(|e: String| anyhow::anyhow!("cql_consistency: {e}"))?,
+        consistency: config.cql_consistency,
         replication_factor: config.cql_replication_factor,
         request_timeout: Duration::from_millis(config.cql_timeout_ms),
-    })
+    }
 }
 
 /// Connects to the CQL store (applying its migrations), retrying for a while: the
@@ -224,7 +221,7 @@ pub fn cql_config(config: &Config) -> anyhow::Result<herald_projections::cql::Cq
 async fn open_cql(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     #[cfg(feature = "cql")]
     {
-        let c = cql_config(config)?;
+        let c = cql_config(config);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             let attempt = c.clone();

@@ -6,8 +6,9 @@
 //! Created by versioned migrations ([`migrate`], `herald migrate`, and at every start):
 //! one table per projection, values as the same private JSON the embedded store writes.
 //! Inbox rows are keyed by (device, seq) and carry a TTL of the entry's remaining life
-//! plus [`INBOX_TTL_GRACE_MS`] (at least a week, so a replay of old events finds them); message status and Idempotency-Key records are rows per
-//! (id, partition), never CQL counters; `app_devices` is the app → devices index a
+//! plus [`INBOX_TTL_GRACE_MS`] (at least a week, so a replay of old events finds them);
+//! message status and Idempotency-Key records are rows per (id, partition), never CQL
+//! counters; `app_devices` is the app → devices index a
 //! broadcast reads in pages. The CQL is what ScyllaDB and Cassandra both accept.
 //!
 //! # Commits
@@ -36,7 +37,6 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -56,7 +56,9 @@ use crate::digest::INBOX_TTL_GRACE_MS;
 use crate::memory::MemState;
 use crate::model::{
     App, Device, IdempotencyRecord, InboxEntry, InboxHead, MessageStatus, Payload, Presence,
+    decode, encode,
 };
+pub use crate::settings::{CqlConsistency, valid_keyspace};
 use crate::view::{Store, View, Writes};
 
 /// The largest journal chunk, in bytes (well under any server's mutation limit).
@@ -86,41 +88,6 @@ fn inbox_ttl_s(e: &InboxEntry, now_ms: u64) -> i32 {
         .saturating_sub(now_ms);
     let s = ms.div_ceil(1000).clamp(MIN_INBOX_TTL_S, MAX_TTL_S);
     i32::try_from(s).unwrap_or(i32::MAX)
-}
-
-/// How many replicas must answer a read or write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum CqlConsistency {
-    /// One replica.
-    One,
-    /// One replica in the local datacenter.
-    LocalOne,
-    /// A majority of all replicas.
-    Quorum,
-    /// A majority of the local datacenter's replicas (the default).
-    LocalQuorum,
-    /// Every replica.
-    All,
-}
-
-impl FromStr for CqlConsistency {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        Ok(match s.to_ascii_lowercase().as_str() {
-            "one" => CqlConsistency::One,
-            "local_one" => CqlConsistency::LocalOne,
-            "quorum" => CqlConsistency::Quorum,
-            "local_quorum" => CqlConsistency::LocalQuorum,
-            "all" => CqlConsistency::All,
-            other => {
-                return Err(format!(
-                    "{other:?} is not a consistency level (one, local_one, quorum, local_quorum, all)"
-                ));
-            }
-        })
-    }
 }
 
 impl CqlConsistency {
@@ -172,14 +139,6 @@ impl CqlConfig {
             request_timeout: Duration::from_secs(5),
         }
     }
-}
-
-/// Whether `name` can be a keyspace (CQL unquoted identifiers, at most 48 characters).
-pub fn valid_keyspace(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-        && name.len() <= 48
 }
 
 /// The migrations, in order: a version, what it does, and its statements (`{ks}` is the
@@ -248,15 +207,6 @@ fn corrupt(table: &'static str) -> impl Fn(String) -> StoreError {
     }
 }
 
-fn encode<T: Serialize>(v: &T) -> Vec<u8> {
-    // Serializing these plain structs to JSON cannot fail.
-    serde_json::to_vec(v).unwrap_or_default()
-}
-
-fn decode<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| corrupt(table)(e.to_string()))
-}
-
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -276,11 +226,12 @@ fn limit(n: usize) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX).max(1)
 }
 
-/// The journal of one commit: the batch, and the checkpoint it leads to.
+/// The journal of one commit: the batch (`&Writes` when written, `Writes` when read
+/// back), and the checkpoint it leads to.
 #[derive(Serialize, Deserialize)]
-struct Journal {
+struct Journal<W> {
     next: u64,
-    writes: Writes,
+    writes: W,
 }
 
 /// Connects, creates the keyspace and applies every migration not applied yet; returns
@@ -753,6 +704,21 @@ impl Inner {
             .collect()
     }
 
+    /// One write, to run with others in [`run_all`].
+    fn op<'a>(
+        &'a self,
+        stmt: &'a PreparedStatement,
+        values: impl scylla::serialize::row::SerializeRow + Send + 'a,
+    ) -> Op<'a> {
+        Box::pin(async move {
+            self.session
+                .execute_unpaged(stmt, values)
+                .await
+                .map_err(exec)?;
+            Ok(())
+        })
+    }
+
     /// Runs an LWT; whether it applied.
     async fn lwt(
         &self,
@@ -846,7 +812,7 @@ impl Inner {
                 )));
             }
             let bytes: Vec<u8> = chunks.into_iter().flat_map(|(_, d)| d).collect();
-            let journal: Journal = decode("progress", &bytes)?;
+            let journal: Journal<Writes> = decode("progress", &bytes)?;
             if journal.next != next {
                 return Err(corrupt("progress")(format!(
                     "partition {partition}'s journal leads to {}, its marker to {next}",
@@ -924,23 +890,21 @@ impl Inner {
         epoch: i64,
     ) -> Result<(), StoreError> {
         let part = partition as i32;
-        let journal = encode(&Journal {
-            next,
-            writes: w.clone(),
-        });
+        let journal = encode(&Journal { next, writes: w });
         let chunks: Vec<&[u8]> = journal.chunks(JOURNAL_CHUNK_BYTES).collect();
-        let mut ops: Vec<Op<'_>> = Vec::new();
-        for (n, chunk) in chunks.iter().enumerate() {
-            // Under the writer's epoch and the journal's end: a writer fenced a moment
-            // ago, writing its next journal, cannot overwrite the chunks of the one its
-            // successor may be reading (a retry of the same batch writes the same bytes).
-            let values = (part, epoch, as_i64(next), n as i32, chunk.to_vec());
-            let (x, stmt) = (&self.session, &self.s.put_chunk);
-            ops.push(Box::pin(async move {
-                x.execute_unpaged(stmt, values).await.map_err(exec)?;
-                Ok(())
-            }));
-        }
+        // Under the writer's epoch and the journal's end: a writer fenced a moment ago,
+        // writing its next journal, cannot overwrite the chunks of the one its successor
+        // may be reading (a retry of the same batch writes the same bytes).
+        let ops = chunks
+            .iter()
+            .enumerate()
+            .map(|(n, chunk)| {
+                self.op(
+                    &self.s.put_chunk,
+                    (part, epoch, as_i64(next), n as i32, *chunk),
+                )
+            })
+            .collect();
         run_all(ops).await?;
         let n = i32::try_from(chunks.len()).unwrap_or(i32::MAX);
         self.fenced_lwt(
@@ -1004,17 +968,12 @@ impl Inner {
         let part = partition as i32;
         let now = now_ms();
         let s = &self.s;
-        let x = &self.session;
         let (mut payloads, mut entries, mut rest): (Vec<Op<'_>>, Vec<Op<'_>>, Vec<Op<'_>>) =
             Default::default();
         macro_rules! op {
-            ($wave:ident, $stmt:expr, $values:expr) => {{
-                let values = $values;
-                $wave.push(Box::pin(async move {
-                    x.execute_unpaged($stmt, values).await.map_err(exec)?;
-                    Ok(())
-                }));
-            }};
+            ($wave:ident, $stmt:expr, $values:expr) => {
+                $wave.push(self.op($stmt, $values))
+            };
         }
         for (k, v) in &w.payloads {
             op!(payloads, &s.put_payload, (k, encode(v), ts));
@@ -1400,9 +1359,9 @@ mod tests {
         w.entries.insert(("d".into(), 3), None);
         w.collapse.insert(("d".into(), "k".into()), 3);
         w.app_devices.insert(("a".into(), "d".into()));
-        let j: Journal = serde_json::from_slice(&encode(&Journal {
+        let j: Journal<Writes> = serde_json::from_slice(&encode(&Journal {
             next: 9,
-            writes: w.clone(),
+            writes: &w,
         }))
         .expect("decodes");
         assert_eq!((j.next, j.writes), (9, w));

@@ -6,13 +6,13 @@
 //! the log, because its checkpoint was lost with it.
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
-use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::StoreError;
 use crate::memory::MemState;
 use crate::model::{
     App, Device, IdempotencyRecord, InboxEntry, InboxHead, MessageStatus, Payload, Presence,
+    decode, encode,
 };
 use crate::view::{Store, View, Writes};
 
@@ -82,18 +82,6 @@ impl std::fmt::Debug for EmbeddedStore {
 
 fn storage(e: impl std::fmt::Display) -> StoreError {
     StoreError::Storage(e.to_string())
-}
-
-fn encode<T: Serialize>(v: &T) -> Vec<u8> {
-    // Serializing these plain structs to JSON cannot fail.
-    serde_json::to_vec(v).unwrap_or_default()
-}
-
-fn decode<T: DeserializeOwned>(keyspace: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
-        keyspace,
-        reason: e.to_string(),
-    })
 }
 
 fn pair_key(a: &str, b: &str) -> Vec<u8> {

@@ -12,6 +12,7 @@
 //! - [`embedded`]: the fjall store `herald serve` uses.
 //! - [`cql`] (feature `cql`): the store on ScyllaDB or Cassandra, shared by the delivery
 //!   workers of a partitioned topic.
+//! - [`settings`]: the CQL store's settings that configuration checks in every build.
 //! - [`digest`]: store-independent digests of the projected state (`herald verify`).
 //!
 //! # Invariants
@@ -32,6 +33,7 @@ pub mod embedded;
 pub mod fold;
 pub mod memory;
 pub mod model;
+pub mod settings;
 pub mod view;
 
 /// Why a store operation failed.

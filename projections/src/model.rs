@@ -121,6 +121,24 @@ impl MessageStatus {
     }
 }
 
+/// A stored value as the stores keep it: JSON, private to the stores (no other process
+/// reads these bytes).
+pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serializing these plain structs to JSON cannot fail.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+/// A stored value read back; what does not decode is a corrupt record of `keyspace`.
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(
+    keyspace: &'static str,
+    bytes: &[u8],
+) -> Result<T, crate::StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| crate::StoreError::Corrupt {
+        keyspace,
+        reason: e.to_string(),
+    })
+}
+
 /// One message's status from its rows in each partition, or `None` when it has none.
 pub fn merge_rows(rows: impl IntoIterator<Item = MessageStatus>) -> Option<MessageStatus> {
     let mut rows: Vec<MessageStatus> = rows.into_iter().collect();
