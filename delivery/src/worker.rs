@@ -250,11 +250,9 @@ impl Worker {
                 }
                 other => return other.map(Some),
             }
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {},
-                _ = shutdown.changed() => return Ok(None),
+            if !wait_to_retry(&mut delay, shutdown).await {
+                return Ok(None);
             }
-            delay = (delay * 2).min(std::time::Duration::from_secs(5));
         }
     }
 
@@ -296,11 +294,9 @@ impl Worker {
                     tracing::warn!(error = %e, partition = self.scope.partition, "cannot append the shares of multi-target events; retrying");
                 }
             }
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {},
-                _ = shutdown.changed() => return false,
+            if !wait_to_retry(&mut delay, shutdown).await {
+                return false;
             }
-            delay = (delay * 2).min(std::time::Duration::from_secs(5));
         }
     }
 
@@ -330,6 +326,20 @@ impl Worker {
         }
         Ok(())
     }
+}
+
+/// Waits `delay` before the next try of something that failed, then doubles it (up to
+/// 5 s); false if shut down meanwhile.
+async fn wait_to_retry(
+    delay: &mut std::time::Duration,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(*delay) => {},
+        _ = shutdown.changed() => return false,
+    }
+    *delay = (*delay * 2).min(std::time::Duration::from_secs(5));
+    true
 }
 
 /// What a committed batch produced.
