@@ -2,10 +2,12 @@
 //! environment variables and command-line flags (flags win). Validated at start-up with
 //! errors that name the key. `herald.example.toml` documents every key.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use herald_gateway::KeepAlivePolicy;
 use herald_projections::settings::{CqlConsistency, valid_keyspace};
 use serde::Deserialize;
 
@@ -19,6 +21,20 @@ pub struct FileConfig {
     pub http_addr: Option<SocketAddr>,
     /// MQTT listen address.
     pub mqtt_addr: Option<SocketAddr>,
+    /// MQTT over WebSocket listen address.
+    pub ws_addr: Option<SocketAddr>,
+    /// PEM certificate chain: TLS on the MQTT and WebSocket listeners.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// The keep-alive suggested per network type, in seconds.
+    pub keep_alive: Option<BTreeMap<String, u16>>,
+    /// No keep-alive is shorter, in seconds.
+    pub keep_alive_min_s: Option<u16>,
+    /// No keep-alive is longer, in seconds.
+    pub keep_alive_max_s: Option<u16>,
+    /// Most unacknowledged QoS 1/2 PUBLISHes a device may send (MQTT 5 Receive Maximum).
+    pub receive_maximum: Option<u16>,
     /// The admin bearer token.
     pub admin_token: Option<String>,
     /// The payload key, 32 bytes in base64.
@@ -104,6 +120,14 @@ pub struct Config {
     pub http_addr: SocketAddr,
     /// MQTT listen address.
     pub mqtt_addr: SocketAddr,
+    /// MQTT over WebSocket listen address.
+    pub ws_addr: SocketAddr,
+    /// TLS certificate and key for the device listeners.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// The keep-alive policy.
+    pub keep_alive: KeepAlivePolicy,
+    /// herald's MQTT 5 Receive Maximum.
+    pub receive_maximum: u16,
     /// The admin token, if configured (else generated into the data dir).
     pub admin_token: Option<String>,
     /// The payload key, if configured (else generated into the data dir).
@@ -189,6 +213,12 @@ pub struct Overrides {
     pub http_addr: Option<SocketAddr>,
     /// `--mqtt-addr` / `HERALD_MQTT_ADDR`.
     pub mqtt_addr: Option<SocketAddr>,
+    /// `--ws-addr` / `HERALD_WS_ADDR`.
+    pub ws_addr: Option<SocketAddr>,
+    /// `--tls-cert` / `HERALD_TLS_CERT`.
+    pub tls_cert: Option<PathBuf>,
+    /// `--tls-key` / `HERALD_TLS_KEY`.
+    pub tls_key: Option<PathBuf>,
     /// `HERALD_ADMIN_TOKEN`.
     pub admin_token: Option<String>,
     /// `HERALD_PAYLOAD_KEY`.
@@ -207,6 +237,8 @@ pub struct Overrides {
     pub link_gateways: Option<Vec<String>>,
     /// `--advertised-mqtt` / `HERALD_ADVERTISED_MQTT`.
     pub advertised_mqtt: Option<String>,
+    /// `--advertised-ws` / `HERALD_ADVERTISED_WS`.
+    pub advertised_ws: Option<String>,
     /// `--link-certs` / `HERALD_LINK_CERTS`.
     pub link_certs: Option<PathBuf>,
     /// `HERALD_HEARTBEAT_MS`.
@@ -243,6 +275,26 @@ impl Config {
             .mqtt_addr
             .or(file.mqtt_addr)
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 9493)));
+        let ws_addr = o
+            .ws_addr
+            .or(file.ws_addr)
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8083)));
+        let tls = match (o.tls_cert.or(file.tls_cert), o.tls_key.or(file.tls_key)) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => bail!("tls_cert and tls_key go together: set both (or neither)"),
+        };
+        let (mqtt_scheme, ws_scheme) = if tls.is_some() {
+            ("mqtts", "wss")
+        } else {
+            ("mqtt", "ws")
+        };
+        let mut keep_alive = KeepAlivePolicy::default();
+        if let Some(table) = file.keep_alive {
+            keep_alive.by_network.extend(table);
+        }
+        keep_alive.min_s = file.keep_alive_min_s.unwrap_or(keep_alive.min_s);
+        keep_alive.max_s = file.keep_alive_max_s.unwrap_or(keep_alive.max_s);
         let c = Config {
             data_dir: o
                 .data_dir
@@ -253,15 +305,20 @@ impl Config {
                 .or(file.http_addr)
                 .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080))),
             mqtt_addr,
+            ws_addr,
+            tls,
+            keep_alive,
+            receive_maximum: file.receive_maximum.unwrap_or(32),
             admin_token: o.admin_token.or(file.admin_token).filter(|t| !t.is_empty()),
             payload_key: o.payload_key.or(file.payload_key).filter(|k| !k.is_empty()),
             advertised_mqtt: o
                 .advertised_mqtt
                 .or(file.advertised_mqtt)
-                .unwrap_or_else(|| advertised("mqtt", mqtt_addr, "")),
-            advertised_ws: file
+                .unwrap_or_else(|| advertised(mqtt_scheme, mqtt_addr, "")),
+            advertised_ws: o
                 .advertised_ws
-                .unwrap_or_else(|| "ws://127.0.0.1:8083/mqtt".into()),
+                .or(file.advertised_ws)
+                .unwrap_or_else(|| advertised(ws_scheme, ws_addr, "/mqtt")),
             gateway_id: o
                 .gateway_id
                 .or(file.gateway_id)
@@ -392,8 +449,17 @@ impl Config {
             bail!("gateway_id must be 1 to 128 characters");
         }
         check_host_ports("link_gateways", &self.link_gateways)?;
-        if !self.advertised_mqtt.starts_with("mqtt://") {
-            bail!("advertised_mqtt must be mqtt://host:port");
+        if !self.advertised_mqtt.starts_with("mqtt://")
+            && !self.advertised_mqtt.starts_with("mqtts://")
+        {
+            bail!("advertised_mqtt must be mqtt://host:port or mqtts://host:port");
+        }
+        if !self.advertised_ws.starts_with("ws://") && !self.advertised_ws.starts_with("wss://") {
+            bail!("advertised_ws must be ws://host:port/mqtt or wss://host:port/mqtt");
+        }
+        self.keep_alive.validate().map_err(anyhow::Error::msg)?;
+        if self.receive_maximum == 0 {
+            bail!("receive_maximum must be at least 1");
         }
         if !self.link_gateways.is_empty() && self.link_certs.is_none() {
             bail!(

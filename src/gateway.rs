@@ -9,11 +9,10 @@ use std::time::Duration;
 use anyhow::Context;
 use herald_gateway::link::{LinkServer, LinkTls};
 use herald_gateway::{Gateway, Hub};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::serve::{gateway_config, shutdown_signal};
+use crate::serve::{DeviceListeners, gateway_config, shutdown_signal};
 
 /// Runs until Ctrl-C or SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -33,18 +32,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config.link_addr
         )
     })?;
-    let gateway = Gateway::new(gateway_config(&config), hub, link.directory(), link.log());
-    let mqtt = TcpListener::bind(config.mqtt_addr)
-        .await
-        .with_context(|| format!("cannot listen on {} (mqtt_addr)", config.mqtt_addr))?;
+    let gateway = Gateway::new(gateway_config(&config)?, hub, link.directory(), link.log());
+    let devices = DeviceListeners::bind(&config).await?;
     tracing::info!(
-        mqtt = %mqtt.local_addr()?, link = %link.local_addr()?, gateway_id = %config.gateway_id,
+        devices = %devices.describe(&config), link = %link.local_addr()?, gateway_id = %config.gateway_id,
         "herald gateway serving"
     );
 
     let (shutdown_tx, shutdown) = watch::channel(false);
     let link_task = tokio::spawn(link.clone().serve(shutdown.clone()));
-    let gateway_task = tokio::spawn(gateway.serve(mqtt, shutdown));
+    let gateway_task = devices.serve(gateway, shutdown);
     shutdown_signal().await;
     tracing::info!("shutting down");
     let _ = shutdown_tx.send(true);

@@ -119,9 +119,8 @@ struct ServeArgs {
     /// REST API listen address [default: 0.0.0.0:8080].
     #[arg(long, env = "HERALD_HTTP_ADDR")]
     http_addr: Option<SocketAddr>,
-    /// MQTT listen address [default: 0.0.0.0:9493].
-    #[arg(long, env = "HERALD_MQTT_ADDR")]
-    mqtt_addr: Option<SocketAddr>,
+    #[command(flatten)]
+    devices: DeviceArgs,
     /// Lifetime of app access tokens, in seconds [default: 3600].
     #[arg(long, env = "HERALD_TOKEN_TTL_S")]
     token_ttl_s: Option<u64>,
@@ -165,9 +164,13 @@ struct SharedArgs {
     #[arg(long, env = "HERALD_LINK_CERTS")]
     link_certs: Option<PathBuf>,
     /// The MQTT address devices are told to use for herald's own listener, or when no
-    /// gateway is known yet [default: mqtt://<mqtt_addr>].
+    /// gateway is known yet [default: mqtt://<mqtt_addr>, mqtts:// with TLS].
     #[arg(long, env = "HERALD_ADVERTISED_MQTT")]
     advertised_mqtt: Option<String>,
+    /// The MQTT over WebSocket address devices are told to use, like --advertised-mqtt
+    /// [default: ws://<ws_addr>/mqtt, wss:// with TLS].
+    #[arg(long, env = "HERALD_ADVERTISED_WS")]
+    advertised_ws: Option<String>,
     /// Where the projections are kept: `embedded` (in the data dir, one process's own)
     /// or `cql` (a ScyllaDB or Cassandra cluster that the role processes share; needs a
     /// herald built with `--features cql`) [default: embedded].
@@ -194,6 +197,7 @@ impl SharedArgs {
             link_gateways: Some(self.link_gateways),
             link_certs: self.link_certs,
             advertised_mqtt: self.advertised_mqtt,
+            advertised_ws: self.advertised_ws,
             kafka_brokers: self.kafka_brokers,
             kafka_topic: self.kafka_topic,
             kafka_partitions: self.kafka_partitions,
@@ -207,14 +211,45 @@ impl SharedArgs {
     }
 }
 
+/// Where devices connect (`herald serve` and `herald gateway`).
+#[derive(Debug, clap::Args)]
+struct DeviceArgs {
+    /// MQTT (3.1.1 and 5) listen address [default: 0.0.0.0:9493].
+    #[arg(long, env = "HERALD_MQTT_ADDR")]
+    mqtt_addr: Option<SocketAddr>,
+    /// MQTT over WebSocket listen address; served at the path /mqtt with subprotocol
+    /// `mqtt` [default: 0.0.0.0:8083].
+    #[arg(long, env = "HERALD_WS_ADDR")]
+    ws_addr: Option<SocketAddr>,
+    /// A PEM certificate chain: with --tls-key, both device listeners speak TLS 1.2/1.3
+    /// only (mqtts://, wss://). For development, `herald certs` writes a pair
+    /// (gateway.crt, gateway.key) that clients trust through its ca.crt.
+    #[arg(long, env = "HERALD_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "HERALD_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+impl DeviceArgs {
+    fn apply(self, o: config::Overrides) -> config::Overrides {
+        config::Overrides {
+            mqtt_addr: self.mqtt_addr,
+            ws_addr: self.ws_addr,
+            tls_cert: self.tls_cert,
+            tls_key: self.tls_key,
+            ..o
+        }
+    }
+}
+
 #[derive(Debug, clap::Args)]
 struct GatewayArgs {
     /// A TOML config file (see herald.example.toml); flags and HERALD_* variables win.
     #[arg(long, env = "HERALD_CONFIG")]
     config: Option<PathBuf>,
-    /// MQTT listen address [default: 0.0.0.0:9493].
-    #[arg(long, env = "HERALD_MQTT_ADDR")]
-    mqtt_addr: Option<SocketAddr>,
+    #[command(flatten)]
+    devices: DeviceArgs,
     /// Where delivery workers link to this gateway (UDP) [default: 0.0.0.0:9494].
     #[arg(long, env = "HERALD_LINK_ADDR")]
     link_addr: Option<SocketAddr>,
@@ -225,9 +260,13 @@ struct GatewayArgs {
     #[arg(long, env = "HERALD_GATEWAY_ID")]
     gateway_id: Option<String>,
     /// The MQTT address devices are told to use for this gateway (navigation)
-    /// [default: mqtt://<mqtt_addr>].
+    /// [default: mqtt://<mqtt_addr>, mqtts:// with TLS].
     #[arg(long, env = "HERALD_ADVERTISED_MQTT")]
     advertised_mqtt: Option<String>,
+    /// The MQTT over WebSocket address devices are told to use for this gateway
+    /// [default: ws://<ws_addr>/mqtt, wss:// with TLS].
+    #[arg(long, env = "HERALD_ADVERTISED_WS")]
+    advertised_ws: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -378,28 +417,27 @@ fn main() -> anyhow::Result<()> {
     init_tracing(cli.log_format);
     match cli.command {
         Command::Serve(args) => {
-            let overrides = config::Overrides {
+            let overrides = args.devices.apply(config::Overrides {
                 data_dir: args.data_dir,
                 http_addr: args.http_addr,
-                mqtt_addr: args.mqtt_addr,
                 token_ttl_s: args.token_ttl_s,
                 max_data_bytes: args.max_data_bytes,
                 idempotency_window_s: args.idempotency_window_s,
                 ..args.shared.overrides()?
-            };
+            });
             let config = load_config(args.config.as_deref(), overrides)?;
             runtime()?.block_on(serve::run(config))
         }
         Command::Gateway(args) => {
-            let overrides = config::Overrides {
-                mqtt_addr: args.mqtt_addr,
+            let overrides = args.devices.apply(config::Overrides {
                 link_addr: args.link_addr,
                 link_certs: args.link_certs,
                 gateway_id: args.gateway_id,
                 advertised_mqtt: args.advertised_mqtt,
+                advertised_ws: args.advertised_ws,
                 heartbeat_ms: heartbeat_from_env()?,
                 ..config::Overrides::default()
-            };
+            });
             let config = load_config(args.config.as_deref(), overrides)?;
             runtime()?.block_on(gateway::run(config))
         }

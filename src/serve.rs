@@ -13,7 +13,7 @@ use herald_delivery::worker::Worker;
 use herald_eventlog::embedded::EmbeddedLog;
 use herald_eventlog::{EventLog, Partitions};
 use herald_gateway::link::LinkTls;
-use herald_gateway::{Gateway, GatewayConfig, Hub, SessionLimits};
+use herald_gateway::{Gateway, GatewayConfig, Hub, SessionLimits, Tls, transport};
 use herald_ingest::{Ingest, IngestConfig};
 use herald_projections::embedded::{EmbeddedStore, open_database};
 use herald_projections::view::Store;
@@ -309,7 +309,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(q) = &quic {
         let directory = Arc::new(
             StoreDirectory::new(store.clone(), keyring.clone())
-                .with_freshness(log.durable_end(), worker.applied()),
+                .with_freshness(log.durable_end(), worker.applied())
+                .waiting_for_catch_up(),
         );
         q.run(directory, log.clone(), shutdown.clone());
         tracing::info!(gateways = ?config.link_gateways, "linking to gateway processes");
@@ -324,11 +325,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         jwt_secret.as_bytes(),
     );
     let gateway = Gateway::new(
-        gateway_config(&config),
+        gateway_config(&config)?,
         hub,
         Arc::new(
             StoreDirectory::new(store.clone(), keyring)
-                .with_freshness(log.durable_end(), worker_applied),
+                .with_freshness(log.durable_end(), worker_applied)
+                .waiting_for_catch_up(),
         ),
         log.clone(),
     );
@@ -336,11 +338,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let http = TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("cannot listen on {} (http_addr)", config.http_addr))?;
-    let mqtt = TcpListener::bind(config.mqtt_addr)
-        .await
-        .with_context(|| format!("cannot listen on {} (mqtt_addr)", config.mqtt_addr))?;
+    let devices = DeviceListeners::bind(&config).await?;
     tracing::info!(
-        http = %http.local_addr()?, mqtt = %mqtt.local_addr()?,
+        http = %http.local_addr()?, devices = %devices.describe(&config),
         data_dir = %dir.display(), checkpoint = store.checkpoint(0)?,
         durable_end = *log.durable_end().borrow(),
         "herald serving"
@@ -357,7 +357,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         });
     }
-    let gateway_task = tokio::spawn(gateway.serve(mqtt, shutdown.clone()));
+    let gateway_task = devices.serve(gateway, shutdown.clone());
     let mut http_shutdown = shutdown.clone();
     let http_task = tokio::spawn(async move {
         axum::serve(http, herald_ingest::router(ingest))
@@ -420,8 +420,12 @@ pub async fn open_log(config: &Config) -> anyhow::Result<Arc<dyn EventLog>> {
 }
 
 /// The gateway settings of `config` (shared by `herald serve` and `herald gateway`).
-pub fn gateway_config(config: &Config) -> GatewayConfig {
-    GatewayConfig {
+pub fn gateway_config(config: &Config) -> anyhow::Result<GatewayConfig> {
+    let tls = match &config.tls {
+        Some((cert, key)) => Some(Tls(transport::tls_acceptor(cert, key)?)),
+        None => None,
+    };
+    Ok(GatewayConfig {
         gateway_id: config.gateway_id.clone(),
         max_packet_bytes: config.max_packet_bytes,
         connect_timeout: Duration::from_secs(config.connect_timeout_s),
@@ -429,11 +433,57 @@ pub fn gateway_config(config: &Config) -> GatewayConfig {
         limits: SessionLimits {
             max_inflight: config.max_inflight,
             max_pending: config.max_pending,
+            receive_maximum: config.receive_maximum,
         },
         write_timeout: Duration::from_secs(30),
         advertised_mqtt: config.advertised_mqtt.clone(),
         advertised_ws: config.advertised_ws.clone(),
         heartbeat: Duration::from_millis(config.heartbeat_ms),
+        keep_alive: config.keep_alive.clone(),
+        tls,
+    })
+}
+
+/// The device listeners of `config` (MQTT, and MQTT over WebSocket), bound.
+pub struct DeviceListeners {
+    mqtt: TcpListener,
+    ws: TcpListener,
+}
+
+impl DeviceListeners {
+    /// Binds `mqtt_addr` and `ws_addr`.
+    pub async fn bind(config: &Config) -> anyhow::Result<Self> {
+        let mqtt = TcpListener::bind(config.mqtt_addr)
+            .await
+            .with_context(|| format!("cannot listen on {} (mqtt_addr)", config.mqtt_addr))?;
+        let ws = TcpListener::bind(config.ws_addr)
+            .await
+            .with_context(|| format!("cannot listen on {} (ws_addr)", config.ws_addr))?;
+        Ok(DeviceListeners { mqtt, ws })
+    }
+
+    /// What to log: `mqtt=… ws=…` (with `tls` when on).
+    pub fn describe(&self, config: &Config) -> String {
+        let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        format!(
+            "mqtt={} ws={}{}",
+            addr(&self.mqtt),
+            addr(&self.ws),
+            if config.tls.is_some() { " (TLS)" } else { "" }
+        )
+    }
+
+    /// Serves devices on both until `shutdown`; resolves when both listeners stopped.
+    pub fn serve(
+        self,
+        gateway: Arc<Gateway>,
+        shutdown: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let ws = tokio::spawn(gateway.clone().serve_ws(self.ws, shutdown.clone()));
+            gateway.serve(self.mqtt, shutdown).await;
+            let _ = ws.await;
+        })
     }
 }
 

@@ -7,12 +7,10 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
 use common::*;
-use herald_gateway::codec::{self, Connect, Packet, Subscribe};
+use herald_gateway::codec::Packet;
 use serde_json::{Value, json};
 
 async fn push_keyed(app: &App, key: &str, body: &Value) -> Result<(u16, Value), reqwest::Error> {
@@ -248,57 +246,6 @@ async fn expired_recalled_and_replaced_entries_are_never_sent() {
     assert_eq!(recv_n(&mut conn2, 1).await[0].id, s2);
 }
 
-/// A raw MQTT client, written with herald's codec, for exchanges stock clients cannot be
-/// made to stop in the middle of.
-struct Raw {
-    s: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl Raw {
-    fn connect(port: u16, dev: &herald_client::DeviceCredentials, clean: bool) -> Raw {
-        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-        let mut raw = Raw { s, buf: Vec::new() };
-        raw.send(&Packet::Connect(Connect {
-            protocol_level: 4,
-            clean_session: clean,
-            keep_alive_s: 60,
-            client_id: dev.device_id.clone(),
-            will: None,
-            username: Some(dev.device_id.clone()),
-            password: Some(dev.device_token.clone().into_bytes()),
-        }));
-        assert!(matches!(raw.recv(), Packet::ConnAck(c) if c.code == 0));
-        raw.send(&Packet::Subscribe(Subscribe {
-            pkid: 1,
-            filters: vec![("inbox".into(), 2)],
-        }));
-        match raw.recv() {
-            Packet::SubAck(s) => assert_eq!(s.codes, vec![2]),
-            other => panic!("expected SUBACK, got {other:?}"),
-        }
-        raw
-    }
-    fn send(&mut self, p: &Packet) {
-        let mut out = Vec::new();
-        codec::encode(p, &mut out);
-        self.s.write_all(&out).unwrap();
-    }
-    fn recv(&mut self) -> Packet {
-        loop {
-            if let Some(n) = codec::check(&self.buf, 1 << 20).unwrap() {
-                let frame: Vec<u8> = self.buf.drain(..n).collect();
-                return codec::decode(&frame).unwrap();
-            }
-            let mut chunk = [0u8; 4096];
-            let n = self.s.read(&mut chunk).unwrap();
-            assert!(n > 0, "connection closed");
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-}
-
 /// QoS 2 exactly once on the wire, with its state surviving a reconnect and a crash.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos2_state_survives_reconnect_and_crash() {
@@ -421,6 +368,7 @@ async fn damaged_log_is_detected_at_start_up() {
         .args(["serve", "--data-dir"])
         .arg(server.data_dir())
         .args(["--http-addr", "127.0.0.1:0", "--mqtt-addr", "127.0.0.1:0"])
+        .args(["--ws-addr", "127.0.0.1:0"])
         .env("HERALD_ADMIN_TOKEN", ADMIN)
         .output()
         .unwrap();

@@ -556,6 +556,8 @@ impl Traced {
             .arg(format!("127.0.0.1:{http_port}"))
             .arg("--mqtt-addr")
             .arg(format!("127.0.0.1:{}", free_port()))
+            .arg("--ws-addr")
+            .arg(format!("127.0.0.1:{}", free_port()))
             .env("HERALD_ADMIN_TOKEN", ADMIN)
             .env("HERALD_LOG", "warn")
             .stdout(Stdio::null())

@@ -43,7 +43,7 @@ async fn mosquitto_sub_receives_pushes_and_status_reports_acked() {
         assert_eq!(s["targeted"], 1);
         assert_eq!(s["delivered"], 1);
     }
-    let status = sub.child.wait().unwrap();
+    let status = sub.0.child.wait().unwrap();
     assert!(status.success(), "mosquitto_sub: {status}");
 }
 
@@ -441,10 +441,11 @@ async fn unacked_entry_is_resent_on_the_next_connection() {
     app.wait_acked(&m, 1).await;
 }
 
-/// A connection silent for 1.5 x its keep-alive is closed by the server.
+/// A connection silent for 1.5 x its keep-alive is closed by the server (here with the
+/// keep-alive's lower bound, 30 s by default, set to 1 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connection_is_closed_after_one_and_a_half_keep_alives() {
-    let server = Server::start().await;
+    let server = Server::start_configured("keep_alive_min_s = 1", &[]).await;
     let app = create_app(&server).await;
     let dev = app.register().await;
     // CONNECT with keep-alive 1 s, written by hand so nothing pings.

@@ -70,7 +70,7 @@ async fn a_stock_client_on_a_gateway_process_gets_backlog_and_live_pushes() {
         let s = app.wait_acked(m, 1).await;
         assert_eq!(s["delivered"], 1, "the gateway's ack reached the log: {s}");
     }
-    assert!(sub.child.wait().unwrap().success());
+    assert!(sub.0.child.wait().unwrap().success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

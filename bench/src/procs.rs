@@ -258,6 +258,8 @@ impl Server {
                     .arg("gateway")
                     .arg("--mqtt-addr")
                     .arg(format!("127.0.0.1:{mqtt}"))
+                    .arg("--ws-addr")
+                    .arg(format!("127.0.0.1:{}", free_port()?))
                     .arg("--link-addr")
                     .arg(format!("127.0.0.1:{link}"))
                     .arg("--link-certs")
@@ -290,6 +292,8 @@ impl Server {
                     .arg(format!("127.0.0.1:{http_port}"))
                     .arg("--mqtt-addr")
                     .arg(format!("127.0.0.1:{mqtt_port}"))
+                    .arg("--ws-addr")
+                    .arg(format!("127.0.0.1:{}", free_port()?))
                     .env("HERALD_ADMIN_TOKEN", ADMIN)
                     .env("HERALD_LOG", "warn");
                 if !link_addrs.is_empty() {
@@ -413,6 +417,8 @@ next_connection_delay_ms = 0
                 "gateway",
                 "--mqtt-addr",
                 &format!("127.0.0.1:{mqtt}"),
+                "--ws-addr",
+                &format!("127.0.0.1:{}", free_port()?),
                 "--link-addr",
                 &format!("127.0.0.1:{link}"),
                 "--link-certs",

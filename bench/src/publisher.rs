@@ -25,13 +25,9 @@ impl Publisher {
         let mut out = Vec::new();
         codec::encode(
             &Packet::Connect(Connect {
-                protocol_level: 4,
-                clean_session: true,
                 keep_alive_s: 60,
                 client_id: client_id.to_owned(),
-                will: None,
-                username: None,
-                password: None,
+                ..Connect::default()
             }),
             &mut out,
         );
@@ -80,6 +76,7 @@ impl Publisher {
                 topic: topic.to_owned(),
                 pkid,
                 payload: bytes::Bytes::copy_from_slice(payload),
+                ..Publish::default()
             }),
             &mut out,
         );

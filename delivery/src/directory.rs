@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use herald_gateway::{DeviceDirectory, DirectoryError};
+use herald_gateway::{DeviceDirectory, DeviceInfo, DirectoryError};
 use herald_projections::model::InboxEntry;
 use herald_projections::view::Store;
 use herald_schemas::envelope;
@@ -25,6 +25,9 @@ pub struct StoreDirectory {
     /// Set where devices register through another process (the roles): bounds how many
     /// connects with an unknown id wait for the log at once.
     unknown_waits: Option<Arc<tokio::sync::Semaphore>>,
+    /// Registrations may come from other processes: an id still unknown once caught up
+    /// may yet appear (wait out the 2 s).
+    registrations_elsewhere: bool,
 }
 
 /// Connects with an unknown id that may wait for the log at once; more are answered
@@ -50,6 +53,7 @@ impl StoreDirectory {
             partitions: 1,
             freshness: None,
             unknown_waits: None,
+            registrations_elsewhere: false,
         }
     }
 
@@ -117,6 +121,16 @@ impl StoreDirectory {
     /// Devices register through another process: a connect with an id this store does
     /// not know yet waits (up to 2 s) for the log to show its registration.
     pub fn waiting_for_registrations(mut self) -> Self {
+        self.unknown_waits = Some(Arc::new(tokio::sync::Semaphore::new(UNKNOWN_WAITERS)));
+        self.registrations_elsewhere = true;
+        self
+    }
+
+    /// Devices register through this process, but the projections may be behind the log
+    /// (right after start-up, when a damaged store is rebuilt): a connect with an id this
+    /// store does not know waits until they have caught up (up to 2 s), and is answered
+    /// "unavailable" rather than refused if they have not.
+    pub fn waiting_for_catch_up(mut self) -> Self {
         self.unknown_waits = Some(Arc::new(tokio::sync::Semaphore::new(UNKNOWN_WAITERS)));
         self
     }
@@ -287,12 +301,18 @@ impl DeviceDirectory for StoreDirectory {
         &self,
         device_id: &str,
         token: &[u8],
-    ) -> BoxFuture<'static, Result<bool, DirectoryError>> {
+    ) -> BoxFuture<'static, Result<Option<DeviceInfo>, DirectoryError>> {
+        // Some(None): the device exists and the token is not its.
         let check = |store: &dyn Store, device_id: &str, token: &[u8]| {
             store
                 .device(device_id)
                 .map_err(|e| DirectoryError(e.to_string()))
-                .map(|d| d.map(|d| constant_time_eq(&Sha256::digest(token), &d.token_sha256)))
+                .map(|d| {
+                    d.map(|d| {
+                        constant_time_eq(&Sha256::digest(token), &d.token_sha256)
+                            .then_some(DeviceInfo { network: d.network })
+                    })
+                })
         };
         let f = match self.freshness_of(device_id) {
             Ok(f) => f,
@@ -300,7 +320,7 @@ impl DeviceDirectory for StoreDirectory {
         };
         let result = check(&*self.store, device_id, token);
         let (Some(f), Some(waits), Ok(None)) = (&f, &self.unknown_waits, &result) else {
-            return Box::pin(async move { Ok(result?.unwrap_or(false)) });
+            return Box::pin(async move { Ok(result?.flatten()) });
         };
         // An unknown device may be one registered a moment ago through another process
         // (its registration is in the log, not yet folded here): look again once the
@@ -315,6 +335,7 @@ impl DeviceDirectory for StoreDirectory {
             });
         };
         let (log_end, mut applied) = (f.log_end.clone(), f.applied.clone());
+        let elsewhere = self.registrations_elsewhere;
         let (store, device_id, token) = (self.store.clone(), device_id.to_string(), token.to_vec());
         Box::pin(async move {
             let _permit = permit;
@@ -328,9 +349,12 @@ impl DeviceDirectory for StoreDirectory {
                 if let Some(ok) = check(&*store, &device_id, &token)? {
                     return Ok(ok);
                 }
+                if caught_up && !elsewhere {
+                    return Ok(None);
+                }
                 if tokio::time::Instant::now() >= deadline {
                     return if caught_up {
-                        Ok(false)
+                        Ok(None)
                     } else {
                         Err(DirectoryError(
                             "the projections have not caught up with the log".into(),
@@ -367,6 +391,7 @@ impl DeviceDirectory for StoreDirectory {
             partitions: self.partitions,
             freshness: None,
             unknown_waits: None,
+            registrations_elsewhere: false,
         };
         Box::pin(async move {
             let caught_up =

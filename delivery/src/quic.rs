@@ -440,7 +440,10 @@ impl Answers {
         match request {
             Some(wire::request::Body::Auth(a)) => {
                 match self.directory.authenticate(&a.device_id, &a.token).await {
-                    Ok(ok) => reply::Body::Authenticated(ok),
+                    Ok(Some(device)) => reply::Body::Device(wire::Device {
+                        network: device.network,
+                    }),
+                    Ok(None) => reply::Body::Authenticated(false),
                     Err(e) => reply::Body::Error(e.0),
                 }
             }

@@ -12,7 +12,7 @@ use herald_eventlog::embedded::EmbeddedLog;
 use herald_eventlog::{EventLog, Record};
 use herald_gateway::hub::Command;
 use herald_gateway::link::{self, LinkServer, LinkTls};
-use herald_gateway::{DeviceDirectory, DirectoryError, Hub};
+use herald_gateway::{DeviceDirectory, DeviceInfo, DirectoryError, Hub};
 use herald_schemas::link::{BacklogPage, Delivery};
 use tokio::sync::watch;
 
@@ -36,9 +36,13 @@ impl DeviceDirectory for OneDevice {
         &self,
         device_id: &str,
         token: &[u8],
-    ) -> BoxFuture<'static, Result<bool, DirectoryError>> {
+    ) -> BoxFuture<'static, Result<Option<DeviceInfo>, DirectoryError>> {
         let ok = device_id == "dev-1" && token == b"secret";
-        Box::pin(async move { Ok(ok) })
+        Box::pin(async move {
+            Ok(ok.then(|| DeviceInfo {
+                network: "4g".into(),
+            }))
+        })
     }
     fn backlog(
         &self,
@@ -173,8 +177,16 @@ async fn presence_entries_and_requests_cross_the_link() {
 
     // The gateway's requests are answered by the worker.
     let dir = s.server.directory();
-    assert!(dir.authenticate("dev-1", b"secret").await.expect("auth"));
-    assert!(!dir.authenticate("dev-1", b"wrong").await.expect("auth"));
+    assert_eq!(
+        dir.authenticate("dev-1", b"secret").await.expect("auth"),
+        Some(DeviceInfo {
+            network: "4g".into()
+        })
+    );
+    assert_eq!(
+        dir.authenticate("dev-1", b"wrong").await.expect("auth"),
+        None
+    );
     let page = dir.backlog("dev-1".into(), 4, 10).await.expect("backlog");
     assert_eq!(page.entries, vec![entry("dev-1", 5)]);
     let offsets = s

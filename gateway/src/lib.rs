@@ -6,7 +6,9 @@
 //! - [`session`]: one device's session as a state machine without I/O.
 //! - [`hub`]: the registry of live sessions; takeover; the entry point for live
 //!   deliveries.
-//! - [`server`]: the TCP listener and the per-connection task that moves bytes.
+//! - [`keepalive`]: the keep-alive policy by network type.
+//! - [`transport`]: TCP, TLS and WebSocket streams, as one [`transport::Transport`].
+//! - [`server`]: the listeners and the per-connection task that moves bytes.
 //! - [`link`]: the QUIC link to delivery workers when the gateway runs in its own
 //!   process (mutual TLS, length-prefixed protobuf frames).
 //!
@@ -19,10 +21,13 @@
 
 pub mod codec;
 pub mod hub;
+pub mod keepalive;
 pub mod link;
 pub mod server;
 pub mod session;
+pub mod transport;
 
 pub use hub::Hub;
-pub use server::{DeviceDirectory, DirectoryError, Gateway, GatewayConfig};
+pub use keepalive::KeepAlivePolicy;
+pub use server::{DeviceDirectory, DeviceInfo, DirectoryError, Gateway, GatewayConfig, Tls};
 pub use session::SessionLimits;

@@ -32,7 +32,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::hub::{Hub, PresenceChange};
-use crate::server::{DeviceDirectory, DirectoryError};
+use crate::server::{DeviceDirectory, DeviceInfo, DirectoryError};
 
 /// The ALPN protocol of the link.
 pub const ALPN: &[u8] = b"herald-link/1";
@@ -636,7 +636,7 @@ impl DeviceDirectory for LinkDirectory {
         &self,
         device_id: &str,
         token: &[u8],
-    ) -> BoxFuture<'static, Result<bool, DirectoryError>> {
+    ) -> BoxFuture<'static, Result<Option<DeviceInfo>, DirectoryError>> {
         let links = self.links.clone();
         let device = device_id.to_string();
         let body = wire::request::Body::Auth(wire::Auth {
@@ -645,7 +645,9 @@ impl DeviceDirectory for LinkDirectory {
         });
         Box::pin(async move {
             match links.request(Some(&device), body).await {
-                Ok(reply::Body::Authenticated(ok)) => Ok(ok),
+                Ok(reply::Body::Device(d)) => Ok(Some(DeviceInfo { network: d.network })),
+                Ok(reply::Body::Authenticated(true)) => Ok(Some(DeviceInfo::default())),
+                Ok(reply::Body::Authenticated(false)) => Ok(None),
                 Ok(_) => Err(DirectoryError("unexpected reply to Auth".into())),
                 Err(e) => Err(DirectoryError(e)),
             }

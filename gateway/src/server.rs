@@ -14,28 +14,40 @@ use herald_schemas::events::{
     GatewayHeartbeat, Kind,
 };
 use herald_schemas::link::BacklogPage;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 
-use crate::codec::{self, CodecError, ConnAck, Packet};
+use crate::codec::{
+    self, CONNACK_ACCEPTED, CodecError, ConnAck, LEVEL_5, Packet, Properties, Value, properties,
+    reason,
+};
 use crate::hub::{Command, Hub};
-use crate::session::{Session, SessionEvent, SessionLimits};
+use crate::keepalive::KeepAlivePolicy;
+use crate::session::{CloseReason, Peer, Session, SessionEvent, SessionLimits};
+use crate::transport::{READ_CHUNK, Transport, accept_ws};
 
 /// Why the directory could not answer.
 #[derive(Debug, thiserror::Error)]
 #[error("device directory unavailable: {0}")]
 pub struct DirectoryError(pub String);
 
+/// What the gateway learns of a device that authenticated.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// The network type it registered with (`wifi`, `4g`, ...; empty if unknown).
+    pub network: String,
+}
+
 /// What the gateway needs to know about devices: who they are and what is in their
 /// inbox. The gateway only reads; it never writes to a store.
 pub trait DeviceDirectory: Send + Sync + 'static {
-    /// Whether `token` is the device token of `device_id`.
+    /// The device, if `token` is the device token of `device_id`; `None` if it is not
+    /// (or there is no such device).
     fn authenticate(
         &self,
         device_id: &str,
         token: &[u8],
-    ) -> BoxFuture<'static, Result<bool, DirectoryError>>;
+    ) -> BoxFuture<'static, Result<Option<DeviceInfo>, DirectoryError>>;
 
     /// The next page of the device's unacknowledged, unexpired inbox entries after
     /// `after_seq`.
@@ -68,6 +80,20 @@ pub struct GatewayConfig {
     pub advertised_ws: String,
     /// How often the gateway writes a `GatewayHeartbeat` to the log.
     pub heartbeat: Duration,
+    /// The keep-alive each device gets.
+    pub keep_alive: KeepAlivePolicy,
+    /// TLS on the device listeners (MQTT and WebSocket), when a certificate is set.
+    pub tls: Option<Tls>,
+}
+
+/// The TLS acceptor of the device listeners (see [`crate::transport::tls_acceptor`]).
+#[derive(Clone)]
+pub struct Tls(pub tokio_rustls::TlsAcceptor);
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tls(..)")
+    }
 }
 
 impl Default for GatewayConfig {
@@ -82,6 +108,8 @@ impl Default for GatewayConfig {
             advertised_mqtt: "mqtt://127.0.0.1:9493".into(),
             advertised_ws: "ws://127.0.0.1:8083/mqtt".into(),
             heartbeat: Duration::from_secs(5),
+            keep_alive: KeepAlivePolicy::default(),
+            tls: None,
         }
     }
 }
@@ -93,6 +121,8 @@ pub struct Gateway {
     directory: Arc<dyn DeviceDirectory>,
     events: mpsc::Sender<Event>,
     log: Arc<dyn Append>,
+    /// One per connection held, over every listener.
+    permits: Arc<Semaphore>,
 }
 
 /// How many events the gateway queues for the log before connections wait.
@@ -136,6 +166,7 @@ impl Gateway {
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
         tokio::spawn(append_events(rx, log.clone()));
         Arc::new(Gateway {
+            permits: Arc::new(Semaphore::new(config.max_connections)),
             config,
             hub,
             directory,
@@ -144,14 +175,25 @@ impl Gateway {
         })
     }
 
-    /// Accepts connections until `shutdown` turns true.
-    pub async fn serve(
+    /// Accepts MQTT connections (over TLS when configured) until `shutdown` turns true,
+    /// and tells navigation that this gateway is alive meanwhile.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: watch::Receiver<bool>) {
+        tokio::spawn(self.clone().heartbeats(shutdown.clone()));
+        self.listen(listener, false, shutdown).await;
+    }
+
+    /// Accepts MQTT over WebSocket connections at [`crate::transport::WS_PATH`] (over
+    /// TLS when configured) until `shutdown` turns true.
+    pub async fn serve_ws(self: Arc<Self>, listener: TcpListener, shutdown: watch::Receiver<bool>) {
+        self.listen(listener, true, shutdown).await;
+    }
+
+    async fn listen(
         self: Arc<Self>,
         listener: TcpListener,
+        ws: bool,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let permits = Arc::new(Semaphore::new(self.config.max_connections));
-        tokio::spawn(self.clone().heartbeats(shutdown.clone()));
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
@@ -166,7 +208,7 @@ impl Gateway {
                     continue;
                 }
             };
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
+            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
                 tracing::warn!(%peer, "connection limit reached; refusing");
                 drop(stream);
                 continue;
@@ -175,7 +217,7 @@ impl Gateway {
             let gw = self.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                gw.connection(stream, shutdown).await;
+                gw.accept(stream, ws, shutdown).await;
                 drop(permit);
             });
         }
@@ -217,88 +259,188 @@ impl Gateway {
         let _ = self.events.send(event).await;
     }
 
-    async fn connection(&self, mut stream: TcpStream, mut shutdown: watch::Receiver<bool>) {
+    /// Sets up a new connection's transport (TLS, WebSocket), then serves it; the
+    /// handshakes and the CONNECT together must take less than `connect_timeout`.
+    async fn accept(&self, stream: TcpStream, ws: bool, shutdown: watch::Receiver<bool>) {
+        let deadline = tokio::time::Instant::now() + self.config.connect_timeout;
+        // A WebSocket message holds at most one packet's worth more than the limit.
+        let max_message = self.config.max_packet_bytes + READ_CHUNK;
+        let setup = async {
+            Ok::<_, std::io::Error>(match (&self.config.tls, ws) {
+                (None, false) => Transport::Tcp(stream),
+                (Some(tls), false) => Transport::Tls(Box::new(tls.0.accept(stream).await?)),
+                (None, true) => Transport::Ws(Box::new(accept_ws(stream, max_message).await?)),
+                (Some(tls), true) => {
+                    let stream = tls.0.accept(stream).await?;
+                    Transport::Wss(Box::new(accept_ws(stream, max_message).await?))
+                }
+            })
+        };
+        match tokio::time::timeout_at(deadline, setup).await {
+            Ok(Ok(transport)) => self.connection(transport, deadline, shutdown).await,
+            Ok(Err(e)) => tracing::debug!(error = %e, ws, "handshake failed; closing"),
+            Err(_) => tracing::debug!(ws, "no handshake in time; closing"),
+        }
+    }
+
+    /// Reads the CONNECT and answers it. `Some` when the device is in: its id, what it
+    /// asked for, and the read buffer (bytes after the CONNECT belong to the session).
+    async fn handshake(
+        &self,
+        stream: &mut Transport,
+        deadline: tokio::time::Instant,
+    ) -> Option<(Arc<str>, Peer, String, BytesMut)> {
         let mut buf = BytesMut::new();
         let max = self.config.max_packet_bytes;
-        let first = tokio::time::timeout(
-            self.config.connect_timeout,
-            read_packet(&mut stream, &mut buf, max),
-        )
-        .await;
+        let first = tokio::time::timeout_at(deadline, read_packet(stream, &mut buf, max)).await;
         let connect = match first {
             Ok(Ok(Packet::Connect(c))) => c,
-            Ok(Err(ReadError::Codec(CodecError::UnsupportedProtocol(level)))) => {
-                tracing::debug!(level, "refusing unsupported protocol level");
-                let _ = send_connack(&mut stream, codec::CONNACK_BAD_PROTOCOL).await;
-                return;
+            Ok(Err(ReadError::Codec(e, level))) => {
+                tracing::debug!(error = %e, "bad CONNECT; closing");
+                // A level this codec does not speak gets the 3.1.1 answer; a bad MQTT 5
+                // CONNECT the reason code of what is wrong with it.
+                let code = match (&e, level) {
+                    (CodecError::UnsupportedProtocol(_), _) => Some(codec::CONNACK_BAD_PROTOCOL),
+                    (_, Some(LEVEL_5)) => Some(e.reason_code()),
+                    _ => None,
+                };
+                if let Some(code) = code {
+                    let level = level.filter(|_| code != codec::CONNACK_BAD_PROTOCOL);
+                    let _ =
+                        send_connack(stream, level.unwrap_or(codec::LEVEL_311), code, None).await;
+                }
+                return None;
             }
             Ok(Ok(other)) => {
                 tracing::debug!(packet = ?other, "first packet is not CONNECT; closing");
-                return;
+                return None;
             }
             Ok(Err(e)) => {
-                tracing::debug!(error = %e, "bad CONNECT; closing");
-                return;
+                tracing::debug!(error = %e, "no CONNECT; closing");
+                return None;
             }
             Err(_) => {
                 tracing::debug!("no CONNECT in time; closing");
-                return;
+                return None;
             }
         };
+        let level = connect.protocol_level;
+        let v5 = level == LEVEL_5;
+        let refuse = |v311: u8, v5_code: u8| if v5 { v5_code } else { v311 };
+        if v5 && connect.properties.has(properties::AUTH_METHOD) {
+            // Enhanced authentication is not offered: the device token is the password.
+            let _ = send_connack(stream, level, reason::BAD_AUTH_METHOD, None).await;
+            return None;
+        }
         if connect.client_id.is_empty() {
-            let _ = send_connack(&mut stream, codec::CONNACK_ID_REJECTED).await;
-            return;
+            let code = refuse(codec::CONNACK_ID_REJECTED, reason::CLIENT_ID_NOT_VALID);
+            let _ = send_connack(stream, level, code, None).await;
+            return None;
         }
         let device_id: Arc<str> = connect.client_id.as_str().into();
         let authentic = match (&connect.username, &connect.password) {
             (Some(user), Some(pass)) if *user == connect.client_id => {
                 self.directory.authenticate(&device_id, pass).await
             }
-            _ => Ok(false),
+            _ => Ok(None),
         };
-        match authentic {
-            Ok(true) => {}
-            Ok(false) => {
+        let device = match authentic {
+            Ok(Some(device)) => device,
+            Ok(None) => {
                 tracing::info!(device_id = %device_id, "device refused: not authorized");
-                let _ = send_connack(&mut stream, codec::CONNACK_NOT_AUTHORIZED).await;
-                return;
+                let code = refuse(codec::CONNACK_NOT_AUTHORIZED, reason::NOT_AUTHORIZED);
+                let _ = send_connack(stream, level, code, None).await;
+                return None;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot authenticate device");
-                let _ = send_connack(&mut stream, codec::CONNACK_UNAVAILABLE).await;
-                return;
+                let code = refuse(codec::CONNACK_UNAVAILABLE, reason::SERVER_UNAVAILABLE);
+                let _ = send_connack(stream, level, code, None).await;
+                return None;
             }
-        }
-
-        let reg = self.hub.register(device_id.clone());
-        if send_connack(&mut stream, codec::CONNACK_ACCEPTED)
+        };
+        // The network the device is on now (an MQTT 5 CONNECT user property) wins over
+        // the one it registered with.
+        let policy = &self.config.keep_alive;
+        let network = KeepAlivePolicy::network(
+            connect
+                .properties
+                .user_value("network")
+                .or(Some(device.network.as_str())),
+        );
+        let (peer, connack_props) = if v5 {
+            let keep_alive_s = policy.settle(connect.keep_alive_s, network);
+            let mut props = Properties::new();
+            // herald keeps the inbox, not MQTT session state: the device subscribes
+            // again on every connection, so no session outlives it.
+            if connect
+                .properties
+                .u32(properties::SESSION_EXPIRY)
+                .unwrap_or(0)
+                != 0
+            {
+                props.push(properties::SESSION_EXPIRY, Value::U32(0));
+            }
+            props
+                .push(
+                    properties::RECEIVE_MAXIMUM,
+                    Value::U16(self.config.limits.receive_maximum),
+                )
+                .push(
+                    properties::MAXIMUM_PACKET_SIZE,
+                    Value::U32(u32::try_from(max).unwrap_or(u32::MAX)),
+                )
+                .push(properties::SERVER_KEEP_ALIVE, Value::U16(keep_alive_s))
+                .push(properties::RETAIN_AVAILABLE, Value::Byte(0))
+                .push(properties::WILDCARD_SUB_AVAILABLE, Value::Byte(0))
+                .push(properties::SUB_ID_AVAILABLE, Value::Byte(0))
+                .push(properties::SHARED_SUB_AVAILABLE, Value::Byte(0));
+            (Peer::v5(&connect.properties, keep_alive_s), Some(props))
+        } else {
+            (Peer::v311(policy.settle_v311(connect.keep_alive_s)), None)
+        };
+        if send_connack(stream, level, CONNACK_ACCEPTED, connack_props)
             .await
             .is_err()
         {
-            self.hub.unregister(&device_id, reg.conn_id);
-            return;
+            return None;
         }
-        let keep_alive_s = connect.keep_alive_s;
-        drop(connect);
+        Some((device_id, peer, network.to_owned(), buf))
+    }
+
+    async fn connection(
+        &self,
+        mut stream: Transport,
+        deadline: tokio::time::Instant,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let Some((device_id, peer, network, mut buf)) = self.handshake(&mut stream, deadline).await
+        else {
+            stream.close().await;
+            return;
+        };
+        let reg = self.hub.register(device_id.clone());
+        let max = self.config.max_packet_bytes;
         self.emit(Event::new(
             now_ms(),
             Kind::DeviceConnected(DeviceConnected {
                 device_id: device_id.to_string(),
                 gateway_id: self.config.gateway_id.clone(),
-                keep_alive_s: u32::from(keep_alive_s),
+                keep_alive_s: u32::from(peer.keep_alive_s),
             }),
         ))
         .await;
-        tracing::debug!(device_id = %device_id, keep_alive_s, "device connected");
+        tracing::debug!(device_id = %device_id, level = peer.level, keep_alive_s = peer.keep_alive_s, network, "device connected");
 
-        let mut session = Session::new(keep_alive_s, now_ms(), self.config.limits);
+        let mut session = Session::new(peer, now_ms(), self.config.limits);
         // At most one backlog read is outstanding (the session asks for the next page
         // only when the last one arrived), and QoS 2 receipts being made durable live in a
         // set created only when a QoS 2 exchange happens: an idle connection holds neither.
         let mut fetch: Option<BoxFuture<'static, Result<BacklogPage, DirectoryError>>> = None;
         let mut receipts: Option<FuturesUnordered<BoxFuture<'static, Option<u64>>>> = None;
         // Bytes that arrived after CONNECT in the same read belong to the session.
-        let mut closing: Option<&'static str> = drain_frames(&mut buf, max, &mut session);
+        drain_frames(&mut buf, max, &mut session);
+        let mut closing: Option<&'static str> = None;
         let reason = loop {
             while let Some(ev) = session.poll_event() {
                 match ev {
@@ -357,8 +499,7 @@ impl Gateway {
                 let out = session.take_transmit_buf();
                 // A device that stops reading must not hold its task (and a takeover, a
                 // shutdown, its mailbox) forever.
-                match tokio::time::timeout(self.config.write_timeout, stream.write_all(&out)).await
-                {
+                match tokio::time::timeout(self.config.write_timeout, stream.write_all(out)).await {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => break "write_failed",
                     Err(_) => break "write_timeout",
@@ -377,25 +518,21 @@ impl Gateway {
                 }
             };
             tokio::select! {
-                r = stream.readable() => {
-                    if r.is_err() {
-                        break "read_failed";
-                    }
-                    // Read into a buffer that exists only while bytes are in hand.
-                    buf.reserve(READ_CHUNK);
-                    match stream.try_read_buf(&mut buf) {
+                r = stream.read_into(&mut buf) => {
+                    match r {
                         Ok(0) => break "closed_by_device",
-                        Ok(_) => closing = drain_frames(&mut buf, max, &mut session),
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Ok(_) => drain_frames(&mut buf, max, &mut session),
                         Err(_) => break "read_failed",
                     }
+                    // Keep a buffer only while a partial packet is in it.
                     if buf.is_empty() {
                         buf = BytesMut::new();
                     }
                 },
                 _ = reg.mailbox.wait() => {
                     if reg.mailbox.kicked() {
-                        break "taken_over";
+                        session.handle_close(CloseReason::TakenOver);
+                        continue;
                     }
                     if reg.mailbox.take_overflow() {
                         session.handle_overflow(now_ms());
@@ -423,11 +560,11 @@ impl Gateway {
                     }
                 },
                 _ = sleep => session.handle_timeout(now_ms()),
-                _ = shutdown.changed() => break "server_shutdown",
+                _ = shutdown.changed() => session.handle_close(CloseReason::ServerShutdown),
             }
         };
         self.hub.unregister(&device_id, reg.conn_id);
-        let _ = stream.shutdown().await;
+        stream.close().await;
         tracing::debug!(device_id = %device_id, reason, inflight = session.inflight_len(), "device disconnected");
         self.emit(Event::new(
             now_ms(),
@@ -440,9 +577,6 @@ impl Gateway {
         .await;
     }
 }
-
-/// How much a read takes from the socket at a time.
-const READ_CHUNK: usize = 4096;
 
 /// The outstanding backlog read, if any; pending forever when there is none.
 async fn next_page(
@@ -474,28 +608,28 @@ async fn next_receipt(
     }
 }
 
-/// Feeds every complete frame in `buf` to the session. Returns a close reason if a frame
-/// is malformed: that closes this connection only.
-fn drain_frames(buf: &mut BytesMut, max: usize, session: &mut Session) -> Option<&'static str> {
+/// Feeds every complete frame in `buf` to the session, which ends itself on a
+/// malformed one (that closes this connection only).
+fn drain_frames(buf: &mut BytesMut, max: usize, session: &mut Session) {
+    let level = session.level();
     loop {
         match codec::check(buf, max) {
             Ok(Some(n)) => {
                 let frame = buf.split_to(n);
-                match codec::decode(&frame) {
+                match codec::decode_as(&frame, level) {
                     Ok(p) => session.handle_packet(p, now_ms()),
                     Err(e) => {
                         tracing::debug!(error = %e, "malformed packet; closing");
-                        return Some("malformed_packet");
+                        session.handle_codec_error(&e);
+                        return;
                     }
                 }
             }
-            Ok(None) => return None,
+            Ok(None) => return,
             Err(e) => {
                 tracing::debug!(error = %e, "malformed packet; closing");
-                return Some(match e {
-                    CodecError::PacketTooLarge { .. } => "packet_too_large",
-                    _ => "malformed_packet",
-                });
+                session.handle_codec_error(&e);
+                return;
             }
         }
     }
@@ -503,8 +637,10 @@ fn drain_frames(buf: &mut BytesMut, max: usize, session: &mut Session) -> Option
 
 #[derive(Debug, thiserror::Error)]
 enum ReadError {
-    #[error(transparent)]
-    Codec(#[from] CodecError),
+    /// The bytes are not a packet; with the protocol level of the CONNECT they began,
+    /// when that much was readable.
+    #[error("{0}")]
+    Codec(CodecError, Option<u8>),
     #[error("connection closed")]
     Closed,
     #[error(transparent)]
@@ -512,31 +648,43 @@ enum ReadError {
 }
 
 async fn read_packet(
-    stream: &mut TcpStream,
+    stream: &mut Transport,
     buf: &mut BytesMut,
     max: usize,
 ) -> Result<Packet, ReadError> {
     loop {
-        if let Some(n) = codec::check(buf, max)? {
-            let frame = buf.split_to(n);
-            return Ok(codec::decode(&frame)?);
+        match codec::check(buf, max) {
+            Ok(Some(n)) => {
+                let frame = buf.split_to(n);
+                return codec::decode(&frame)
+                    .map_err(|e| ReadError::Codec(e, codec::connect_level(&frame)));
+            }
+            Ok(None) => {}
+            Err(e) => return Err(ReadError::Codec(e, codec::connect_level(buf))),
         }
-        if stream.read_buf(buf).await? == 0 {
+        if stream.read_into(buf).await? == 0 {
             return Err(ReadError::Closed);
         }
     }
 }
 
-async fn send_connack(stream: &mut TcpStream, code: u8) -> std::io::Result<()> {
-    let mut out = Vec::with_capacity(4);
-    codec::encode(
+async fn send_connack(
+    stream: &mut Transport,
+    level: u8,
+    code: u8,
+    properties: Option<Properties>,
+) -> std::io::Result<()> {
+    let mut out = Vec::with_capacity(64);
+    codec::encode_as(
         &Packet::ConnAck(ConnAck {
             session_present: false,
             code,
+            properties: properties.unwrap_or_default(),
         }),
+        level,
         &mut out,
     );
-    stream.write_all(&out).await
+    stream.write_all(out).await
 }
 
 /// Appends the gateway's events to the log in batches. Acks are not awaited one by one:

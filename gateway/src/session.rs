@@ -20,7 +20,10 @@ use std::sync::Arc;
 
 use herald_schemas::link::{BacklogPage, Delivery};
 
-use crate::codec::{self, Packet, SubAck};
+use crate::codec::{
+    self, CodecError, Disconnect, LEVEL_5, Packet, Properties, SubAck, UnsubAck, Value, properties,
+    reason,
+};
 
 /// The topic a device subscribes to for its inbox.
 pub const INBOX_TOPIC: &str = "inbox";
@@ -32,6 +35,9 @@ pub struct SessionLimits {
     pub max_inflight: usize,
     /// Most entries queued in the session beyond the in-flight window.
     pub max_pending: usize,
+    /// Most QoS 1 and 2 PUBLISHes a device may have unacknowledged towards herald at
+    /// once (the Receive Maximum herald tells MQTT 5 clients in CONNACK).
+    pub receive_maximum: u16,
 }
 
 impl Default for SessionLimits {
@@ -39,6 +45,46 @@ impl Default for SessionLimits {
         SessionLimits {
             max_inflight: 32,
             max_pending: 256,
+            receive_maximum: 32,
+        }
+    }
+}
+
+/// What the device asked for at CONNECT, as the gateway settled it.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    /// The protocol level of the connection (3, 4 or 5).
+    pub level: u8,
+    /// The keep-alive herald enforces, in seconds (0: none); the connection is closed
+    /// after 1.5 times this without a packet from the device.
+    pub keep_alive_s: u16,
+    /// The device's Receive Maximum: most QoS 1 and 2 PUBLISHes it takes unacknowledged.
+    pub receive_maximum: u16,
+    /// The device's Maximum Packet Size: a PUBLISH larger than this is not sent to it.
+    pub maximum_packet_size: u32,
+}
+
+impl Peer {
+    /// An MQTT 3.1.1 device with keep-alive `keep_alive_s`.
+    pub fn v311(keep_alive_s: u16) -> Self {
+        Peer {
+            level: codec::LEVEL_311,
+            keep_alive_s,
+            receive_maximum: u16::MAX,
+            maximum_packet_size: u32::MAX,
+        }
+    }
+
+    /// The device's side of an MQTT 5 CONNECT (Receive Maximum, Maximum Packet Size),
+    /// with the keep-alive herald settled on.
+    pub fn v5(connect: &Properties, keep_alive_s: u16) -> Self {
+        Peer {
+            level: LEVEL_5,
+            keep_alive_s,
+            receive_maximum: connect.u16(properties::RECEIVE_MAXIMUM).unwrap_or(u16::MAX),
+            maximum_packet_size: connect
+                .u32(properties::MAXIMUM_PACKET_SIZE)
+                .unwrap_or(u32::MAX),
         }
     }
 }
@@ -51,8 +97,20 @@ pub enum CloseReason {
     ClientDisconnect,
     /// Nothing arrived within 1.5 times the keep-alive interval.
     KeepAliveTimeout,
-    /// The device broke the protocol (a second CONNECT, a server-only packet).
+    /// The device broke the protocol (a second CONNECT, a server-only packet, a
+    /// repeated property).
     ProtocolViolation,
+    /// The device sent a packet that does not parse.
+    MalformedPacket,
+    /// The device sent a packet over herald's Maximum Packet Size.
+    PacketTooLarge,
+    /// The device had more QoS 1/2 PUBLISHes unacknowledged than herald's Receive
+    /// Maximum.
+    ReceiveMaximumExceeded,
+    /// The same device connected again; this connection gives way.
+    TakenOver,
+    /// herald is shutting down.
+    ServerShutdown,
 }
 
 impl CloseReason {
@@ -62,6 +120,35 @@ impl CloseReason {
             CloseReason::ClientDisconnect => "client_disconnect",
             CloseReason::KeepAliveTimeout => "keep_alive_timeout",
             CloseReason::ProtocolViolation => "protocol_violation",
+            CloseReason::MalformedPacket => "malformed_packet",
+            CloseReason::PacketTooLarge => "packet_too_large",
+            CloseReason::ReceiveMaximumExceeded => "receive_maximum_exceeded",
+            CloseReason::TakenOver => "taken_over",
+            CloseReason::ServerShutdown => "server_shutdown",
+        }
+    }
+
+    /// The MQTT 5 reason code of the DISCONNECT herald sends for it (`None` when the
+    /// device ended the session).
+    pub fn reason_code(self) -> Option<u8> {
+        Some(match self {
+            CloseReason::ClientDisconnect => return None,
+            CloseReason::KeepAliveTimeout => reason::KEEP_ALIVE_TIMEOUT,
+            CloseReason::ProtocolViolation => reason::PROTOCOL_ERROR,
+            CloseReason::MalformedPacket => reason::MALFORMED,
+            CloseReason::PacketTooLarge => reason::PACKET_TOO_LARGE,
+            CloseReason::ReceiveMaximumExceeded => reason::RECEIVE_MAXIMUM_EXCEEDED,
+            CloseReason::TakenOver => reason::SESSION_TAKEN_OVER,
+            CloseReason::ServerShutdown => reason::SERVER_SHUTTING_DOWN,
+        })
+    }
+
+    /// Why a connection sending a packet the codec refused is closed.
+    pub fn of_codec_error(e: &CodecError) -> Self {
+        match e.reason_code() {
+            reason::PACKET_TOO_LARGE => CloseReason::PacketTooLarge,
+            reason::MALFORMED => CloseReason::MalformedPacket,
+            _ => CloseReason::ProtocolViolation,
         }
     }
 }
@@ -131,6 +218,11 @@ pub fn pkid_for(seq: u64) -> u16 {
 #[derive(Debug)]
 pub struct Session {
     limits: SessionLimits,
+    peer: Peer,
+    /// MQTT 5: QoS 1 PUBLISHes from the device whose PUBACK is not written yet, and
+    /// QoS 2 ones awaiting their PUBREL (by packet id), against herald's Receive Maximum.
+    inbound_acks: usize,
+    inbound_qos2: Vec<u16>,
     /// The QoS granted on `inbox`, once subscribed.
     granted_qos: Option<u8>,
     inflight: VecDeque<Inflight>,
@@ -153,10 +245,13 @@ pub struct Session {
 }
 
 impl Session {
-    /// A session that was just accepted, with the client's keep-alive in seconds.
-    pub fn new(keep_alive_s: u16, now_ms: u64, limits: SessionLimits) -> Self {
+    /// A session that was just accepted from `peer`.
+    pub fn new(peer: Peer, now_ms: u64, limits: SessionLimits) -> Self {
         Session {
             limits,
+            peer,
+            inbound_acks: 0,
+            inbound_qos2: Vec::new(),
             granted_qos: None,
             inflight: VecDeque::new(),
             pending: VecDeque::new(),
@@ -166,7 +261,7 @@ impl Session {
             fetch_after: 0,
             withdrawn_during_fetch: Vec::new(),
             live_hint: 0,
-            keep_alive_ms: u64::from(keep_alive_s) * 1000,
+            keep_alive_ms: u64::from(peer.keep_alive_s) * 1000,
             last_rx_ms: now_ms,
             closed: false,
             transmit: Vec::new(),
@@ -180,31 +275,49 @@ impl Session {
             return;
         }
         self.last_rx_ms = now_ms;
+        let v5 = self.peer.level == LEVEL_5;
         match packet {
             Packet::Subscribe(sub) => {
                 let mut codes = Vec::with_capacity(sub.filters.len());
-                for (filter, qos) in &sub.filters {
-                    if filter == INBOX_TOPIC {
-                        let granted = (*qos).min(2);
+                for (filter, options) in &sub.filters {
+                    codes.push(if filter == INBOX_TOPIC {
+                        let granted = (options & 0x03).min(2);
                         self.granted_qos = Some(granted);
-                        codes.push(granted);
+                        granted
+                    } else if !v5 {
+                        codec::SUBACK_FAILURE
+                    } else if filter.starts_with("$share/") {
+                        reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED
+                    } else if filter.contains(['+', '#']) {
+                        reason::WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED
                     } else {
-                        codes.push(0x80);
-                    }
+                        reason::NOT_AUTHORIZED
+                    });
                 }
-                codec::encode(
-                    &Packet::SubAck(SubAck {
-                        pkid: sub.pkid,
-                        codes,
-                    }),
-                    &mut self.transmit,
-                );
+                self.send(Packet::SubAck(SubAck {
+                    pkid: sub.pkid,
+                    codes,
+                    properties: Properties::new(),
+                }));
             }
             Packet::Unsubscribe(unsub) => {
-                if unsub.filters.iter().any(|f| f == INBOX_TOPIC) {
-                    self.granted_qos = None;
-                }
-                codec::encode(&Packet::UnsubAck(unsub.pkid), &mut self.transmit);
+                let codes = unsub
+                    .filters
+                    .iter()
+                    .map(|f| {
+                        if f == INBOX_TOPIC && self.granted_qos.take().is_some() {
+                            reason::SUCCESS
+                        } else {
+                            // No subscription existed.
+                            0x11
+                        }
+                    })
+                    .collect();
+                self.send(Packet::UnsubAck(UnsubAck {
+                    pkid: unsub.pkid,
+                    codes,
+                    properties: Properties::new(),
+                }));
             }
             Packet::PubAck(pkid) => self.complete_inflight(pkid, Stage::AwaitPubAck),
             Packet::PubComp(pkid) => self.complete_inflight(pkid, Stage::AwaitPubComp),
@@ -219,30 +332,70 @@ impl Session {
                             });
                         }
                         // A repeated PUBREC: repeat the PUBREL.
-                        Stage::AwaitPubComp => {
-                            codec::encode(&Packet::PubRel(pkid), &mut self.transmit)
-                        }
+                        Stage::AwaitPubComp => self.send(Packet::PubRel(pkid)),
                         Stage::AwaitDurable | Stage::Durable | Stage::AwaitPubAck => {}
                     }
                 }
             }
-            Packet::PingReq => codec::encode(&Packet::PingResp, &mut self.transmit),
+            Packet::PingReq => self.send(Packet::PingResp),
             // Devices do not publish to herald; acknowledge and drop, as the protocol
-            // allows, so a client that tries is not stuck.
-            Packet::Publish(p) => match p.qos {
-                1 => codec::encode(&Packet::PubAck(p.pkid), &mut self.transmit),
-                2 => codec::encode(&Packet::PubRec(p.pkid), &mut self.transmit),
-                _ => {}
-            },
-            Packet::PubRel(pkid) => codec::encode(&Packet::PubComp(pkid), &mut self.transmit),
-            Packet::Disconnect => self.close(CloseReason::ClientDisconnect),
+            // allows, so a client that tries is not stuck. herald offers no topic
+            // aliases (Topic Alias Maximum 0), so using one is a protocol error.
+            Packet::Publish(p) if p.properties.has(properties::TOPIC_ALIAS) => {
+                self.close(CloseReason::ProtocolViolation)
+            }
+            Packet::Publish(p) => {
+                match p.qos {
+                    1 => {
+                        self.inbound_acks += 1;
+                        self.send(Packet::PubAck(p.pkid));
+                    }
+                    2 => {
+                        if v5 && !self.inbound_qos2.contains(&p.pkid) {
+                            self.inbound_qos2.push(p.pkid);
+                        }
+                        self.send(Packet::PubRec(p.pkid));
+                    }
+                    _ => {}
+                }
+                if v5
+                    && self.inbound_acks + self.inbound_qos2.len()
+                        > usize::from(self.limits.receive_maximum)
+                {
+                    self.close(CloseReason::ReceiveMaximumExceeded);
+                }
+            }
+            Packet::PubRel(pkid) => {
+                self.inbound_qos2.retain(|&id| id != pkid);
+                if self.inbound_qos2.is_empty() {
+                    self.inbound_qos2 = Vec::new();
+                }
+                self.send(Packet::PubComp(pkid));
+            }
+            Packet::Disconnect(_) => self.close(CloseReason::ClientDisconnect),
             Packet::Connect(_)
             | Packet::ConnAck(_)
             | Packet::SubAck(_)
             | Packet::UnsubAck(_)
-            | Packet::PingResp => self.close(CloseReason::ProtocolViolation),
+            | Packet::PingResp
+            | Packet::Auth(_) => self.close(CloseReason::ProtocolViolation),
         }
         self.pump(now_ms);
+    }
+
+    /// The device sent bytes the codec refused: the session ends (in MQTT 5 with a
+    /// DISCONNECT naming why).
+    pub fn handle_codec_error(&mut self, error: &CodecError) {
+        self.close(CloseReason::of_codec_error(error));
+    }
+
+    /// The session ends for a reason outside it (a takeover, a shutdown).
+    pub fn handle_close(&mut self, reason: CloseReason) {
+        self.close(reason);
+    }
+
+    fn send(&mut self, packet: Packet) {
+        codec::encode_as(&packet, self.peer.level, &mut self.transmit);
     }
 
     /// Entries arrived live from a delivery worker.
@@ -286,7 +439,7 @@ impl Session {
             match f.stage {
                 Stage::Durable => {
                     f.stage = Stage::AwaitPubComp;
-                    codec::encode(&Packet::PubRel(f.pkid), &mut self.transmit);
+                    codec::encode_as(&Packet::PubRel(f.pkid), self.peer.level, &mut self.transmit);
                 }
                 Stage::AwaitPubComp | Stage::AwaitPubAck => {}
                 Stage::AwaitPubRec | Stage::AwaitDurable => break,
@@ -325,6 +478,8 @@ impl Session {
 
     /// Takes the bytes to write to the device, leaving no buffer behind.
     pub fn take_transmit_buf(&mut self) -> Vec<u8> {
+        // The PUBACKs in it are on their way: those PUBLISHes are no longer in flight.
+        self.inbound_acks = 0;
         std::mem::take(&mut self.transmit)
     }
 
@@ -392,12 +547,18 @@ impl Session {
 
     /// Takes the bytes to write to the device.
     pub fn take_transmit(&mut self, out: &mut Vec<u8>) {
+        self.inbound_acks = 0;
         out.append(&mut self.transmit);
     }
 
     /// Whether there are bytes to write.
     pub fn has_transmit(&self) -> bool {
         !self.transmit.is_empty()
+    }
+
+    /// The protocol level of the connection.
+    pub fn level(&self) -> u8 {
+        self.peer.level
     }
 
     /// Entries sent and not yet acknowledged.
@@ -422,8 +583,64 @@ impl Session {
     fn close(&mut self, reason: CloseReason) {
         if !self.closed {
             self.closed = true;
+            if self.peer.level == LEVEL_5
+                && let Some(reason_code) = reason.reason_code()
+            {
+                self.send(Packet::Disconnect(Disconnect {
+                    reason_code,
+                    properties: Properties::new(),
+                }));
+            }
             self.events.push_back(SessionEvent::Close(reason));
         }
+    }
+
+    /// Writes the PUBLISH of `d`; false (and nothing written) if it is larger than the
+    /// device's Maximum Packet Size. In MQTT 5 it carries the entry's remaining life as
+    /// Message Expiry Interval and its `id` and `seq` as user properties.
+    fn write_publish(&mut self, d: &Delivery, qos: u8, pkid: u16, now_ms: u64) -> bool {
+        let start = self.transmit.len();
+        if self.peer.level == LEVEL_5 {
+            let expiry_s = d.expires_at_ms.saturating_sub(now_ms).div_ceil(1000);
+            let mut props = Properties::new();
+            props
+                .push(
+                    properties::MESSAGE_EXPIRY,
+                    Value::U32(u32::try_from(expiry_s).unwrap_or(u32::MAX)),
+                )
+                .user("id", &d.message_id)
+                .user("seq", &d.seq.to_string());
+            codec::encode_publish_v5(
+                &mut self.transmit,
+                INBOX_TOPIC,
+                qos,
+                pkid,
+                false,
+                &props,
+                &d.envelope,
+            );
+        } else {
+            codec::encode_publish(
+                &mut self.transmit,
+                INBOX_TOPIC,
+                qos,
+                pkid,
+                false,
+                &d.envelope,
+            );
+        }
+        if self.transmit.len() - start > self.peer.maximum_packet_size as usize {
+            self.transmit.truncate(start);
+            return false;
+        }
+        true
+    }
+
+    /// The in-flight window: herald's own, or the device's Receive Maximum if smaller.
+    fn window(&self) -> usize {
+        self.limits
+            .max_inflight
+            .min(usize::from(self.peer.receive_maximum))
     }
 
     fn pump(&mut self, now_ms: u64) {
@@ -433,7 +650,8 @@ impl Session {
         let Some(qos) = self.granted_qos else {
             return;
         };
-        while self.inflight.len() < self.limits.max_inflight {
+        let window = self.window();
+        while self.inflight.len() < window {
             let Some(front) = self.pending.front() else {
                 break;
             };
@@ -459,22 +677,22 @@ impl Session {
             if d.expires_at_ms <= now_ms {
                 continue;
             }
+            if !self.write_publish(&d, qos, pkid, now_ms) {
+                // Larger than the device takes (its Maximum Packet Size): not sent, and
+                // not acknowledged either; it stays in the inbox until it expires.
+                tracing::debug!(
+                    seq = d.seq,
+                    "entry over the device's Maximum Packet Size; not sent"
+                );
+                continue;
+            }
             if qos == 0 {
-                codec::encode_publish(&mut self.transmit, INBOX_TOPIC, 0, 0, false, &d.envelope);
                 self.events.push_back(SessionEvent::Acked {
                     seq: d.seq,
                     message_id: d.message_id,
                 });
                 continue;
             }
-            codec::encode_publish(
-                &mut self.transmit,
-                INBOX_TOPIC,
-                qos,
-                pkid,
-                false,
-                &d.envelope,
-            );
             self.inflight.push_back(Inflight {
                 pkid,
                 seq: d.seq,
@@ -487,7 +705,7 @@ impl Session {
             });
         }
         self.release_in_order();
-        assert!(self.inflight.len() <= self.limits.max_inflight);
+        assert!(self.inflight.len() <= window);
         // An idle session keeps no buffers.
         if self.pending.is_empty() && self.pending.capacity() > 0 {
             self.pending = VecDeque::new();
@@ -528,6 +746,7 @@ mod tests {
             Packet::Subscribe(Subscribe {
                 pkid: 1,
                 filters: vec![("inbox".into(), 1)],
+                ..Subscribe::default()
             }),
             0,
         );
@@ -563,8 +782,9 @@ mod tests {
         let limits = SessionLimits {
             max_inflight: 2,
             max_pending: 8,
+            ..SessionLimits::default()
         };
-        let mut s = Session::new(60, 0, limits);
+        let mut s = Session::new(Peer::v311(60), 0, limits);
         subscribe(&mut s);
         assert_eq!(fetches(&mut s), vec![(0, 8)]);
         // A live entry arriving while the backlog is read is not taken directly...
@@ -607,7 +827,7 @@ mod tests {
 
     #[test]
     fn gap_in_live_deliveries_reads_the_store() {
-        let mut s = Session::new(0, 0, SessionLimits::default());
+        let mut s = Session::new(Peer::v311(0), 0, SessionLimits::default());
         subscribe(&mut s);
         let _ = fetches(&mut s);
         s.handle_backlog(
@@ -625,7 +845,7 @@ mod tests {
 
     #[test]
     fn expired_entries_are_not_sent_and_keepalive_closes() {
-        let mut s = Session::new(10, 0, SessionLimits::default());
+        let mut s = Session::new(Peer::v311(10), 0, SessionLimits::default());
         subscribe(&mut s);
         let _ = fetches(&mut s);
         s.handle_backlog(
@@ -650,13 +870,14 @@ mod tests {
 
     #[test]
     fn nothing_is_sent_before_subscribe_and_other_topics_are_refused() {
-        let mut s = Session::new(0, 0, SessionLimits::default());
+        let mut s = Session::new(Peer::v311(0), 0, SessionLimits::default());
         s.handle_deliveries(vec![d(1)], 0);
         assert!(sent_seqs(&mut s).is_empty());
         s.handle_packet(
             Packet::Subscribe(Subscribe {
                 pkid: 9,
                 filters: vec![("other/#".into(), 1)],
+                ..Subscribe::default()
             }),
             0,
         );
@@ -666,7 +887,8 @@ mod tests {
             codec::decode(&out).unwrap(),
             Packet::SubAck(SubAck {
                 pkid: 9,
-                codes: vec![0x80]
+                codes: vec![0x80],
+                ..SubAck::default()
             })
         );
     }
@@ -676,8 +898,9 @@ mod tests {
         let limits = SessionLimits {
             max_inflight: 1,
             max_pending: 8,
+            ..SessionLimits::default()
         };
-        let mut s = Session::new(0, 0, limits);
+        let mut s = Session::new(Peer::v311(0), 0, limits);
         subscribe(&mut s);
         assert_eq!(fetches(&mut s), vec![(0, 8)]);
         s.handle_backlog(
@@ -708,7 +931,7 @@ mod tests {
 
     #[test]
     fn a_withdrawal_during_a_read_filters_its_page() {
-        let mut s = Session::new(0, 0, SessionLimits::default());
+        let mut s = Session::new(Peer::v311(0), 0, SessionLimits::default());
         subscribe(&mut s);
         let _ = fetches(&mut s);
         s.handle_withdraw(&["m2".into()], 0);
@@ -725,11 +948,12 @@ mod tests {
 
     #[test]
     fn released_entries_are_finished_in_seq_order() {
-        let mut s = Session::new(0, 0, SessionLimits::default());
+        let mut s = Session::new(Peer::v311(0), 0, SessionLimits::default());
         s.handle_packet(
             Packet::Subscribe(Subscribe {
                 pkid: 1,
                 filters: vec![("inbox".into(), 2)],
+                ..Subscribe::default()
             }),
             0,
         );
@@ -770,5 +994,139 @@ mod tests {
             rest = &rest[n..];
         }
         assert_eq!(rels, vec![Packet::PubRel(1), Packet::PubRel(2)]);
+    }
+
+    fn v5_peer(receive_maximum: u16, maximum_packet_size: u32) -> Peer {
+        let mut props = Properties::new();
+        props
+            .push(properties::RECEIVE_MAXIMUM, Value::U16(receive_maximum))
+            .push(
+                properties::MAXIMUM_PACKET_SIZE,
+                Value::U32(maximum_packet_size),
+            );
+        Peer::v5(&props, 30)
+    }
+
+    fn packets(s: &mut Session) -> Vec<Packet> {
+        let mut out = Vec::new();
+        s.take_transmit(&mut out);
+        let mut packets = Vec::new();
+        let mut rest = &out[..];
+        while let Some(n) = codec::check(rest, 1 << 20).unwrap() {
+            packets.push(codec::decode_as(&rest[..n], LEVEL_5).unwrap());
+            rest = &rest[n..];
+        }
+        packets
+    }
+
+    #[test]
+    fn v5_publishes_carry_expiry_and_ids_within_the_devices_limits() {
+        // The device takes 2 unacknowledged PUBLISHes of at most 120 bytes.
+        let mut s = Session::new(v5_peer(2, 120), 0, SessionLimits::default());
+        subscribe(&mut s);
+        let _ = fetches(&mut s);
+        let mut big = d(3);
+        big.envelope = vec![b'x'; 200].into();
+        s.handle_backlog(
+            BacklogPage {
+                entries: vec![d(1), d(2), big, d(4)],
+                covered_through: 4,
+                complete: true,
+            },
+            2_500,
+        );
+        let sent = packets(&mut s);
+        assert_eq!(sent.len(), 3, "{sent:?}"); // SUBACK + two PUBLISHes
+        let Packet::Publish(p) = &sent[1] else {
+            panic!("{sent:?}")
+        };
+        // 10 s of life at 0 ms, 2.5 s gone: 7.5 s left, rounded up.
+        assert_eq!(p.properties.u32(properties::MESSAGE_EXPIRY), Some(8));
+        assert_eq!(p.properties.user_value("id"), Some("m1"));
+        assert_eq!(p.properties.user_value("seq"), Some("1"));
+        // Acks open the window; the entry over 120 bytes is skipped, not sent.
+        s.handle_packet(Packet::PubAck(1), 3_000);
+        s.handle_packet(Packet::PubAck(2), 3_000);
+        let sent = packets(&mut s);
+        let seqs: Vec<&str> = sent
+            .iter()
+            .filter_map(|p| match p {
+                Packet::Publish(p) => p.properties.user_value("seq"),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(seqs, vec!["4"]);
+    }
+
+    #[test]
+    fn v5_receive_maximum_exceeded_closes_with_0x93() {
+        let limits = SessionLimits {
+            receive_maximum: 2,
+            ..SessionLimits::default()
+        };
+        let mut s = Session::new(v5_peer(10, 1 << 20), 0, limits);
+        let publish = |pkid, qos| {
+            Packet::Publish(codec::Publish {
+                qos,
+                topic: "up".into(),
+                pkid,
+                ..codec::Publish::default()
+            })
+        };
+        // Two QoS 2 PUBLISHes await their PUBREL; a released one frees its place.
+        s.handle_packet(publish(1, 2), 0);
+        s.handle_packet(publish(2, 2), 0);
+        s.handle_packet(Packet::PubRel(1), 0);
+        // QoS 1 PUBLISHes whose PUBACKs were written are no longer in flight.
+        s.handle_packet(publish(3, 1), 0);
+        let _ = packets(&mut s);
+        s.handle_packet(publish(4, 1), 0);
+        assert!(s.poll_event().is_none());
+        // A third in flight (2's PUBREL and 4's PUBACK outstanding) is one too many.
+        s.handle_packet(publish(5, 1), 0);
+        assert_eq!(
+            s.poll_event(),
+            Some(SessionEvent::Close(CloseReason::ReceiveMaximumExceeded))
+        );
+        let sent = packets(&mut s);
+        assert_eq!(
+            sent.last(),
+            Some(&Packet::Disconnect(Disconnect {
+                reason_code: reason::RECEIVE_MAXIMUM_EXCEEDED,
+                properties: Properties::new(),
+            }))
+        );
+    }
+
+    #[test]
+    fn v5_close_reasons_are_sent_as_disconnects() {
+        for (close, code) in [
+            (None, reason::KEEP_ALIVE_TIMEOUT),
+            (Some(CloseReason::TakenOver), reason::SESSION_TAKEN_OVER),
+            (
+                Some(CloseReason::ServerShutdown),
+                reason::SERVER_SHUTTING_DOWN,
+            ),
+        ] {
+            let mut s = Session::new(v5_peer(10, 1 << 20), 0, SessionLimits::default());
+            match close {
+                Some(r) => s.handle_close(r),
+                None => s.handle_timeout(45_000),
+            }
+            assert_eq!(
+                packets(&mut s),
+                vec![Packet::Disconnect(Disconnect {
+                    reason_code: code,
+                    properties: Properties::new(),
+                })]
+            );
+        }
+        // A device's own DISCONNECT is not answered; 3.1.1 devices get no DISCONNECT.
+        let mut s = Session::new(v5_peer(10, 1 << 20), 0, SessionLimits::default());
+        s.handle_packet(Packet::Disconnect(Disconnect::default()), 0);
+        assert!(packets(&mut s).is_empty());
+        let mut s = Session::new(Peer::v311(30), 0, SessionLimits::default());
+        s.handle_timeout(45_000);
+        assert!(packets(&mut s).is_empty());
     }
 }

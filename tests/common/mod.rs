@@ -28,6 +28,7 @@ pub struct Server {
     pub data_dir: PathBuf,
     pub http_port: u16,
     pub mqtt_port: u16,
+    pub ws_port: u16,
     pub env: Vec<(String, String)>,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -38,12 +39,24 @@ impl Server {
     }
 
     pub async fn start_with(env: &[(&str, &str)]) -> Server {
+        Self::start_configured("", env).await
+    }
+
+    /// A server with `toml` as its config file (flags and `env` still win).
+    pub async fn start_configured(toml: &str, env: &[(&str, &str)]) -> Server {
         let tmp = tempfile::tempdir().unwrap();
+        let config = tmp.path().join("herald.toml");
+        std::fs::write(&config, toml).unwrap();
+        let config = config.display().to_string();
+        let env: Vec<(&str, &str)> = std::iter::once(("HERALD_CONFIG", config.as_str()))
+            .chain(env.iter().copied())
+            .collect();
         let mut s = Server {
             child: None,
             data_dir: tmp.path().join("data"),
             http_port: free_port(),
             mqtt_port: free_port(),
+            ws_port: free_port(),
             env: env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -68,6 +81,8 @@ impl Server {
             .arg(format!("127.0.0.1:{}", self.http_port))
             .arg("--mqtt-addr")
             .arg(format!("127.0.0.1:{}", self.mqtt_port))
+            .arg("--ws-addr")
+            .arg(format!("127.0.0.1:{}", self.ws_port))
             .env("HERALD_ADMIN_TOKEN", ADMIN)
             .env(
                 "HERALD_LOG",
@@ -310,26 +325,25 @@ pub fn tool(name: &str) -> Option<PathBuf> {
     found
 }
 
-/// A stock `mosquitto_sub` subscribed to `inbox` as a device, printing each envelope as
-/// a line, exiting after `count` messages.
-pub struct MosquittoSub {
+/// A stock client running as a child process, its stdout read line by line; killed when
+/// dropped.
+pub struct Lines {
     pub child: Child,
+    name: String,
     lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
-impl MosquittoSub {
-    /// Connects as `dev` to the MQTT port `port` (QoS `qos`, a persistent session).
-    pub fn start(tool: &Path, port: u16, dev: &DeviceCredentials, qos: u8, count: usize) -> Self {
-        use std::io::BufRead;
-        let mut child = Command::new(tool)
-            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-            .args(["-i", &dev.device_id, "-u", &dev.device_id])
-            .args(["-P", &dev.device_token, "-t", "inbox", "-c"])
-            .args(["-q", &qos.to_string(), "-C", &count.to_string()])
+impl Lines {
+    /// Starts `cmd` with its stdout and stderr piped.
+    pub fn spawn(mut cmd: Command) -> Self {
+        use std::io::{BufRead, Read};
+        let name = format!("{:?}", cmd.get_program());
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap();
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
         let stdout = child.stdout.take().unwrap();
         std::thread::spawn(move || {
@@ -340,16 +354,171 @@ impl MosquittoSub {
                 }
             }
         });
-        MosquittoSub { child, lines }
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            sink.lock().unwrap().push_str(&text);
+        });
+        Lines {
+            child,
+            name,
+            lines,
+            stderr,
+        }
+    }
+
+    /// The next line it printed (fails the test after `secs` seconds or if it exited).
+    pub async fn next_within(&mut self, secs: u64) -> String {
+        match tokio::time::timeout(Duration::from_secs(secs), self.lines.recv()).await {
+            Ok(Some(line)) => line,
+            Ok(None) => {
+                let _ = self.child.wait();
+                panic!("{} exited: {}", self.name, self.stderr.lock().unwrap())
+            }
+            Err(_) => panic!(
+                "{} printed nothing in {secs} s: {}",
+                self.name,
+                self.stderr.lock().unwrap()
+            ),
+        }
+    }
+
+    /// The next line it printed (20 s at most).
+    pub async fn next(&mut self) -> String {
+        self.next_within(20).await
+    }
+}
+
+impl Drop for Lines {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A stock `mosquitto_sub` subscribed to `inbox` as a device, printing each envelope as
+/// a line, exiting after `count` messages.
+pub struct MosquittoSub(pub Lines);
+
+impl MosquittoSub {
+    /// Connects as `dev` to the MQTT port `port` (QoS `qos`, a persistent session).
+    pub fn start(tool: &Path, port: u16, dev: &DeviceCredentials, qos: u8, count: usize) -> Self {
+        MosquittoSub::start_with(tool, port, dev, qos, count, &[])
+    }
+
+    /// [`MosquittoSub::start`] with more arguments (`-V mqttv5`, `--cafile`, `-F`).
+    pub fn start_with(
+        tool: &Path,
+        port: u16,
+        dev: &DeviceCredentials,
+        qos: u8,
+        count: usize,
+        extra: &[&str],
+    ) -> Self {
+        let mut cmd = Command::new(tool);
+        cmd.args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-i", &dev.device_id, "-u", &dev.device_id])
+            .args(["-P", &dev.device_token, "-t", "inbox", "-c"])
+            .args(["-q", &qos.to_string(), "-C", &count.to_string()])
+            .args(extra);
+        MosquittoSub(Lines::spawn(cmd))
     }
 
     /// The next envelope it printed (fails the test after 20 s).
     pub async fn next(&mut self) -> Value {
-        let line = tokio::time::timeout(Duration::from_secs(20), self.lines.recv())
-            .await
-            .expect("mosquitto_sub printed nothing in time")
-            .expect("mosquitto_sub exited");
-        serde_json::from_str(&line).unwrap()
+        let line = self.0.next().await;
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+    }
+}
+
+/// A raw MQTT client, written with herald's codec, for exchanges stock clients cannot be
+/// made to stop in the middle of, and for bytes no stock client sends.
+pub struct Raw {
+    pub s: std::net::TcpStream,
+    buf: Vec<u8>,
+    /// The protocol level packets are read and written at.
+    pub level: u8,
+}
+
+impl Raw {
+    /// A TCP connection to `port`, nothing sent yet.
+    pub fn open(port: u16, level: u8) -> Raw {
+        let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        Raw {
+            s,
+            buf: Vec::new(),
+            level,
+        }
+    }
+
+    /// An MQTT 3.1.1 device, connected and subscribed to `inbox` at QoS 2.
+    pub fn connect(port: u16, dev: &DeviceCredentials, clean: bool) -> Raw {
+        use herald_gateway::codec::{Connect, Packet, Subscribe};
+        let mut raw = Raw::open(port, herald_gateway::codec::LEVEL_311);
+        raw.send(&Packet::Connect(Connect {
+            clean_session: clean,
+            keep_alive_s: 60,
+            client_id: dev.device_id.clone(),
+            username: Some(dev.device_id.clone()),
+            password: Some(dev.device_token.clone().into_bytes()),
+            ..Connect::default()
+        }));
+        assert!(matches!(raw.recv(), Packet::ConnAck(c) if c.code == 0));
+        raw.send(&Packet::Subscribe(Subscribe {
+            pkid: 1,
+            filters: vec![("inbox".into(), 2)],
+            ..Subscribe::default()
+        }));
+        match raw.recv() {
+            Packet::SubAck(s) => assert_eq!(s.codes, vec![2]),
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+        raw
+    }
+
+    pub fn send(&mut self, p: &herald_gateway::codec::Packet) {
+        let mut out = Vec::new();
+        herald_gateway::codec::encode_as(p, self.level, &mut out);
+        self.send_bytes(&out);
+    }
+
+    pub fn send_bytes(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        self.s.write_all(bytes).unwrap();
+    }
+
+    /// The next packet (fails the test if the connection closes first).
+    pub fn recv(&mut self) -> herald_gateway::codec::Packet {
+        self.recv_or_closed()
+            .expect("the connection closed before a packet arrived")
+    }
+
+    /// The next packet, or `None` if the server closed the connection first.
+    pub fn recv_or_closed(&mut self) -> Option<herald_gateway::codec::Packet> {
+        use std::io::Read;
+        loop {
+            if let Some(n) = herald_gateway::codec::check(&self.buf, 1 << 20).unwrap() {
+                let frame: Vec<u8> = self.buf.drain(..n).collect();
+                return Some(herald_gateway::codec::decode_as(&frame, self.level).unwrap());
+            }
+            let mut chunk = [0u8; 4096];
+            match self.s.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+                Err(e) => panic!("read failed: {e}"),
+            }
+        }
+    }
+
+    /// Whether the server closed the connection (after any packets still in flight).
+    pub fn closed(&mut self) -> bool {
+        while self.recv_or_closed().is_some() {}
+        true
     }
 }
 
@@ -399,6 +568,7 @@ impl GatewayProc {
         let child = Command::new(env!("CARGO_BIN_EXE_herald"))
             .arg("gateway")
             .args(["--mqtt-addr", &format!("127.0.0.1:{}", self.mqtt_port)])
+            .args(["--ws-addr", &format!("127.0.0.1:{}", free_port())])
             .args(["--link-addr", &format!("127.0.0.1:{}", self.link_port)])
             .arg("--link-certs")
             .arg(&self.certs)

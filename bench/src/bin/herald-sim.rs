@@ -246,13 +246,12 @@ impl Who {
             Who::Anonymous { prefix, .. } => (format!("{prefix}{idx}"), None, None),
         };
         Connect {
-            protocol_level: 4,
             clean_session,
             keep_alive_s,
             client_id,
-            will: None,
             username,
             password,
+            ..Connect::default()
         }
     }
 }
@@ -698,6 +697,7 @@ async fn handshake(sim: &Sim, idx: usize) -> anyhow::Result<Conn> {
     let subscribe = Subscribe {
         pkid: 1,
         filters: vec![(sim.topic.clone(), sim.qos)],
+        ..Subscribe::default()
     };
     codec::encode(&Packet::Subscribe(subscribe), &mut conn.wbuf);
     conn.flush(sim).await?;

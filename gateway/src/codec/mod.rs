@@ -1,4 +1,5 @@
-//! herald's MQTT packet codec (server side of MQTT 3.1.1, plus 3.1 `MQIsdp` CONNECT).
+//! herald's MQTT packet codec: the server side of MQTT 3.1.1 and 5.0, plus the 3.1
+//! `MQIsdp` CONNECT.
 //!
 //! # Design: check, then parse
 //!
@@ -13,38 +14,57 @@
 //!    partially: a lower bound already over the limit is rejected), i.e.
 //!    *before* the body is buffered, so a peer announcing a 200 MB packet
 //!    costs us five bytes, not 200 MB.
-//! 2. [`decode`] parses exactly one complete frame, as delimited by `check`,
-//!    into a [`Packet`]. It re-validates the fixed header and insists that the
-//!    frame length matches the announced remaining length.
+//! 2. [`decode`] (3.1.1) or [`decode_as`] (any level) parses exactly one
+//!    complete frame, as delimited by `check`, into a [`Packet`]. It
+//!    re-validates the fixed header and insists that the frame length matches
+//!    the announced remaining length.
 //!
-//! Encoding is the mirror image: [`encode`] appends any [`Packet`] to a
-//! `Vec<u8>`, and [`encode_publish`] appends a PUBLISH straight from borrowed
-//! parts (the delivery hot path, no intermediate [`Publish`]/`Bytes`).
+//! Encoding is the mirror image: [`encode`] / [`encode_as`] append any
+//! [`Packet`] to a `Vec<u8>`, and [`encode_publish`] appends a PUBLISH straight
+//! from borrowed parts (the delivery hot path, no intermediate
+//! [`Publish`]/`Bytes`).
+//!
+//! # MQTT 5
+//!
+//! A CONNECT names its protocol level; every later packet of the connection is
+//! read and written at that level ([`LEVEL_5`] or not). MQTT 5 adds property
+//! blocks ([`properties`]: each identifier checked for its type, the packets
+//! that may carry it, its value, and repeats) and reason codes. Reason codes
+//! and properties of PUBACK/PUBREC/PUBREL/PUBCOMP are checked and dropped: an
+//! acknowledgement with any reason code ends its exchange, which is all the
+//! server needs of it. [`CodecError::reason_code`] gives the MQTT 5 reason code
+//! a DISCONNECT should carry for each error.
 //!
 //! # Why herald has its own codec
 //!
-//! * **Small and auditable**: only what a 3.1.1 server needs, in one file, with
-//!   every rule of the spec that makes a packet malformed checked explicitly
-//!   (and a malformed packet is always an `Err`, never a panic).
+//! * **Small and auditable**: only what a server needs, with every rule of the
+//!   spec that makes a packet malformed checked explicitly (and a malformed
+//!   packet is always an `Err`, never a panic).
 //! * **Sans-IO**: no tokio, no framing traits; the same functions serve the
-//!   gateway, tests and tools, and are trivially fuzzable.
+//!   gateway, tests, tools and the fuzz target (`fuzz/`).
 //! * **Max size enforced before buffering**, see above.
 //! * **No allocation for idle connections**: the codec holds no per-connection
 //!   state; an idle connection needs nothing but whatever (possibly empty)
 //!   read buffer its owner keeps.
-//! * **Property-tested**: every packet type round-trips
+//! * **Property-tested**: every packet type round-trips at both levels
 //!   (`decode(encode(p)) == p`), every strict prefix of a valid encoding is
 //!   "need more bytes", and arbitrary or mutated bytes never panic.
-//!
-//! MQTT 5 is not supported yet, but the types leave room for it
-//! ([`Connect::protocol_level`]), and a level-5 CONNECT is recognised and
-//! reported as [`CodecError::UnsupportedProtocol`]`(5)` so the server can
-//! answer CONNACK [`CONNACK_BAD_PROTOCOL`].
 
 use bytes::Bytes;
 
+pub mod properties;
+
+pub use properties::{Place, Properties, Value};
+
 /// Largest remaining length expressible by MQTT's 4-byte variable byte integer.
 pub const MAX_REMAINING_LENGTH: usize = 268_435_455;
+
+/// Protocol level of MQTT 3.1 (protocol name `MQIsdp`).
+pub const LEVEL_31: u8 = 3;
+/// Protocol level of MQTT 3.1.1.
+pub const LEVEL_311: u8 = 4;
+/// Protocol level of MQTT 5.0.
+pub const LEVEL_5: u8 = 5;
 
 /// CONNACK return code 0x00: connection accepted.
 pub const CONNACK_ACCEPTED: u8 = 0;
@@ -62,6 +82,48 @@ pub const CONNACK_NOT_AUTHORIZED: u8 = 5;
 /// SUBACK return code for a refused subscription.
 pub const SUBACK_FAILURE: u8 = 0x80;
 
+/// MQTT 5 reason codes herald sends or reads.
+pub mod reason {
+    /// Success / normal disconnection / granted QoS 0.
+    pub const SUCCESS: u8 = 0x00;
+    /// Unspecified error.
+    pub const UNSPECIFIED: u8 = 0x80;
+    /// Malformed Packet.
+    pub const MALFORMED: u8 = 0x81;
+    /// Protocol Error.
+    pub const PROTOCOL_ERROR: u8 = 0x82;
+    /// Unsupported Protocol Version.
+    pub const UNSUPPORTED_PROTOCOL: u8 = 0x84;
+    /// Client Identifier not valid.
+    pub const CLIENT_ID_NOT_VALID: u8 = 0x85;
+    /// Bad User Name or Password.
+    pub const BAD_CREDENTIALS: u8 = 0x86;
+    /// Not authorized.
+    pub const NOT_AUTHORIZED: u8 = 0x87;
+    /// Server unavailable.
+    pub const SERVER_UNAVAILABLE: u8 = 0x88;
+    /// Server shutting down.
+    pub const SERVER_SHUTTING_DOWN: u8 = 0x8B;
+    /// Bad authentication method.
+    pub const BAD_AUTH_METHOD: u8 = 0x8C;
+    /// Keep Alive timeout.
+    pub const KEEP_ALIVE_TIMEOUT: u8 = 0x8D;
+    /// Session taken over.
+    pub const SESSION_TAKEN_OVER: u8 = 0x8E;
+    /// Topic Filter invalid.
+    pub const TOPIC_FILTER_INVALID: u8 = 0x8F;
+    /// Receive Maximum exceeded.
+    pub const RECEIVE_MAXIMUM_EXCEEDED: u8 = 0x93;
+    /// Packet too large.
+    pub const PACKET_TOO_LARGE: u8 = 0x95;
+    /// Administrative action.
+    pub const ADMINISTRATIVE_ACTION: u8 = 0x98;
+    /// Shared Subscriptions not supported.
+    pub const SHARED_SUBSCRIPTIONS_NOT_SUPPORTED: u8 = 0x9E;
+    /// Wildcard Subscriptions not supported.
+    pub const WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED: u8 = 0xA2;
+}
+
 // Control packet types (high nibble of the first fixed-header byte).
 const CONNECT: u8 = 1;
 const CONNACK: u8 = 2;
@@ -77,6 +139,7 @@ const UNSUBACK: u8 = 11;
 const PINGREQ: u8 = 12;
 const PINGRESP: u8 = 13;
 const DISCONNECT: u8 = 14;
+const AUTH: u8 = 15;
 
 /// One MQTT control packet.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,23 +164,25 @@ pub enum Packet {
     SubAck(SubAck),
     /// UNSUBSCRIBE (client to server).
     Unsubscribe(Unsubscribe),
-    /// UNSUBACK with its packet identifier.
-    UnsubAck(u16),
+    /// UNSUBACK.
+    UnsubAck(UnsubAck),
     /// PINGREQ (client to server).
     PingReq,
     /// PINGRESP (server to client).
     PingResp,
-    /// DISCONNECT (client to server).
-    Disconnect,
+    /// DISCONNECT (either direction in MQTT 5, client to server in 3.1.1).
+    Disconnect(Disconnect),
+    /// AUTH (MQTT 5 only).
+    Auth(Auth),
 }
 
 /// A CONNECT packet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Connect {
-    /// Protocol level: 4 for MQTT 3.1.1 (name "MQTT"), 3 for MQTT 3.1 (name
-    /// "MQIsdp"). Encoding uses "MQIsdp" for level 3 and "MQTT" otherwise.
+    /// Protocol level: [`LEVEL_311`] (name "MQTT"), [`LEVEL_31`] (name "MQIsdp") or
+    /// [`LEVEL_5`]. Encoding uses "MQIsdp" for level 3 and "MQTT" otherwise.
     pub protocol_level: u8,
-    /// Clean session flag.
+    /// Clean session (3.1.1) / clean start (5) flag.
     pub clean_session: bool,
     /// Keep-alive interval in seconds (0 disables it).
     pub keep_alive_s: u16,
@@ -128,8 +193,25 @@ pub struct Connect {
     pub will: Option<Will>,
     /// User name, if the user name flag is set.
     pub username: Option<String>,
-    /// Password, if the password flag is set (requires a user name in 3.1.1).
+    /// Password, if the password flag is set (requires a user name before MQTT 5).
     pub password: Option<Vec<u8>>,
+    /// MQTT 5 CONNECT properties (always empty below level 5).
+    pub properties: Properties,
+}
+
+impl Default for Connect {
+    fn default() -> Self {
+        Connect {
+            protocol_level: LEVEL_311,
+            clean_session: true,
+            keep_alive_s: 0,
+            client_id: String::new(),
+            will: None,
+            username: None,
+            password: None,
+            properties: Properties::new(),
+        }
+    }
 }
 
 /// The last-will message of a [`Connect`].
@@ -143,19 +225,23 @@ pub struct Will {
     pub qos: u8,
     /// Will retain flag.
     pub retain: bool,
+    /// MQTT 5 will properties.
+    pub properties: Properties,
 }
 
 /// A CONNACK packet.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ConnAck {
     /// Session present flag (must be false unless `code` is [`CONNACK_ACCEPTED`]).
     pub session_present: bool,
-    /// 3.1.1 return code, one of the `CONNACK_*` constants.
+    /// A 3.1.1 return code (one of the `CONNACK_*` constants) or an MQTT 5 reason code.
     pub code: u8,
+    /// MQTT 5 CONNACK properties.
+    pub properties: Properties,
 }
 
 /// A PUBLISH packet.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Publish {
     /// DUP flag (always false for QoS 0).
     pub dup: bool,
@@ -163,47 +249,88 @@ pub struct Publish {
     pub qos: u8,
     /// RETAIN flag.
     pub retain: bool,
-    /// Topic name (no wildcards, non-empty).
+    /// Topic name (no wildcards; non-empty unless an MQTT 5 Topic Alias stands in).
     pub topic: String,
     /// Packet identifier; 0 when `qos` is 0, non-zero otherwise.
     pub pkid: u16,
+    /// MQTT 5 PUBLISH properties.
+    pub properties: Properties,
     /// Application payload.
     pub payload: Bytes,
 }
 
 /// A SUBSCRIBE packet.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Subscribe {
     /// Packet identifier (non-zero).
     pub pkid: u16,
-    /// Topic filters with their requested QoS (0, 1 or 2); at least one.
+    /// Topic filters with their options byte: the requested QoS (0, 1 or 2) in the low
+    /// two bits, and in MQTT 5 No Local, Retain As Published and Retain Handling above
+    /// it; at least one.
     pub filters: Vec<(String, u8)>,
+    /// MQTT 5 SUBSCRIBE properties.
+    pub properties: Properties,
 }
 
 /// A SUBACK packet.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SubAck {
     /// Packet identifier of the SUBSCRIBE being acknowledged (non-zero).
     pub pkid: u16,
-    /// One code per requested filter: granted QoS 0, 1, 2 or
-    /// [`SUBACK_FAILURE`] (0x80).
+    /// One code per requested filter: granted QoS 0, 1, 2, or a failure
+    /// ([`SUBACK_FAILURE`] in 3.1.1, an MQTT 5 reason code of 0x80 or more).
     pub codes: Vec<u8>,
+    /// MQTT 5 SUBACK properties.
+    pub properties: Properties,
 }
 
 /// An UNSUBSCRIBE packet.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Unsubscribe {
     /// Packet identifier (non-zero).
     pub pkid: u16,
     /// Topic filters to remove; at least one.
     pub filters: Vec<String>,
+    /// MQTT 5 UNSUBSCRIBE properties.
+    pub properties: Properties,
 }
 
-/// Why a byte sequence is not a valid MQTT 3.1.1 packet.
+/// An UNSUBACK packet.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UnsubAck {
+    /// Packet identifier of the UNSUBSCRIBE being acknowledged (non-zero).
+    pub pkid: u16,
+    /// MQTT 5: one reason code per filter (0x00 success, 0x11 no subscription existed,
+    /// or a failure). Empty in 3.1.1.
+    pub codes: Vec<u8>,
+    /// MQTT 5 UNSUBACK properties.
+    pub properties: Properties,
+}
+
+/// A DISCONNECT packet.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Disconnect {
+    /// MQTT 5 reason code (0 in 3.1.1).
+    pub reason_code: u8,
+    /// MQTT 5 DISCONNECT properties.
+    pub properties: Properties,
+}
+
+/// An AUTH packet (MQTT 5 enhanced authentication, which herald does not offer).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Auth {
+    /// Reason code (0x00, 0x18 continue, 0x19 re-authenticate).
+    pub reason_code: u8,
+    /// AUTH properties.
+    pub properties: Properties,
+}
+
+/// Why a byte sequence is not a valid MQTT packet.
 ///
 /// Except for [`CodecError::UnsupportedProtocol`] (answer CONNACK
 /// [`CONNACK_BAD_PROTOCOL`], then close), the spec's answer to all of these is
-/// to close the network connection.
+/// to close the network connection, in MQTT 5 after a DISCONNECT carrying
+/// [`CodecError::reason_code`].
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum CodecError {
@@ -217,10 +344,11 @@ pub enum CodecError {
         /// Configured maximum frame size in bytes.
         max: usize,
     },
-    /// The remaining-length field does not end within 4 bytes.
+    /// The remaining-length field (or another variable byte integer) does not end
+    /// within 4 bytes.
     #[error("malformed remaining length")]
     MalformedRemainingLength,
-    /// Packet type 0 or 15 (reserved). Holds the packet type (high nibble).
+    /// Packet type 0, or 15 (AUTH) below MQTT 5. Holds the packet type (high nibble).
     #[error("unknown packet type {0}")]
     UnknownPacketType(u8),
     /// Fixed-header flags are invalid for the packet type (PUBREL, SUBSCRIBE
@@ -229,16 +357,15 @@ pub enum CodecError {
     #[error("invalid fixed header flags in byte {0:#04x}")]
     BadFlags(u8),
     /// CONNECT with a known protocol name but an unsupported protocol level
-    /// (e.g. 5 for MQTT 5). The server should answer CONNACK
-    /// [`CONNACK_BAD_PROTOCOL`] and close.
+    /// (e.g. 6). The server should answer CONNACK [`CONNACK_BAD_PROTOCOL`] and close.
     #[error("unsupported protocol level {0}")]
     UnsupportedProtocol(u8),
     /// CONNECT protocol name is neither "MQTT" nor "MQIsdp".
     #[error("bad protocol name")]
     BadProtocolName,
     /// CONNECT flags are invalid: reserved bit 0 set, will QoS/retain set
-    /// without the will flag, or password flag set without the user name
-    /// flag. Holds the connect flags byte.
+    /// without the will flag, or (before MQTT 5) password flag set without the
+    /// user name flag. Holds the connect flags byte.
     #[error("invalid connect flags {0:#04x}")]
     BadConnectFlags(u8),
     /// A string is not well-formed UTF-8 or contains U+0000.
@@ -268,14 +395,47 @@ pub enum CodecError {
     /// A topic filter is empty or misuses the `+`/`#` wildcards.
     #[error("invalid topic filter")]
     InvalidTopicFilter,
-    /// A CONNACK return code above 5, or a SUBACK code other than 0, 1, 2 or
-    /// 0x80. Holds the code.
+    /// A return or reason code the packet cannot carry. Holds the code.
     #[error("invalid return code {0:#04x}")]
     InvalidReturnCode(u8),
     /// CONNACK acknowledge flags have reserved bits set, or session present is
     /// set with a non-zero return code. Holds the flags byte.
     #[error("invalid CONNACK flags {0:#04x}")]
     BadConnAckFlags(u8),
+    /// MQTT 5 subscription options with reserved bits set or Retain Handling 3.
+    #[error("invalid subscription options {0:#04x}")]
+    BadSubscriptionOptions(u8),
+    /// An MQTT 5 property identifier the spec does not define.
+    #[error("unknown property {0:#04x}")]
+    UnknownProperty(u8),
+    /// An MQTT 5 property in a packet that may not carry it.
+    #[error("property {0:#04x} is not allowed in this packet")]
+    PropertyNotAllowed(u8),
+    /// An MQTT 5 property that may appear once appears twice.
+    #[error("property {0:#04x} appears more than once")]
+    DuplicateProperty(u8),
+    /// An MQTT 5 property with a value the spec forbids (zero Receive Maximum, a flag
+    /// other than 0 or 1, ...).
+    #[error("invalid value of property {0:#04x}")]
+    BadPropertyValue(u8),
+}
+
+impl CodecError {
+    /// The MQTT 5 reason code of a DISCONNECT (or CONNACK) answering this error:
+    /// Packet too large, Protocol Error for a repeated property or a forbidden value,
+    /// Unsupported Protocol Version, and Malformed Packet for the rest.
+    pub fn reason_code(&self) -> u8 {
+        match self {
+            CodecError::PacketTooLarge { .. } => reason::PACKET_TOO_LARGE,
+            CodecError::DuplicateProperty(_) | CodecError::BadPropertyValue(_) => {
+                reason::PROTOCOL_ERROR
+            }
+            CodecError::UnsupportedProtocol(_) | CodecError::BadProtocolName => {
+                reason::UNSUPPORTED_PROTOCOL
+            }
+            _ => reason::MALFORMED,
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -300,12 +460,12 @@ fn validate_first_byte(first: u8) -> Result<(), CodecError> {
         }
         PUBREL | SUBSCRIBE | UNSUBSCRIBE if flags == 0b0010 => Ok(()),
         CONNECT | CONNACK | PUBACK | PUBREC | PUBCOMP | SUBACK | UNSUBACK | PINGREQ | PINGRESP
-        | DISCONNECT
+        | DISCONNECT | AUTH
             if flags == 0 =>
         {
             Ok(())
         }
-        CONNECT..=DISCONNECT => Err(CodecError::BadFlags(first)),
+        CONNECT..=AUTH => Err(CodecError::BadFlags(first)),
         _ => Err(CodecError::UnknownPacketType(ty)),
     }
 }
@@ -387,6 +547,24 @@ impl<'a> Reader<'a> {
         Ok(u16::from_be_bytes([hi, lo]))
     }
 
+    fn u32(&mut self) -> Result<u32, CodecError> {
+        let b = <[u8; 4]>::try_from(self.take(4)?).map_err(|_| CodecError::Truncated)?;
+        Ok(u32::from_be_bytes(b))
+    }
+
+    /// A variable byte integer (at most 4 bytes).
+    fn varint(&mut self) -> Result<usize, CodecError> {
+        let mut value = 0usize;
+        for i in 0..4 {
+            let byte = self.u8()?;
+            value |= usize::from(byte & 0x7F) << (7 * i);
+            if byte & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(CodecError::MalformedRemainingLength)
+    }
+
     fn take(&mut self, n: usize) -> Result<&'a [u8], CodecError> {
         let (head, rest) = self.buf.split_at_checked(n).ok_or(CodecError::Truncated)?;
         self.buf = rest;
@@ -456,13 +634,21 @@ fn validate_topic_filter(filter: &str) -> Result<(), CodecError> {
     Ok(())
 }
 
-/// Step 2, parse exactly one complete frame (as delimited by [`check`]).
+/// Step 2, parse exactly one complete MQTT 3.1.1 frame (as delimited by [`check`]); a
+/// CONNECT is read at whatever level it names. Same as [`decode_as`] at [`LEVEL_311`].
+pub fn decode(frame: &[u8]) -> Result<Packet, CodecError> {
+    decode_as(frame, LEVEL_311)
+}
+
+/// Step 2, parse exactly one complete frame (as delimited by [`check`]) of a connection
+/// at protocol `level` (the level its CONNECT named; a CONNECT itself is read at the
+/// level it names).
 ///
 /// The frame must be exactly as long as its fixed header announces: shorter
 /// is [`CodecError::Truncated`], longer is [`CodecError::TrailingBytes`]. No
 /// size limit is applied here; that is [`check`]'s job. A PUBLISH payload is
 /// copied into a fresh [`Bytes`].
-pub fn decode(frame: &[u8]) -> Result<Packet, CodecError> {
+pub fn decode_as(frame: &[u8], level: u8) -> Result<Packet, CodecError> {
     let (header_len, remaining) =
         read_fixed_header(frame, usize::MAX)?.ok_or(CodecError::Truncated)?;
     let total = header_len + remaining;
@@ -471,6 +657,7 @@ pub fn decode(frame: &[u8]) -> Result<Packet, CodecError> {
     }
     let body = frame.get(header_len..total).ok_or(CodecError::Truncated)?;
     let first = frame.first().copied().ok_or(CodecError::Truncated)?;
+    let v5 = level == LEVEL_5;
     let mut r = Reader { buf: body };
     let packet = match first >> 4 {
         CONNECT => Packet::Connect(decode_connect(&mut r)?),
@@ -480,69 +667,120 @@ pub fn decode(frame: &[u8]) -> Result<Packet, CodecError> {
             if flags & 0xFE != 0 {
                 return Err(CodecError::BadConnAckFlags(flags));
             }
-            if code > CONNACK_NOT_AUTHORIZED {
+            let known = if v5 {
+                code == 0 || code >= 0x80
+            } else {
+                code <= CONNACK_NOT_AUTHORIZED
+            };
+            if !known {
                 return Err(CodecError::InvalidReturnCode(code));
             }
             let session_present = flags & 0x01 != 0;
             if session_present && code != CONNACK_ACCEPTED {
                 return Err(CodecError::BadConnAckFlags(flags));
             }
+            let properties = if v5 {
+                Properties::decode(&mut r, Place::ConnAck)?
+            } else {
+                Properties::new()
+            };
             Packet::ConnAck(ConnAck {
                 session_present,
                 code,
+                properties,
             })
         }
         PUBLISH => {
             let qos = (first >> 1) & 0x03;
             let topic = r.string()?;
-            validate_topic_name(topic)?;
             let pkid = if qos > 0 { r.packet_id()? } else { 0 };
+            let properties = if v5 {
+                Properties::decode(&mut r, Place::Publish)?
+            } else {
+                Properties::new()
+            };
+            // MQTT 5: an empty topic name stands for the one a Topic Alias names.
+            if !(v5 && topic.is_empty() && properties.has(properties::TOPIC_ALIAS)) {
+                validate_topic_name(topic)?;
+            }
             return Ok(Packet::Publish(Publish {
                 dup: first & 0x08 != 0,
                 qos,
                 retain: first & 0x01 != 0,
                 topic: topic.to_owned(),
                 pkid,
+                properties,
                 payload: Bytes::copy_from_slice(r.rest()),
             }));
         }
-        PUBACK => Packet::PubAck(r.packet_id()?),
-        PUBREC => Packet::PubRec(r.packet_id()?),
-        PUBREL => Packet::PubRel(r.packet_id()?),
-        PUBCOMP => Packet::PubComp(r.packet_id()?),
+        PUBACK => Packet::PubAck(decode_ack(&mut r, v5)?),
+        PUBREC => Packet::PubRec(decode_ack(&mut r, v5)?),
+        PUBREL => Packet::PubRel(decode_ack(&mut r, v5)?),
+        PUBCOMP => Packet::PubComp(decode_ack(&mut r, v5)?),
         SUBSCRIBE => {
             let pkid = r.packet_id()?;
+            let properties = if v5 {
+                Properties::decode(&mut r, Place::Subscribe)?
+            } else {
+                Properties::new()
+            };
             let mut filters = Vec::new();
             while !r.is_empty() {
                 let filter = r.string()?;
                 validate_topic_filter(filter)?;
-                let qos = r.u8()?;
-                if qos > 2 {
-                    return Err(CodecError::InvalidQos(qos));
+                let options = r.u8()?;
+                if options & 0x03 == 3 || (!v5 && options > 2) {
+                    return Err(CodecError::InvalidQos(options));
                 }
-                filters.push((filter.to_owned(), qos));
+                // Reserved bits 6-7, and Retain Handling 3.
+                if options & 0xC0 != 0 || options & 0x30 == 0x30 {
+                    return Err(CodecError::BadSubscriptionOptions(options));
+                }
+                filters.push((filter.to_owned(), options));
             }
             if filters.is_empty() {
                 return Err(CodecError::EmptySubscription);
             }
-            Packet::Subscribe(Subscribe { pkid, filters })
+            Packet::Subscribe(Subscribe {
+                pkid,
+                filters,
+                properties,
+            })
         }
         SUBACK => {
             let pkid = r.packet_id()?;
+            let properties = if v5 {
+                Properties::decode(&mut r, Place::SubAck)?
+            } else {
+                Properties::new()
+            };
             let codes = r.rest().to_vec();
             if codes.is_empty() {
                 return Err(CodecError::EmptySubscription);
             }
-            if let Some(&bad) = codes
-                .iter()
-                .find(|&&c| !matches!(c, 0..=2 | SUBACK_FAILURE))
-            {
+            let valid = |c: u8| {
+                if v5 {
+                    c <= 2 || c >= 0x80
+                } else {
+                    matches!(c, 0..=2 | SUBACK_FAILURE)
+                }
+            };
+            if let Some(&bad) = codes.iter().find(|&&c| !valid(c)) {
                 return Err(CodecError::InvalidReturnCode(bad));
             }
-            return Ok(Packet::SubAck(SubAck { pkid, codes }));
+            return Ok(Packet::SubAck(SubAck {
+                pkid,
+                codes,
+                properties,
+            }));
         }
         UNSUBSCRIBE => {
             let pkid = r.packet_id()?;
+            let properties = if v5 {
+                Properties::decode(&mut r, Place::Unsubscribe)?
+            } else {
+                Properties::new()
+            };
             let mut filters = Vec::new();
             while !r.is_empty() {
                 let filter = r.string()?;
@@ -552,27 +790,123 @@ pub fn decode(frame: &[u8]) -> Result<Packet, CodecError> {
             if filters.is_empty() {
                 return Err(CodecError::EmptySubscription);
             }
-            Packet::Unsubscribe(Unsubscribe { pkid, filters })
+            Packet::Unsubscribe(Unsubscribe {
+                pkid,
+                filters,
+                properties,
+            })
         }
-        UNSUBACK => Packet::UnsubAck(r.packet_id()?),
+        UNSUBACK => {
+            let pkid = r.packet_id()?;
+            if v5 {
+                let properties = Properties::decode(&mut r, Place::SubAck)?;
+                let codes = r.rest().to_vec();
+                if codes.is_empty() {
+                    return Err(CodecError::EmptySubscription);
+                }
+                if let Some(&bad) = codes.iter().find(|&&c| !matches!(c, 0x00 | 0x11 | 0x80..)) {
+                    return Err(CodecError::InvalidReturnCode(bad));
+                }
+                return Ok(Packet::UnsubAck(UnsubAck {
+                    pkid,
+                    codes,
+                    properties,
+                }));
+            }
+            Packet::UnsubAck(UnsubAck {
+                pkid,
+                ..UnsubAck::default()
+            })
+        }
         PINGREQ => Packet::PingReq,
         PINGRESP => Packet::PingResp,
-        DISCONNECT => Packet::Disconnect,
-        // Already rejected by validate_first_byte; kept for totality.
+        DISCONNECT => {
+            let (reason_code, properties) = if v5 {
+                decode_reason(&mut r, Place::Disconnect)?
+            } else {
+                (0, Properties::new())
+            };
+            Packet::Disconnect(Disconnect {
+                reason_code,
+                properties,
+            })
+        }
+        AUTH if v5 => {
+            let (reason_code, properties) = decode_reason(&mut r, Place::Auth)?;
+            if !matches!(reason_code, 0x00 | 0x18 | 0x19) {
+                return Err(CodecError::InvalidReturnCode(reason_code));
+            }
+            Packet::Auth(Auth {
+                reason_code,
+                properties,
+            })
+        }
         ty => return Err(CodecError::UnknownPacketType(ty)),
     };
     r.finish()?;
     Ok(packet)
 }
 
+/// The protocol level a CONNECT names, if `bytes` begin with one and it is readable
+/// (for answering a CONNECT that fails to parse at the right level).
+pub fn connect_level(bytes: &[u8]) -> Option<u8> {
+    if bytes.first()? >> 4 != CONNECT {
+        return None;
+    }
+    let mut header_len = 2;
+    while bytes.get(header_len - 1)? & 0x80 != 0 && header_len < 5 {
+        header_len += 1;
+    }
+    let mut r = Reader {
+        buf: bytes.get(header_len..)?,
+    };
+    r.binary().ok()?;
+    r.u8().ok()
+}
+
+/// The packet identifier of a PUBACK/PUBREC/PUBREL/PUBCOMP; in MQTT 5 the optional
+/// reason code and properties after it are checked and dropped.
+fn decode_ack(r: &mut Reader<'_>, v5: bool) -> Result<u16, CodecError> {
+    let pkid = r.packet_id()?;
+    if v5 && !r.is_empty() {
+        let code = r.u8()?;
+        if !matches!(code, 0x00 | 0x10 | 0x80..) {
+            return Err(CodecError::InvalidReturnCode(code));
+        }
+        if !r.is_empty() {
+            Properties::decode(r, Place::Ack)?;
+        }
+    }
+    Ok(pkid)
+}
+
+/// An MQTT 5 DISCONNECT/AUTH body: a reason code (0 when the body is empty) and
+/// properties (none when only the code is there).
+fn decode_reason(r: &mut Reader<'_>, place: Place) -> Result<(u8, Properties), CodecError> {
+    if r.is_empty() {
+        return Ok((0, Properties::new()));
+    }
+    let code = r.u8()?;
+    if place == Place::Disconnect && !matches!(code, 0x00 | 0x04 | 0x80..) {
+        return Err(CodecError::InvalidReturnCode(code));
+    }
+    let properties = if r.is_empty() {
+        Properties::new()
+    } else {
+        Properties::decode(r, place)?
+    };
+    Ok((code, properties))
+}
+
 fn decode_connect(r: &mut Reader<'_>) -> Result<Connect, CodecError> {
     let name = r.binary()?;
     let protocol_level = r.u8()?;
     match (name, protocol_level) {
-        (b"MQTT", 4) | (b"MQIsdp", 3) => {}
+        (b"MQTT", LEVEL_311 | LEVEL_5) | (b"MQIsdp", LEVEL_31) => {}
         (b"MQTT" | b"MQIsdp", level) => return Err(CodecError::UnsupportedProtocol(level)),
         _ => return Err(CodecError::BadProtocolName),
     }
+    let v5 = protocol_level == LEVEL_5;
     let flags = r.u8()?;
     let username_flag = flags & 0x80 != 0;
     let password_flag = flags & 0x40 != 0;
@@ -592,13 +926,23 @@ fn decode_connect(r: &mut Reader<'_>) -> Result<Connect, CodecError> {
         // MQTT-3.1.2-14.
         return Err(CodecError::InvalidQos(will_qos));
     }
-    if password_flag && !username_flag {
-        // MQTT-3.1.2-22.
+    if password_flag && !username_flag && !v5 {
+        // MQTT-3.1.2-22 (MQTT 5 allows a password without a user name).
         return Err(CodecError::BadConnectFlags(flags));
     }
     let keep_alive_s = r.u16()?;
+    let properties = if v5 {
+        Properties::decode(r, Place::Connect)?
+    } else {
+        Properties::new()
+    };
     let client_id = r.string()?.to_owned();
     let will = if will_flag {
+        let properties = if v5 {
+            Properties::decode(r, Place::Will)?
+        } else {
+            Properties::new()
+        };
         let topic = r.string()?;
         validate_topic_name(topic)?;
         let payload = r.binary()?;
@@ -607,6 +951,7 @@ fn decode_connect(r: &mut Reader<'_>) -> Result<Connect, CodecError> {
             payload: payload.to_vec(),
             qos: will_qos,
             retain: will_retain,
+            properties,
         })
     } else {
         None
@@ -629,6 +974,7 @@ fn decode_connect(r: &mut Reader<'_>) -> Result<Connect, CodecError> {
         will,
         username,
         password,
+        properties,
     })
 }
 
@@ -671,12 +1017,9 @@ fn field_len(b: &[u8]) -> usize {
     2 + clamp_bin(b).len()
 }
 
-/// Writes the first header byte and the remaining length (which the callers
-/// keep at most [`MAX_REMAINING_LENGTH`], so at most 4 bytes).
-fn put_header(out: &mut Vec<u8>, first: u8, remaining: usize) {
-    out.reserve(5 + remaining);
-    out.push(first);
-    let mut len = remaining.min(MAX_REMAINING_LENGTH);
+/// Writes a variable byte integer (values above [`MAX_REMAINING_LENGTH`] are clamped).
+fn put_varint(out: &mut Vec<u8>, value: usize) {
+    let mut len = value.min(MAX_REMAINING_LENGTH);
     loop {
         let mut byte = (len % 128) as u8;
         len /= 128;
@@ -690,45 +1033,95 @@ fn put_header(out: &mut Vec<u8>, first: u8, remaining: usize) {
     }
 }
 
+/// Encoded size of a variable byte integer.
+fn varint_len(value: usize) -> usize {
+    match value {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    }
+}
+
+/// Writes the first header byte and the remaining length (which the callers
+/// keep at most [`MAX_REMAINING_LENGTH`], so at most 4 bytes).
+fn put_header(out: &mut Vec<u8>, first: u8, remaining: usize) {
+    out.reserve(5 + remaining);
+    out.push(first);
+    put_varint(out, remaining);
+}
+
 fn put_pkid_only(out: &mut Vec<u8>, first: u8, pkid: u16) {
     put_header(out, first, 2);
     put_u16(out, pkid);
 }
 
-/// Appends the encoding of `packet` to `out`.
-///
-/// `encode` does not validate: for every packet [`decode`] accepts,
-/// `decode(encode(p)) == p`, while a packet `decode` would reject (zero packet
-/// id, wildcard topic, password without user name, ...) is encoded as its
-/// fields say and the peer will reject it. It never panics: fields beyond
-/// MQTT's limits are clamped so the output is always a correctly framed
-/// packet (strings/binaries to 65535 bytes, PUBLISH payloads and
-/// SUBSCRIBE/UNSUBSCRIBE/SUBACK lists so the remaining length stays within
-/// [`MAX_REMAINING_LENGTH`]); PUBLISH QoS above 2 is sent as 2, and DUP is
-/// never set on QoS 0 (MQTT-3.3.1-2).
+/// Encoded size of a property block at `level` (nothing below MQTT 5).
+fn props_len(props: &Properties, level: u8) -> usize {
+    if level == LEVEL_5 {
+        props.encoded_len()
+    } else {
+        0
+    }
+}
+
+/// Writes a property block at `level` (nothing below MQTT 5).
+fn put_props(out: &mut Vec<u8>, props: &Properties, level: u8) {
+    if level == LEVEL_5 {
+        props.encode(out);
+    }
+}
+
+/// Appends the MQTT 3.1.1 encoding of `packet` to `out` (a CONNECT at the level it
+/// names). Same as [`encode_as`] at [`LEVEL_311`].
 pub fn encode(packet: &Packet, out: &mut Vec<u8>) {
+    encode_as(packet, LEVEL_311, out);
+}
+
+/// Appends the encoding of `packet` at protocol `level` to `out` (a CONNECT is written
+/// at the level it names). Below MQTT 5 properties and reason codes are left out.
+///
+/// `encode_as` does not validate: for every packet [`decode_as`] accepts at the same
+/// level, `decode_as(encode_as(p)) == p`, while a packet `decode_as` would reject (zero
+/// packet id, wildcard topic, password without user name, ...) is encoded as its
+/// fields say and the peer will reject it. It never panics: fields beyond
+/// MQTT's limits are clamped so the output is a correctly framed packet
+/// (strings/binaries to 65535 bytes, PUBLISH payloads and
+/// SUBSCRIBE/UNSUBSCRIBE/SUBACK lists so the remaining length stays within
+/// [`MAX_REMAINING_LENGTH`]; property blocks are not clamped as a whole);
+/// PUBLISH QoS above 2 is sent as 2, and DUP is never set on QoS 0 (MQTT-3.3.1-2).
+pub fn encode_as(packet: &Packet, level: u8, out: &mut Vec<u8>) {
+    let v5 = level == LEVEL_5;
     match packet {
         Packet::Connect(c) => encode_connect(c, out),
         Packet::ConnAck(c) => {
-            put_header(out, CONNACK << 4, 2);
+            put_header(out, CONNACK << 4, 2 + props_len(&c.properties, level));
             out.push(u8::from(c.session_present));
             out.push(c.code);
+            put_props(out, &c.properties, level);
         }
-        Packet::Publish(p) => write_publish(
-            out,
-            &p.topic,
-            p.qos,
-            p.pkid,
-            p.dup,
-            p.retain,
-            p.payload.as_ref(),
-        ),
+        Packet::Publish(p) => {
+            let mut props = Vec::new();
+            if v5 {
+                p.properties.encode(&mut props);
+            }
+            write_publish(
+                out,
+                &p.topic,
+                p.qos,
+                p.pkid,
+                p.dup,
+                p.retain,
+                v5.then_some(&props[..]),
+                p.payload.as_ref(),
+            )
+        }
         Packet::PubAck(id) => put_pkid_only(out, PUBACK << 4, *id),
         Packet::PubRec(id) => put_pkid_only(out, PUBREC << 4, *id),
         Packet::PubRel(id) => put_pkid_only(out, (PUBREL << 4) | 0b0010, *id),
         Packet::PubComp(id) => put_pkid_only(out, PUBCOMP << 4, *id),
         Packet::Subscribe(s) => {
-            let mut remaining = 2;
+            let mut remaining = 2 + props_len(&s.properties, level);
             let mut count = 0;
             for (filter, _) in &s.filters {
                 let add = field_len(filter.as_bytes()) + 1;
@@ -740,19 +1133,15 @@ pub fn encode(packet: &Packet, out: &mut Vec<u8>) {
             }
             put_header(out, (SUBSCRIBE << 4) | 0b0010, remaining);
             put_u16(out, s.pkid);
+            put_props(out, &s.properties, level);
             for (filter, qos) in s.filters.iter().take(count) {
                 put_bin(out, clamp_str(filter).as_bytes());
                 out.push(*qos);
             }
         }
-        Packet::SubAck(s) => {
-            let codes = s.codes.get(..MAX_REMAINING_LENGTH - 2).unwrap_or(&s.codes);
-            put_header(out, SUBACK << 4, 2 + codes.len());
-            put_u16(out, s.pkid);
-            out.extend_from_slice(codes);
-        }
+        Packet::SubAck(s) => encode_codes(out, SUBACK, s.pkid, &s.properties, &s.codes, level),
         Packet::Unsubscribe(u) => {
-            let mut remaining = 2;
+            let mut remaining = 2 + props_len(&u.properties, level);
             let mut count = 0;
             for filter in &u.filters {
                 let add = field_len(filter.as_bytes());
@@ -764,28 +1153,65 @@ pub fn encode(packet: &Packet, out: &mut Vec<u8>) {
             }
             put_header(out, (UNSUBSCRIBE << 4) | 0b0010, remaining);
             put_u16(out, u.pkid);
+            put_props(out, &u.properties, level);
             for filter in u.filters.iter().take(count) {
                 put_bin(out, clamp_str(filter).as_bytes());
             }
         }
-        Packet::UnsubAck(id) => put_pkid_only(out, UNSUBACK << 4, *id),
+        Packet::UnsubAck(u) if v5 => {
+            encode_codes(out, UNSUBACK, u.pkid, &u.properties, &u.codes, level)
+        }
+        Packet::UnsubAck(u) => put_pkid_only(out, UNSUBACK << 4, u.pkid),
         Packet::PingReq => put_header(out, PINGREQ << 4, 0),
         Packet::PingResp => put_header(out, PINGRESP << 4, 0),
-        Packet::Disconnect => put_header(out, DISCONNECT << 4, 0),
+        Packet::Disconnect(d) if v5 => encode_reason(out, DISCONNECT, d.reason_code, &d.properties),
+        Packet::Disconnect(_) => put_header(out, DISCONNECT << 4, 0),
+        Packet::Auth(a) => encode_reason(out, AUTH, a.reason_code, &a.properties),
+    }
+}
+
+/// SUBACK / UNSUBACK: packet id, properties, one code per filter.
+fn encode_codes(out: &mut Vec<u8>, ty: u8, pkid: u16, props: &Properties, codes: &[u8], level: u8) {
+    let head = 2 + props_len(props, level);
+    let codes = codes.get(..MAX_REMAINING_LENGTH - head).unwrap_or(codes);
+    put_header(out, ty << 4, head + codes.len());
+    put_u16(out, pkid);
+    put_props(out, props, level);
+    out.extend_from_slice(codes);
+}
+
+/// An MQTT 5 DISCONNECT / AUTH: nothing for a plain success, else the reason code and,
+/// if there are any, the properties.
+fn encode_reason(out: &mut Vec<u8>, ty: u8, code: u8, props: &Properties) {
+    if code == 0 && props.is_empty() {
+        put_header(out, ty << 4, 0);
+    } else if props.is_empty() {
+        put_header(out, ty << 4, 1);
+        out.push(code);
+    } else {
+        put_header(out, ty << 4, 1 + props.encoded_len());
+        out.push(code);
+        props.encode(out);
     }
 }
 
 fn encode_connect(c: &Connect, out: &mut Vec<u8>) {
-    let name: &[u8] = if c.protocol_level == 3 {
+    let name: &[u8] = if c.protocol_level == LEVEL_31 {
         b"MQIsdp"
     } else {
         b"MQTT"
     };
+    let level = c.protocol_level;
     let client_id = clamp_str(&c.client_id);
     let will_topic = c.will.as_ref().map(|w| clamp_str(&w.topic));
     let username = c.username.as_deref().map(clamp_str);
 
-    let mut remaining = field_len(name) + 1 + 1 + 2 + field_len(client_id.as_bytes());
+    let mut remaining = field_len(name)
+        + 1
+        + 1
+        + 2
+        + props_len(&c.properties, level)
+        + field_len(client_id.as_bytes());
     let mut flags = 0u8;
     if c.clean_session {
         flags |= 0x02;
@@ -795,7 +1221,8 @@ fn encode_connect(c: &Connect, out: &mut Vec<u8>) {
         if w.retain {
             flags |= 0x20;
         }
-        remaining += field_len(topic.as_bytes()) + field_len(&w.payload);
+        remaining +=
+            props_len(&w.properties, level) + field_len(topic.as_bytes()) + field_len(&w.payload);
     }
     if let Some(u) = username {
         flags |= 0x80;
@@ -811,8 +1238,10 @@ fn encode_connect(c: &Connect, out: &mut Vec<u8>) {
     out.push(c.protocol_level);
     out.push(flags);
     put_u16(out, c.keep_alive_s);
+    put_props(out, &c.properties, level);
     put_bin(out, client_id.as_bytes());
     if let (Some(w), Some(topic)) = (&c.will, will_topic) {
+        put_props(out, &w.properties, level);
         put_bin(out, topic.as_bytes());
         put_bin(out, &w.payload);
     }
@@ -824,6 +1253,9 @@ fn encode_connect(c: &Connect, out: &mut Vec<u8>) {
     }
 }
 
+/// A PUBLISH; `props` is an encoded MQTT 5 property block (with its length), `None`
+/// below MQTT 5.
+#[allow(clippy::too_many_arguments)]
 fn write_publish(
     out: &mut Vec<u8>,
     topic: &str,
@@ -831,14 +1263,15 @@ fn write_publish(
     pkid: u16,
     dup: bool,
     retain: bool,
+    props: Option<&[u8]>,
     payload: &[u8],
 ) {
     let qos = qos.min(2);
     let topic = clamp_str(topic);
-    let header = field_len(topic.as_bytes()) + if qos > 0 { 2 } else { 0 };
-    // header <= 65539, far below MAX_REMAINING_LENGTH.
+    let props = props.unwrap_or_default();
+    let header = field_len(topic.as_bytes()) + if qos > 0 { 2 } else { 0 } + props.len();
     let payload = payload
-        .get(..MAX_REMAINING_LENGTH - header)
+        .get(..MAX_REMAINING_LENGTH.saturating_sub(header))
         .unwrap_or(payload);
     let mut first = (PUBLISH << 4) | (qos << 1);
     if dup && qos > 0 {
@@ -852,12 +1285,12 @@ fn write_publish(
     if qos > 0 {
         put_u16(out, pkid);
     }
+    out.extend_from_slice(props);
     out.extend_from_slice(payload);
 }
 
-/// Convenience for the hot path: appends a non-retained PUBLISH built from
-/// borrowed parts, without building a [`Publish`] (no payload copy into
-/// [`Bytes`]).
+/// Convenience for the hot path: appends a non-retained MQTT 3.1.1 PUBLISH built from
+/// borrowed parts, without building a [`Publish`] (no payload copy into [`Bytes`]).
 ///
 /// Meant for QoS 0/1 (QoS 2 works too; above 2 is sent as 2). For QoS 0,
 /// `pkid` is not written and `dup` is ignored. Same clamping rules as
@@ -870,7 +1303,22 @@ pub fn encode_publish(
     dup: bool,
     payload: &[u8],
 ) {
-    write_publish(out, topic, qos, pkid, dup, false, payload);
+    write_publish(out, topic, qos, pkid, dup, false, None, payload);
+}
+
+/// [`encode_publish`] for an MQTT 5 connection, with the PUBLISH properties `props`.
+pub fn encode_publish_v5(
+    out: &mut Vec<u8>,
+    topic: &str,
+    qos: u8,
+    pkid: u16,
+    dup: bool,
+    props: &Properties,
+    payload: &[u8],
+) {
+    let mut block = Vec::with_capacity(props.encoded_len());
+    props.encode(&mut block);
+    write_publish(out, topic, qos, pkid, dup, false, Some(&block), payload);
 }
 
 // ---------------------------------------------------------------------------
@@ -939,140 +1387,397 @@ mod tests {
         proptest::collection::vec(any::<u8>(), 0..max)
     }
 
-    fn will() -> impl Strategy<Value = Will> {
-        (topic_name(), bytes_vec(32), 0u8..=2, any::<bool>()).prop_map(
-            |(topic, payload, qos, retain)| Will {
+    fn user_props() -> impl Strategy<Value = Vec<(u8, Value)>> {
+        proptest::collection::vec(
+            (mqtt_string(), mqtt_string())
+                .prop_map(|(k, v)| (properties::USER_PROPERTY, Value::Pair(k, v))),
+            0..3,
+        )
+    }
+
+    /// A valid property block for `place` at `level` (always empty below MQTT 5): a few
+    /// of the properties the place allows, and user properties.
+    fn props(place: Place, level: u8) -> BoxedStrategy<Properties> {
+        use properties::*;
+        if level != LEVEL_5 {
+            return Just(Properties::new()).boxed();
+        }
+        let reason = || mqtt_string().prop_map(Value::Str);
+        let some: BoxedStrategy<Vec<(u8, Value)>> = match place {
+            Place::Connect => (
+                proptest::option::of(any::<u32>()),
+                proptest::option::of(1u16..),
+                proptest::option::of(1u32..),
+            )
+                .prop_map(|(e, r, m)| {
+                    let mut v = Vec::new();
+                    v.extend(e.map(|e| (SESSION_EXPIRY, Value::U32(e))));
+                    v.extend(r.map(|r| (RECEIVE_MAXIMUM, Value::U16(r))));
+                    v.extend(m.map(|m| (MAXIMUM_PACKET_SIZE, Value::U32(m))));
+                    v
+                })
+                .boxed(),
+            Place::Will => (
+                proptest::option::of(any::<u32>()),
+                proptest::option::of(mqtt_string()),
+            )
+                .prop_map(|(e, c)| {
+                    let mut v = Vec::new();
+                    v.extend(e.map(|e| (MESSAGE_EXPIRY, Value::U32(e))));
+                    v.extend(c.map(|c| (CONTENT_TYPE, Value::Str(c))));
+                    v
+                })
+                .boxed(),
+            Place::ConnAck => (
+                proptest::option::of(any::<u16>()),
+                proptest::option::of(0u8..=1),
+                proptest::option::of(reason()),
+            )
+                .prop_map(|(k, r, s)| {
+                    let mut v = Vec::new();
+                    v.extend(k.map(|k| (SERVER_KEEP_ALIVE, Value::U16(k))));
+                    v.extend(r.map(|r| (RETAIN_AVAILABLE, Value::Byte(r))));
+                    v.extend(s.map(|s| (REASON_STRING, s)));
+                    v
+                })
+                .boxed(),
+            Place::Publish => (
+                proptest::option::of(any::<u32>()),
+                proptest::collection::vec(1u32..=268_435_455, 0..3),
+                proptest::option::of(bytes_vec(8)),
+            )
+                .prop_map(|(e, ids, c)| {
+                    let mut v = Vec::new();
+                    v.extend(e.map(|e| (MESSAGE_EXPIRY, Value::U32(e))));
+                    v.extend(ids.into_iter().map(|i| (SUBSCRIPTION_ID, Value::VarInt(i))));
+                    v.extend(c.map(|c| (CORRELATION_DATA, Value::Bin(c))));
+                    v
+                })
+                .boxed(),
+            Place::Subscribe => proptest::option::of(1u32..=268_435_455)
+                .prop_map(|i| {
+                    i.map(|i| (SUBSCRIPTION_ID, Value::VarInt(i)))
+                        .into_iter()
+                        .collect()
+                })
+                .boxed(),
+            Place::SubAck | Place::Ack => proptest::option::of(reason())
+                .prop_map(|s| s.map(|s| (REASON_STRING, s)).into_iter().collect())
+                .boxed(),
+            Place::Disconnect => (
+                proptest::option::of(any::<u32>()),
+                proptest::option::of(reason()),
+            )
+                .prop_map(|(e, s)| {
+                    let mut v = Vec::new();
+                    v.extend(e.map(|e| (SESSION_EXPIRY, Value::U32(e))));
+                    v.extend(s.map(|s| (REASON_STRING, s)));
+                    v
+                })
+                .boxed(),
+            Place::Auth => proptest::option::of(mqtt_string())
+                .prop_map(|m| {
+                    m.map(|m| (AUTH_METHOD, Value::Str(m)))
+                        .into_iter()
+                        .collect()
+                })
+                .boxed(),
+            Place::Unsubscribe => Just(Vec::new()).boxed(),
+        };
+        (some, user_props())
+            .prop_map(|(mut v, users)| {
+                v.extend(users);
+                Properties(v)
+            })
+            .boxed()
+    }
+
+    fn will(level: u8) -> impl Strategy<Value = Will> {
+        (
+            topic_name(),
+            bytes_vec(32),
+            0u8..=2,
+            any::<bool>(),
+            props(Place::Will, level),
+        )
+            .prop_map(|(topic, payload, qos, retain, properties)| Will {
                 topic,
                 payload,
                 qos,
                 retain,
-            },
-        )
+                properties,
+            })
     }
 
     fn connect() -> impl Strategy<Value = Connect> {
-        (
-            prop_oneof![Just(3u8), Just(4u8)],
-            any::<bool>(),
-            any::<u16>(),
-            mqtt_string(),
-            proptest::option::of(will()),
-            proptest::option::of(mqtt_string()),
-            proptest::option::of(bytes_vec(16)),
-        )
-            .prop_map(
-                |(protocol_level, clean_session, keep_alive_s, client_id, will, username, pw)| {
-                    let password = if username.is_some() { pw } else { None };
-                    Connect {
-                        protocol_level,
+        prop_oneof![Just(LEVEL_31), Just(LEVEL_311), Just(LEVEL_5)].prop_flat_map(|level| {
+            (
+                any::<bool>(),
+                any::<u16>(),
+                mqtt_string(),
+                proptest::option::of(will(level)),
+                proptest::option::of(mqtt_string()),
+                proptest::option::of(bytes_vec(16)),
+                props(Place::Connect, level),
+            )
+                .prop_map(
+                    move |(
                         clean_session,
                         keep_alive_s,
                         client_id,
                         will,
                         username,
-                        password,
-                    }
-                },
-            )
+                        pw,
+                        properties,
+                    )| {
+                        // Below MQTT 5 a password needs a user name.
+                        let password = if username.is_some() || level == LEVEL_5 {
+                            pw
+                        } else {
+                            None
+                        };
+                        Connect {
+                            protocol_level: level,
+                            clean_session,
+                            keep_alive_s,
+                            client_id,
+                            will,
+                            username,
+                            password,
+                            properties,
+                        }
+                    },
+                )
+        })
     }
 
-    fn publish() -> impl Strategy<Value = Publish> {
+    fn publish(level: u8) -> impl Strategy<Value = Publish> {
         (
             0u8..=2,
             any::<bool>(),
             any::<bool>(),
             topic_name(),
             pkid(),
+            props(Place::Publish, level),
             prop_oneof![3 => bytes_vec(64), 1 => bytes_vec(400)],
         )
-            .prop_map(|(qos, dup, retain, topic, pkid, payload)| Publish {
-                dup: dup && qos > 0,
-                qos,
-                retain,
-                topic,
-                pkid: if qos == 0 { 0 } else { pkid },
-                payload: Bytes::from(payload),
-            })
+            .prop_map(
+                |(qos, dup, retain, topic, pkid, properties, payload)| Publish {
+                    dup: dup && qos > 0,
+                    qos,
+                    retain,
+                    topic,
+                    pkid: if qos == 0 { 0 } else { pkid },
+                    properties,
+                    payload: Bytes::from(payload),
+                },
+            )
     }
 
-    fn packet() -> impl Strategy<Value = Packet> {
-        prop_oneof![
-            connect().prop_map(Packet::Connect),
-            (any::<bool>(), 0u8..=5).prop_map(|(sp, code)| Packet::ConnAck(ConnAck {
-                session_present: sp && code == 0,
-                code
-            })),
-            publish().prop_map(Packet::Publish),
-            pkid().prop_map(Packet::PubAck),
-            pkid().prop_map(Packet::PubRec),
-            pkid().prop_map(Packet::PubRel),
-            pkid().prop_map(Packet::PubComp),
+    /// Any packet valid at `level` (MQTT 3.1.1 or 5; a CONNECT of any level).
+    fn packet(level: u8) -> impl Strategy<Value = Packet> {
+        let v5 = level == LEVEL_5;
+        let connack_code = if v5 {
+            prop_oneof![Just(0u8), Just(0x80), Just(0x87), Just(0x95)].boxed()
+        } else {
+            (0u8..=5).boxed()
+        };
+        let suback_code = if v5 {
+            prop_oneof![
+                Just(0u8),
+                Just(1),
+                Just(2),
+                Just(0x80),
+                Just(0x87),
+                Just(0xA2)
+            ]
+            .boxed()
+        } else {
+            prop_oneof![Just(0u8), Just(1), Just(2), Just(0x80)].boxed()
+        };
+        let unsuback_codes = if v5 {
+            proptest::collection::vec(prop_oneof![Just(0u8), Just(0x11), Just(0x87)], 1..4).boxed()
+        } else {
+            Just(Vec::new()).boxed()
+        };
+        let options = if v5 {
+            (0u8..=2, 0u8..=1, 0u8..=1, 0u8..=2)
+                .prop_map(|(q, nl, rap, rh)| q | (nl << 2) | (rap << 3) | (rh << 4))
+                .boxed()
+        } else {
+            (0u8..=2).boxed()
+        };
+        let disconnect_code = if v5 {
+            prop_oneof![Just(0u8), Just(0x04), Just(0x8D), Just(0x8E), Just(0x95)].boxed()
+        } else {
+            Just(0u8).boxed()
+        };
+        let mut all = vec![
+            connect().prop_map(Packet::Connect).boxed(),
+            (any::<bool>(), connack_code, props(Place::ConnAck, level))
+                .prop_map(|(sp, code, properties)| {
+                    Packet::ConnAck(ConnAck {
+                        session_present: sp && code == 0,
+                        code,
+                        properties,
+                    })
+                })
+                .boxed(),
+            publish(level).prop_map(Packet::Publish).boxed(),
+            pkid().prop_map(Packet::PubAck).boxed(),
+            pkid().prop_map(Packet::PubRec).boxed(),
+            pkid().prop_map(Packet::PubRel).boxed(),
+            pkid().prop_map(Packet::PubComp).boxed(),
             (
                 pkid(),
-                proptest::collection::vec((topic_filter(), 0u8..=2), 1..5)
+                proptest::collection::vec((topic_filter(), options), 1..5),
+                props(Place::Subscribe, level),
             )
-                .prop_map(|(pkid, filters)| Packet::Subscribe(Subscribe { pkid, filters })),
+                .prop_map(|(pkid, filters, properties)| {
+                    Packet::Subscribe(Subscribe {
+                        pkid,
+                        filters,
+                        properties,
+                    })
+                })
+                .boxed(),
             (
                 pkid(),
-                proptest::collection::vec(
-                    prop_oneof![Just(0u8), Just(1), Just(2), Just(0x80)],
-                    1..8
+                proptest::collection::vec(suback_code, 1..8),
+                props(Place::SubAck, level),
+            )
+                .prop_map(|(pkid, codes, properties)| {
+                    Packet::SubAck(SubAck {
+                        pkid,
+                        codes,
+                        properties,
+                    })
+                })
+                .boxed(),
+            (
+                pkid(),
+                proptest::collection::vec(topic_filter(), 1..5),
+                props(Place::Unsubscribe, level),
+            )
+                .prop_map(|(pkid, filters, properties)| {
+                    Packet::Unsubscribe(Unsubscribe {
+                        pkid,
+                        filters,
+                        properties,
+                    })
+                })
+                .boxed(),
+            (pkid(), unsuback_codes, props(Place::SubAck, level))
+                .prop_map(|(pkid, codes, properties)| {
+                    Packet::UnsubAck(UnsubAck {
+                        pkid,
+                        codes,
+                        properties,
+                    })
+                })
+                .boxed(),
+            Just(Packet::PingReq).boxed(),
+            Just(Packet::PingResp).boxed(),
+            (disconnect_code, props(Place::Disconnect, level))
+                .prop_map(|(reason_code, properties)| {
+                    Packet::Disconnect(Disconnect {
+                        reason_code,
+                        properties,
+                    })
+                })
+                .boxed(),
+        ];
+        if v5 {
+            all.push(
+                (
+                    prop_oneof![Just(0u8), Just(0x18), Just(0x19)],
+                    props(Place::Auth, level),
                 )
-            )
-                .prop_map(|(pkid, codes)| Packet::SubAck(SubAck { pkid, codes })),
-            (pkid(), proptest::collection::vec(topic_filter(), 1..5))
-                .prop_map(|(pkid, filters)| Packet::Unsubscribe(Unsubscribe { pkid, filters })),
-            pkid().prop_map(Packet::UnsubAck),
-            Just(Packet::PingReq),
-            Just(Packet::PingResp),
-            Just(Packet::Disconnect),
-        ]
+                    .prop_map(|(reason_code, properties)| {
+                        Packet::Auth(Auth {
+                            reason_code,
+                            properties,
+                        })
+                    })
+                    .boxed(),
+            );
+        }
+        proptest::strategy::Union::new(all)
     }
 
     /// Drives check()+decode() over a buffer like a connection task would.
     fn drive(buf: &[u8], max: usize) {
-        let mut rest = buf;
-        while let Ok(Some(n)) = check(rest, max) {
-            assert!(n <= rest.len() && n <= max);
-            let (frame, tail) = rest.split_at(n);
-            let _ = decode(frame);
-            rest = tail;
+        for level in [LEVEL_311, LEVEL_5] {
+            let mut rest = buf;
+            while let Ok(Some(n)) = check(rest, max) {
+                assert!(n <= rest.len() && n <= max);
+                let (frame, tail) = rest.split_at(n);
+                let _ = decode_as(frame, level);
+                let _ = connect_level(frame);
+                rest = tail;
+            }
+            let _ = decode_as(buf, level);
         }
-        let _ = decode(buf);
+    }
+
+    /// What every valid encoding must satisfy at `level`.
+    fn check_round_trip(p: &Packet, level: u8) -> Result<(), TestCaseError> {
+        let mut bytes = Vec::new();
+        encode_as(p, level, &mut bytes);
+        prop_assert_eq!(check(&bytes, bytes.len()), Ok(Some(bytes.len())));
+        prop_assert_eq!(check(&bytes, usize::MAX), Ok(Some(bytes.len())));
+        prop_assert_eq!(decode_as(&bytes, level), Ok(p.clone()));
+        for i in 0..bytes.len() {
+            prop_assert_eq!(check(&bytes[..i], bytes.len()), Ok(None), "prefix {}", i);
+        }
+        // A second packet behind the first does not change the answer.
+        let mut two = bytes.clone();
+        encode(&Packet::PingReq, &mut two);
+        prop_assert_eq!(check(&two, usize::MAX), Ok(Some(bytes.len())));
+        // One byte over the limit is rejected.
+        let too_small = bytes.len() - 1;
+        let rejected = matches!(
+            check(&bytes, too_small),
+            Err(CodecError::PacketTooLarge { .. })
+        );
+        prop_assert!(rejected);
+        if let Packet::Connect(c) = p {
+            prop_assert_eq!(connect_level(&bytes), Some(c.protocol_level));
+        }
+        Ok(())
     }
 
     // ---- property tests ---------------------------------------------------
 
     proptest! {
         #[test]
-        fn round_trip(p in packet()) {
-            let bytes = enc(&p);
-            prop_assert_eq!(check(&bytes, bytes.len()), Ok(Some(bytes.len())));
-            prop_assert_eq!(check(&bytes, usize::MAX), Ok(Some(bytes.len())));
-            prop_assert_eq!(decode(&bytes), Ok(p.clone()));
-            for i in 0..bytes.len() {
-                prop_assert_eq!(check(&bytes[..i], bytes.len()), Ok(None), "prefix {}", i);
-            }
-            // A second packet behind the first does not change the answer.
-            let mut two = bytes.clone();
-            encode(&Packet::PingReq, &mut two);
-            prop_assert_eq!(check(&two, usize::MAX), Ok(Some(bytes.len())));
-            // One byte over the limit is rejected.
-            let too_small = bytes.len() - 1;
-            let rejected = matches!(
-                check(&bytes, too_small),
-                Err(CodecError::PacketTooLarge { .. })
-            );
-            prop_assert!(rejected);
+        fn round_trip(p in packet(LEVEL_311)) {
+            check_round_trip(&p, LEVEL_311)?;
         }
 
         #[test]
-        fn encode_publish_matches_encode(p in publish()) {
+        fn round_trip_v5(p in packet(LEVEL_5)) {
+            check_round_trip(&p, LEVEL_5)?;
+        }
+
+        #[test]
+        fn encode_publish_matches_encode(p in publish(LEVEL_311)) {
             let p = Publish { retain: false, ..p };
             let mut a = Vec::new();
             encode_publish(&mut a, &p.topic, p.qos, p.pkid, p.dup, &p.payload);
             prop_assert_eq!(&a, &enc(&Packet::Publish(p.clone())));
             prop_assert_eq!(decode(&a), Ok(Packet::Publish(p)));
+        }
+
+        #[test]
+        fn encode_publish_v5_matches_encode(p in publish(LEVEL_5)) {
+            let p = Publish { retain: false, ..p };
+            let mut a = Vec::new();
+            encode_publish_v5(&mut a, &p.topic, p.qos, p.pkid, p.dup, &p.properties, &p.payload);
+            let mut b = Vec::new();
+            encode_as(&Packet::Publish(p.clone()), LEVEL_5, &mut b);
+            prop_assert_eq!(&a, &b);
+            prop_assert_eq!(decode_as(&a, LEVEL_5), Ok(Packet::Publish(p)));
         }
 
         #[test]
@@ -1085,11 +1790,12 @@ mod tests {
 
         #[test]
         fn mutated_packets_never_panic(
-            p in packet(),
+            p in prop_oneof![packet(LEVEL_311), packet(LEVEL_5)],
             edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
             cut in any::<prop::sample::Index>(),
         ) {
-            let mut bytes = enc(&p);
+            let mut bytes = Vec::new();
+            encode_as(&p, LEVEL_5, &mut bytes);
             for (idx, val) in edits {
                 let i = idx.index(bytes.len());
                 bytes[i] = val;
@@ -1140,6 +1846,7 @@ mod tests {
             will: None,
             username: Some("alice".to_owned()),
             password: Some(b"s3cret".to_vec()),
+            properties: Properties::new(),
         };
         assert_eq!(decode(&bytes), Ok(Packet::Connect(expected.clone())));
         assert_eq!(enc(&Packet::Connect(expected)), bytes);
@@ -1170,9 +1877,11 @@ mod tests {
                     payload: vec![0xDE, 0xAD],
                     qos: 1,
                     retain: true,
+                    properties: Properties::new(),
                 }),
                 username: None,
                 password: None,
+                properties: Properties::new(),
             })
         );
         assert_eq!(enc(&p), b);
@@ -1184,6 +1893,7 @@ mod tests {
             Packet::ConnAck(ConnAck {
                 session_present,
                 code,
+                properties: Properties::new(),
             })
         };
         assert_eq!(enc(&ack(false, CONNACK_ACCEPTED)), [0x20, 0x02, 0x00, 0x00]);
@@ -1198,16 +1908,26 @@ mod tests {
         assert_eq!(enc(&ack(false, CONNACK_NOT_AUTHORIZED))[3], 5);
         assert_eq!(enc(&Packet::PingResp), [0xD0, 0x00]);
         assert_eq!(enc(&Packet::PingReq), [0xC0, 0x00]);
-        assert_eq!(enc(&Packet::Disconnect), [0xE0, 0x00]);
+        assert_eq!(
+            enc(&Packet::Disconnect(Disconnect::default())),
+            [0xE0, 0x00]
+        );
         assert_eq!(enc(&Packet::PubAck(0x1234)), [0x40, 0x02, 0x12, 0x34]);
         assert_eq!(enc(&Packet::PubRec(1)), [0x50, 0x02, 0x00, 0x01]);
         assert_eq!(enc(&Packet::PubRel(1)), [0x62, 0x02, 0x00, 0x01]);
         assert_eq!(enc(&Packet::PubComp(1)), [0x70, 0x02, 0x00, 0x01]);
-        assert_eq!(enc(&Packet::UnsubAck(7)), [0xB0, 0x02, 0x00, 0x07]);
+        assert_eq!(
+            enc(&Packet::UnsubAck(UnsubAck {
+                pkid: 7,
+                ..UnsubAck::default()
+            })),
+            [0xB0, 0x02, 0x00, 0x07]
+        );
         assert_eq!(
             enc(&Packet::SubAck(SubAck {
                 pkid: 10,
-                codes: vec![0, 1, 2, SUBACK_FAILURE]
+                codes: vec![0, 1, 2, SUBACK_FAILURE],
+                properties: Properties::new(),
             })),
             [0x90, 0x06, 0x00, 0x0A, 0x00, 0x01, 0x02, 0x80]
         );
@@ -1248,6 +1968,7 @@ mod tests {
                 retain: true,
                 topic: "t".to_owned(),
                 pkid: 0,
+                properties: Properties::new(),
                 payload: Bytes::from(payload),
             });
             let bytes = enc(&p);
@@ -1382,16 +2103,151 @@ mod tests {
         assert_eq!(decode(&c), Err(CodecError::InvalidQos(3)));
     }
 
+    /// A real MQTT 5 CONNECT (mosquitto_sub -V mqttv5 -i c): level 5 and an empty
+    /// property block after the keep-alive.
+    const MOSQUITTO_V5_CONNECT: [u8; 16] = [
+        0x10, 0x0E, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x02, 0x00, 0x3C, 0x00, 0x00, 0x01,
+        b'c',
+    ];
+
+    #[test]
+    fn mosquitto_sub_v5_connect() {
+        let v5 = MOSQUITTO_V5_CONNECT;
+        assert_eq!(check(&v5, 1024), Ok(Some(16)));
+        assert_eq!(connect_level(&v5), Some(LEVEL_5));
+        let expected = Connect {
+            protocol_level: LEVEL_5,
+            keep_alive_s: 60,
+            client_id: "c".into(),
+            ..Connect::default()
+        };
+        assert_eq!(decode(&v5), Ok(Packet::Connect(expected.clone())));
+        assert_eq!(enc(&Packet::Connect(expected)), v5);
+    }
+
+    /// `MOSQUITTO_V5_CONNECT` with `props` (id, then value bytes) as its property block.
+    fn v5_connect_with(props: &[u8]) -> Vec<u8> {
+        let mut b = MOSQUITTO_V5_CONNECT[..12].to_vec();
+        b.push(u8::try_from(props.len()).unwrap());
+        b.extend_from_slice(props);
+        b.extend_from_slice(&[0x00, 0x01, b'c']);
+        b[1] = u8::try_from(b.len() - 2).unwrap();
+        b
+    }
+
+    #[test]
+    fn v5_property_errors() {
+        use properties::*;
+        // Receive Maximum 10 and a user property: fine.
+        let ok = v5_connect_with(&[
+            RECEIVE_MAXIMUM,
+            0,
+            10,
+            USER_PROPERTY,
+            0,
+            1,
+            b'k',
+            0,
+            1,
+            b'v',
+        ]);
+        let Ok(Packet::Connect(c)) = decode(&ok) else {
+            panic!("{:?}", decode(&ok))
+        };
+        assert_eq!(c.properties.u16(RECEIVE_MAXIMUM), Some(10));
+        assert_eq!(c.properties.user_value("k"), Some("v"));
+        // The same property twice: a protocol error (0x82).
+        let dup = v5_connect_with(&[RECEIVE_MAXIMUM, 0, 10, RECEIVE_MAXIMUM, 0, 11]);
+        assert_eq!(
+            decode(&dup),
+            Err(CodecError::DuplicateProperty(RECEIVE_MAXIMUM))
+        );
+        assert_eq!(
+            decode(&dup).unwrap_err().reason_code(),
+            reason::PROTOCOL_ERROR
+        );
+        // User properties repeat freely.
+        let users = v5_connect_with(&[
+            USER_PROPERTY,
+            0,
+            1,
+            b'a',
+            0,
+            0,
+            USER_PROPERTY,
+            0,
+            1,
+            b'a',
+            0,
+            0,
+        ]);
+        assert!(decode(&users).is_ok());
+        // Receive Maximum 0: a protocol error.
+        let zero = v5_connect_with(&[RECEIVE_MAXIMUM, 0, 0]);
+        assert_eq!(
+            decode(&zero),
+            Err(CodecError::BadPropertyValue(RECEIVE_MAXIMUM))
+        );
+        // An identifier MQTT 5 does not define, a property CONNECT may not carry, and a
+        // block longer than the packet: malformed (0x81).
+        let unknown = v5_connect_with(&[0x7F, 0]);
+        assert_eq!(decode(&unknown), Err(CodecError::UnknownProperty(0x7F)));
+        assert_eq!(
+            decode(&unknown).unwrap_err().reason_code(),
+            reason::MALFORMED
+        );
+        let wrong = v5_connect_with(&[SERVER_KEEP_ALIVE, 0, 5]);
+        assert_eq!(
+            decode(&wrong),
+            Err(CodecError::PropertyNotAllowed(SERVER_KEEP_ALIVE))
+        );
+        let mut long = v5_connect_with(&[RECEIVE_MAXIMUM, 0, 10]);
+        long[12] = 40;
+        assert_eq!(decode(&long), Err(CodecError::Truncated));
+        // A truncated value inside the block.
+        let short = v5_connect_with(&[RECEIVE_MAXIMUM, 0]);
+        assert_eq!(decode(&short), Err(CodecError::Truncated));
+    }
+
+    #[test]
+    fn v5_acks_disconnect_and_auth() {
+        // PUBACK with a reason code and a reason string: the id is what counts.
+        let ack = [0x40, 0x07, 0x00, 0x05, 0x10, 0x03, 0x1F, 0x00, 0x00];
+        assert_eq!(decode_as(&ack, LEVEL_5), Ok(Packet::PubAck(5)));
+        assert_eq!(decode(&ack), Err(CodecError::TrailingBytes));
+        // A reason code PUBACK cannot carry.
+        let bad = [0x40, 0x03, 0x00, 0x05, 0x05];
+        assert_eq!(
+            decode_as(&bad, LEVEL_5),
+            Err(CodecError::InvalidReturnCode(5))
+        );
+        // DISCONNECT 0x8E (session taken over).
+        let mut out = Vec::new();
+        encode_as(
+            &Packet::Disconnect(Disconnect {
+                reason_code: reason::SESSION_TAKEN_OVER,
+                properties: Properties::new(),
+            }),
+            LEVEL_5,
+            &mut out,
+        );
+        assert_eq!(out, [0xE0, 0x01, 0x8E]);
+        // AUTH is a packet of MQTT 5 only.
+        assert_eq!(
+            decode(&[0xF0, 0x00]),
+            Err(CodecError::UnknownPacketType(15))
+        );
+        assert_eq!(
+            decode_as(&[0xF0, 0x00], LEVEL_5),
+            Ok(Packet::Auth(Auth::default()))
+        );
+    }
+
     #[test]
     fn unsupported_protocol() {
-        // A real MQTT 5 CONNECT (mosquitto_sub -V mqttv5 -i c): level 5 and a
-        // properties length after the keep-alive.
-        let v5 = [
-            0x10, 0x0E, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x02, 0x00, 0x3C, 0x00, 0x00,
-            0x01, b'c',
-        ];
-        assert_eq!(check(&v5, 1024), Ok(Some(16)));
-        assert_eq!(decode(&v5), Err(CodecError::UnsupportedProtocol(5)));
+        let mut v6 = MOSQUITTO_V5_CONNECT;
+        v6[8] = 6;
+        assert_eq!(decode(&v6), Err(CodecError::UnsupportedProtocol(6)));
         // "MQTT" with level 3, "MQIsdp" with level 4.
         let mut c = mosquitto_connect();
         c[8] = 3;
