@@ -270,6 +270,10 @@ pub fn ingest_config(config: &Config, admin_token: String) -> IngestConfig {
         gateway_mqtt: config.advertised_mqtt.clone(),
         gateway_ws: config.advertised_ws.clone(),
         idempotency_window_s: config.idempotency_window_s,
+        keep_alive_by_network: herald_schemas::events::NETWORKS
+            .iter()
+            .map(|n| (n.to_string(), config.keep_alive.suggest(n)))
+            .collect(),
     }
 }
 

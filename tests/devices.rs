@@ -363,6 +363,56 @@ async fn paho_receives_pushes_over_mqtt5_and_websocket() {
     }
 }
 
+/// MQTT.js in headless Chromium (a page served by the test) receives a push over
+/// WebSocket: the message is read from the page's DOM, and a screenshot taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_js_in_headless_chromium_receives_a_push() {
+    let Some(node) = tool("node") else {
+        return;
+    };
+    let browser = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/browser");
+    let chromium = std::env::var("HERALD_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if !browser.join("node_modules/playwright-core").is_dir() || !Path::new(&chromium).is_file() {
+        if std::env::var("HERALD_REQUIRE_TOOLS").is_ok_and(|v| v == "1") {
+            panic!(
+                "the browser test needs {chromium} and npm ci in {}",
+                browser.display()
+            );
+        }
+        eprintln!(
+            "SKIPPED: no Chromium or no tests/clients/browser/node_modules (scripts/test installs both)"
+        );
+        return;
+    }
+    let server = Server::start().await;
+    let app = create_app(&server).await;
+    let dev = app.register().await;
+    let shots = tempfile::tempdir().unwrap();
+    let shot = shots.path().join("page.png");
+    let mut cmd = Command::new(node);
+    cmd.arg(browser.join("run.mjs"))
+        .args(["--url", &format!("ws://127.0.0.1:{}/mqtt", server.ws_port)])
+        .args(["--id", &dev.device_id, "--token", &dev.device_token])
+        .arg("--screenshot")
+        .arg(&shot);
+    let mut page = Lines::spawn(cmd);
+    assert_eq!(page.next_within(60).await, "subscribed");
+    let m = app
+        .push(&dev.device_id, json!({"title": "hello, browser"}))
+        .await;
+    let shown: serde_json::Value = serde_json::from_str(&page.next().await).unwrap();
+    assert_eq!(shown["id"], m.as_str(), "{shown}");
+    assert_eq!(shown["user_id"], m.as_str(), "{shown}");
+    assert_eq!(shown["seq"], 1);
+    assert_eq!(shown["data"], json!({"title": "hello, browser"}));
+    let png = std::fs::read(&shot).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 1000,
+        "no screenshot"
+    );
+    app.wait_acked(&m, 1).await;
+}
+
 /// TLS: `mosquitto_sub --cafile` receives a push over TLS, paho over WebSocket on TLS,
 /// and a client offering only TLS 1.0 or 1.1 is refused while TLS 1.2 is accepted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -471,6 +521,7 @@ async fn register_on(app: &App, network: &str, port: u16) -> herald_client::Devi
         device_token: body["device_token"].as_str().unwrap().into(),
         mqtt_host: "127.0.0.1".into(),
         mqtt_port: port,
+        keep_alive_s: None,
     }
 }
 

@@ -22,13 +22,14 @@ use std::time::{Duration, Instant};
 use herald_schemas::envelope::{self, Envelope};
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, NetworkOptions, Outgoing,
-    Packet, Publish, QoS, SubscribeReasonCode,
+    Packet, PingReq, Publish, QoS, Request, SubscribeReasonCode,
 };
 use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::acks::AckOrder;
 use crate::backoff::{Backoff, BackoffOptions, random_seed};
+use crate::heartbeat::{Heartbeat, HeartbeatOptions};
 use crate::resume::{Resume, Verdict};
 use crate::{DeviceCredentials, Error};
 
@@ -58,8 +59,12 @@ pub enum Qos {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct DeviceOptions {
-    /// MQTT keep-alive: zero (none) or 1 s to 65 535 s.
+    /// MQTT keep-alive: zero (none) or 1 s to 65 535 s. Unused with a
+    /// [`heartbeat`](DeviceOptions::heartbeat), which decides when to ping.
     pub keep_alive: Duration,
+    /// The adaptive heartbeat (see [`Heartbeat`]): ping as seldom as the network's NAT
+    /// allows, learned per network. `None`: a ping every `keep_alive`.
+    pub heartbeat: Option<HeartbeatOptions>,
     /// The QoS asked for on `inbox`.
     pub qos: Qos,
     /// Ask the gateway not to keep the session (herald keeps the inbox either way).
@@ -98,6 +103,7 @@ impl Default for DeviceOptions {
     fn default() -> Self {
         DeviceOptions {
             keep_alive: Duration::from_secs(60),
+            heartbeat: None,
             qos: Qos::AtLeastOnce,
             clean_session: false,
             buffer: 256,
@@ -126,6 +132,10 @@ impl DeviceOptions {
                 || self.keep_alive > Duration::from_secs(u64::from(u16::MAX)))
         {
             return invalid("keep_alive", "must be zero or between 1 s and 65535 s");
+        }
+        if let Some(hb) = &self.heartbeat {
+            hb.validate()
+                .or_else(|reason| invalid("heartbeat", &reason))?;
         }
         if self.buffer == 0 {
             return invalid("buffer", "must be at least 1");
@@ -199,6 +209,9 @@ pub enum DisconnectReason {
     /// The network or the gateway ended it (a newer connection of the same device takes
     /// over by closing the older one; a gateway restart looks the same).
     Lost(String),
+    /// A heartbeat went unanswered: the path died silently (a NAT forgot the
+    /// connection). The device reconnects at once.
+    DeadPath,
 }
 
 /// The device's connection state.
@@ -211,6 +224,11 @@ pub struct Status {
     pub connections: u64,
     /// The device has stopped and will not connect again.
     pub stopped: bool,
+    /// With the adaptive heartbeat: the interval in force (in the heartbeat's time,
+    /// before `time_scale`).
+    pub heartbeat: Option<Duration>,
+    /// With the adaptive heartbeat: the interval is learned for this network.
+    pub heartbeat_settled: bool,
 }
 
 /// What the app side, its handles and the driver share.
@@ -316,6 +334,7 @@ impl Device {
         let (tx, incoming) = mpsc::channel(opts.buffer);
         let seed = opts.backoff.jitter_seed.unwrap_or_else(random_seed);
         let driver = Driver {
+            heartbeat: opts.heartbeat.clone().map(Heartbeat::new),
             backoff: Backoff::new(opts.backoff.initial_delay, opts.backoff.max_delay, seed),
             shutdown: control.shutdown.subscribe(),
             control: control.clone(),
@@ -707,6 +726,7 @@ struct Driver {
     resume: SharedResume,
     backoff: Backoff,
     connections: u64,
+    heartbeat: Option<Heartbeat>,
 }
 
 /// Aborts a task when dropped.
@@ -744,7 +764,14 @@ impl Driver {
                     {
                         self.backoff.reset();
                     }
-                    let retry_in = self.backoff.next_delay();
+                    // A dead path is found by the device itself: reconnect at once (the
+                    // backoff applies if that fails).
+                    let retry_in = if reason == DisconnectReason::DeadPath {
+                        self.backoff.reset();
+                        Duration::ZERO
+                    } else {
+                        self.backoff.next_delay()
+                    };
                     self.control.emit(DeviceEvent::Disconnected {
                         connection: self.connections,
                         reason,
@@ -818,11 +845,31 @@ impl Driver {
         }
     }
 
+    /// Publishes the heartbeat's state in the status.
+    fn show_heartbeat(&self) {
+        if let Some(hb) = &self.heartbeat {
+            let (interval, settled) = (hb.interval(), hb.learned().settled);
+            self.control.status.send_modify(|s| {
+                s.heartbeat = Some(interval);
+                s.heartbeat_settled = settled;
+            });
+        }
+    }
+
     fn mqtt_options(&self) -> MqttOptions {
         let c = &self.creds;
         let mut mqtt = MqttOptions::new(&c.device_id, &c.mqtt_host, c.mqtt_port);
+        // With the adaptive heartbeat the keep-alive asked for is its longest interval,
+        // so that the gateway never closes a connection the heartbeat keeps alive.
+        let keep_alive = match &self.heartbeat {
+            Some(hb) => {
+                let o = hb.options();
+                Duration::from_secs(o.real(o.max).as_secs_f64().ceil().max(1.0) as u64)
+            }
+            None => self.opts.keep_alive,
+        };
         mqtt.set_credentials(&c.device_id, &c.device_token)
-            .set_keep_alive(self.opts.keep_alive)
+            .set_keep_alive(keep_alive)
             .set_clean_session(self.opts.clean_session)
             .set_manual_acks(true)
             .set_max_packet_size(self.opts.max_packet_bytes, 64 * 1024);
@@ -866,6 +913,11 @@ impl Driver {
         });
         let _acker = AbortOnDrop(tokio::spawn(send_acks(link.clone())));
         let mut up_since: Option<Instant> = None;
+        // The adaptive heartbeat's clock: when the next ping is due, and when the one in
+        // flight (sent at `ping_sent`) must have been answered.
+        let mut next_ping: Option<tokio::time::Instant> = None;
+        let mut pong_deadline: Option<tokio::time::Instant> = None;
+        let mut ping_sent = tokio::time::Instant::now();
         let killed = |up_since: Option<Instant>| match up_since {
             Some(t) => Outcome::Lost {
                 reason: DisconnectReason::Killed,
@@ -888,6 +940,27 @@ impl Driver {
                 }
                 _ = self.tx.closed() => return Outcome::Stop,
                 _ = self.control.kill.notified() => return killed(up_since),
+                () = sleep_until(pong_deadline) => {
+                    if let Some(hb) = &mut self.heartbeat {
+                        let next = hb.on_dead();
+                        tracing::info!(device_id = %self.creds.device_id, next = ?next, "heartbeat unanswered: the path is dead; reconnecting");
+                        self.show_heartbeat();
+                    }
+                    return Outcome::Lost {
+                        reason: DisconnectReason::DeadPath,
+                        lasted: up_since.map(|t| t.elapsed()).unwrap_or_default(),
+                    };
+                }
+                () = sleep_until(next_ping) => {
+                    // Into the event loop's own queue: its next poll writes it.
+                    eventloop.pending.push_back(Request::PingReq(PingReq));
+                    ping_sent = tokio::time::Instant::now();
+                    next_ping = None;
+                    if let Some(hb) = &self.heartbeat {
+                        pong_deadline = Some(ping_sent + hb.options().real(hb.options().pong_timeout));
+                    }
+                    continue;
+                }
                 polled = eventloop.poll() => polled,
             };
             match polled {
@@ -911,6 +984,26 @@ impl Driver {
                             s.connections = connection;
                         });
                         self.control.emit(DeviceEvent::Connected { connection });
+                        if let Some(hb) = &mut self.heartbeat {
+                            let suggestion = self
+                                .creds
+                                .keep_alive_s
+                                .map(|s| Duration::from_secs(u64::from(s)));
+                            hb.start(suggestion);
+                            // The heartbeat pings from here on: a zero keep-alive (after
+                            // the CONNECT asked for the longest interval) turns the event
+                            // loop's own pings off.
+                            eventloop.mqtt_options.set_keep_alive(Duration::ZERO);
+                            next_ping = Some(tokio::time::Instant::now() + hb.real_interval());
+                            self.show_heartbeat();
+                        }
+                    }
+                }
+                Ok(Event::Incoming(Packet::PingResp)) => {
+                    if let (Some(hb), Some(_)) = (&mut self.heartbeat, pong_deadline.take()) {
+                        hb.on_pong();
+                        next_ping = Some(ping_sent + hb.real_interval());
+                        self.show_heartbeat();
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
@@ -979,6 +1072,14 @@ impl Driver {
                 }
             }
         }
+    }
+}
+
+/// Resolves at `at`; never when there is none.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

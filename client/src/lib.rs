@@ -76,6 +76,9 @@
 //! - `backoff.rs`, `acks.rs`: the reconnect schedule and the acknowledgement order, pure.
 //! - [`connect`] (`connection.rs`): a single connection without reconnect, acknowledged
 //!   on receipt, used by tests and `examples/push_load.rs`.
+//! - [`Heartbeat`] (`heartbeat.rs`): the adaptive heartbeat's decisions, pure.
+//! - [`nat`]: a NAT simulator (a proxy that forgets idle connections) and the cost model
+//!   that prices what crossed it; [`sim`]: a device-cost run on them.
 //! - [`register`] (here): device registration over REST.
 
 mod acks;
@@ -83,7 +86,10 @@ mod backoff;
 mod connection;
 mod device;
 mod error;
+pub mod heartbeat;
+pub mod nat;
 mod resume;
+pub mod sim;
 
 use anyhow::{Context, anyhow, bail};
 pub use herald_schemas::envelope::Envelope;
@@ -95,6 +101,7 @@ pub use device::{
     Ack, Device, DeviceEvent, DeviceHandle, DeviceOptions, DisconnectReason, Message, Qos, Status,
 };
 pub use error::Error;
+pub use heartbeat::{Heartbeat, HeartbeatOptions};
 pub use resume::{Resume, Verdict};
 
 /// A registered device's identity and where to connect.
@@ -108,6 +115,10 @@ pub struct DeviceCredentials {
     pub mqtt_host: String,
     /// The gateway's MQTT port.
     pub mqtt_port: u16,
+    /// The keep-alive herald suggests for the network the device registered on, in
+    /// seconds (where the adaptive heartbeat starts).
+    #[serde(default)]
+    pub keep_alive_s: Option<u16>,
 }
 
 #[derive(Deserialize)]
@@ -120,6 +131,8 @@ struct RegisterResponse {
 #[derive(Deserialize)]
 struct Gateway {
     mqtt: String,
+    #[serde(default)]
+    keep_alive_s: Option<u16>,
 }
 
 /// Parses `mqtt://host:port`.
@@ -139,9 +152,24 @@ pub async fn register(
     base_url: &str,
     app_key: &str,
 ) -> anyhow::Result<DeviceCredentials> {
+    register_on(http, base_url, app_key, None).await
+}
+
+/// [`register`], telling herald the network the device is on (`wifi`, `5g`, `4g`, `3g`,
+/// `2g`, `unknown`): the keep-alive it suggests depends on it.
+pub async fn register_on(
+    http: &reqwest::Client,
+    base_url: &str,
+    app_key: &str,
+    network: Option<&str>,
+) -> anyhow::Result<DeviceCredentials> {
+    let mut body = serde_json::json!({ "app_key": app_key });
+    if let Some(n) = network {
+        body["network"] = n.into();
+    }
     let resp = http
         .post(format!("{base_url}/v1/devices"))
-        .json(&serde_json::json!({ "app_key": app_key }))
+        .json(&body)
         .send()
         .await?;
     if !resp.status().is_success() {
@@ -158,5 +186,6 @@ pub async fn register(
         device_token: r.device_token,
         mqtt_host,
         mqtt_port,
+        keep_alive_s: r.gateway.keep_alive_s,
     })
 }

@@ -83,6 +83,7 @@ impl Gateway {
             device_token: TOKEN.into(),
             mqtt_host: "127.0.0.1".into(),
             mqtt_port: self.port,
+            keep_alive_s: None,
         }
     }
 

@@ -8,9 +8,7 @@
 
 use std::collections::BTreeMap;
 
-/// The network types a device may report (`network` at registration, or as an MQTT 5
-/// CONNECT user property).
-pub const NETWORKS: [&str; 6] = ["wifi", "5g", "4g", "3g", "2g", "unknown"];
+pub use herald_schemas::events::NETWORKS;
 
 /// The keep-alive policy of a gateway.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -57,6 +57,19 @@ pub struct IngestConfig {
     pub gateway_ws: String,
     /// How long an Idempotency-Key holds, in seconds.
     pub idempotency_window_s: u32,
+    /// The keep-alive suggested per network type, in seconds (the gateways' policy).
+    pub keep_alive_by_network: std::collections::BTreeMap<String, u16>,
+}
+
+impl IngestConfig {
+    /// The keep-alive suggested for `network` (`unknown`'s for one not in the table).
+    pub fn keep_alive_s(&self, network: &str) -> u16 {
+        self.keep_alive_by_network
+            .get(network)
+            .or_else(|| self.keep_alive_by_network.get("unknown"))
+            .copied()
+            .unwrap_or(240)
+    }
 }
 
 impl Default for IngestConfig {
@@ -71,6 +84,7 @@ impl Default for IngestConfig {
             gateway_mqtt: "mqtt://127.0.0.1:9493".into(),
             gateway_ws: "ws://127.0.0.1:8083/mqtt".into(),
             idempotency_window_s: 24 * 3600,
+            keep_alive_by_network: Default::default(),
         }
     }
 }

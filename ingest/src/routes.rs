@@ -44,8 +44,7 @@ fn random_token<const N: usize>() -> Result<String, ApiError> {
     Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes::<N>()?))
 }
 
-/// The network types a device may report.
-pub const NETWORKS: &[&str] = &["wifi", "5g", "4g", "3g", "2g", "unknown"];
+pub use herald_schemas::events::NETWORKS;
 
 // ---------------------------------------------------------------------------- apps
 
@@ -238,6 +237,9 @@ pub struct GatewayAddresses {
     pub mqtt: String,
     /// MQTT over WebSocket, e.g. `ws://host:8083/mqtt`.
     pub ws: String,
+    /// The keep-alive herald suggests for the device's network, in seconds (where an
+    /// adaptive heartbeat starts).
+    pub keep_alive_s: u16,
 }
 
 /// A registered device's identity and credentials. The token is shown only here.
@@ -285,13 +287,15 @@ async fn register_device(
             app_id,
             token_sha256: sha256(device_token.as_bytes()),
             platform,
-            network,
+            network: network.clone(),
         }),
     );
+    let network_of_device = network;
     let at = ingest.append(&device_id, &event).await?;
     ingest.wait_applied(at).await?;
     // The same answer GET /v1/nav gives for this device.
     let placed = ingest.nav.place(&device_id);
+    let keep_alive_s = ingest.config.keep_alive_s(&network_of_device);
     Ok((
         StatusCode::CREATED,
         Json(RegisterDeviceResponse {
@@ -300,6 +304,7 @@ async fn register_device(
             gateway: GatewayAddresses {
                 mqtt: placed.mqtt,
                 ws: placed.ws,
+                keep_alive_s,
             },
         }),
     ))

@@ -10,6 +10,10 @@ use prost::Message;
 
 include!(concat!(env!("OUT_DIR"), "/herald.events.v1.rs"));
 
+/// The network types a device may report (`DeviceRegistered.network`, and the MQTT 5
+/// CONNECT user property `network`).
+pub const NETWORKS: [&str; 6] = ["wifi", "5g", "4g", "3g", "2g", "unknown"];
+
 pub use event::Kind;
 pub use target::To;
 
