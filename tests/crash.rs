@@ -19,23 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
+use herald_client::sim::Rng;
 use herald_client::{Device, DeviceOptions, Qos};
 use serde_json::{Value, json};
-
-/// A small deterministic generator (xorshift64*), so a seed replays a run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// What one device's app saw: (seq, message id, when).
 type Seen = Arc<Mutex<Vec<(u64, String, Instant)>>>;
@@ -89,7 +75,7 @@ async fn run(device_kills: bool) {
     eprintln!(
         "crash test seed: {seed} (replay with HERALD_CRASH_SEED={seed}), kills: {kills}, device kills: {device_kills}"
     );
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
 
     let server = Arc::new(tokio::sync::Mutex::new(Server::start().await));
     let (app, data_dir, base) = {
@@ -126,7 +112,7 @@ async fn run(device_kills: bool) {
     let stop = Arc::new(AtomicBool::new(false));
     let killer = {
         let (server, stop) = (server.clone(), stop.clone());
-        let mut krng = Rng(rng.next() | 1);
+        let mut krng = Rng::new(rng.next_u64() | 1);
         tokio::spawn(async move {
             for _ in 0..kills {
                 tokio::time::sleep(Duration::from_millis(600 + krng.below(1600))).await;
@@ -140,7 +126,7 @@ async fn run(device_kills: bool) {
     // Client-side kills: a device's connection dropped without DISCONNECT.
     let dropper = device_kills.then(|| {
         let (handles, stop) = (handles.clone(), stop.clone());
-        let mut drng = Rng(rng.next() | 1);
+        let mut drng = Rng::new(rng.next_u64() | 1);
         tokio::spawn(async move {
             while !stop.load(Ordering::Acquire) {
                 tokio::time::sleep(Duration::from_millis(200 + drng.below(600))).await;

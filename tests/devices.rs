@@ -196,6 +196,23 @@ async fn connack_properties_and_the_devices_receive_maximum() {
     raw.send(&Packet::PubAck(p.pkid));
     app.wait_acked(&second, 1).await;
 
+    // The device's Maximum Packet Size: a push whose PUBLISH would exceed it is not sent
+    // (it stays in the inbox), the next one is.
+    let mut props = Properties::new();
+    props.push(properties::MAXIMUM_PACKET_SIZE, Value::U32(300));
+    let (mut raw, _) = v5_device(server.mqtt_port, &dev, 60, props);
+    assert_eq!(subscribe(&mut raw, &[("inbox", 1)]), vec![1]);
+    let big = app.push(&dev.device_id, json!("x".repeat(400))).await;
+    let small = app.push(&dev.device_id, json!("small")).await;
+    let Packet::Publish(p) = raw.recv() else {
+        panic!("expected a PUBLISH")
+    };
+    assert_eq!(p.properties.user_value("id"), Some(small.as_str()));
+    raw.send(&Packet::PubAck(p.pkid));
+    app.wait_acked(&small, 1).await;
+    let (_, status) = app.status(&big).await;
+    assert_eq!(status["acked"], 0, "{status}");
+
     // A device that reports nothing gets the keep-alive of the network it registered
     // with; one that asks for a keep-alive gets it, held to the bounds.
     let on_3g = register_on(&app, "3g", server.mqtt_port).await;

@@ -31,6 +31,7 @@ async fn the_heartbeat_settles_under_a_5_minute_nat_and_loses_no_push() {
         push_every: Duration::from_secs(10 * 60),
         max_learning: Duration::from_secs(4 * 3600),
         steady_intervals: 6,
+        push_intervals: 4,
         seed: 7,
     };
     let gateway = format!("127.0.0.1:{}", server.mqtt_port).parse().unwrap();

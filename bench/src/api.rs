@@ -102,8 +102,14 @@ pub fn write_creds(path: &std::path::Path, devices: &[(String, String)]) -> anyh
     Ok(())
 }
 
-/// Sends one push; `to` is the `to` object. Returns once it is answered 202.
-pub async fn push(http: &reqwest::Client, app: &App, to: Value, t_us: u64) -> anyhow::Result<()> {
+/// Sends one push; `to` is the `to` object. Returns its message id once it is answered
+/// 202.
+pub async fn push(
+    http: &reqwest::Client,
+    app: &App,
+    to: Value,
+    t_us: u64,
+) -> anyhow::Result<String> {
     let r = http
         .post(format!("{}/v1/messages", app.base))
         .bearer_auth(&app.token)
@@ -117,5 +123,9 @@ pub async fn push(http: &reqwest::Client, app: &App, to: Value, t_us: u64) -> an
             r.text().await.unwrap_or_default()
         );
     }
-    Ok(())
+    let body: Value = r.json().await?;
+    body["message_id"]
+        .as_str()
+        .map(str::to_owned)
+        .context("no message_id in the answer")
 }

@@ -5,10 +5,13 @@
 //!   rumqttd) and the `herald-sim` device simulator processes.
 //! - [`api`]: herald's REST API in bulk: apps, device registration, pushes.
 //! - [`publisher`]: a QoS 1 MQTT publisher for the peers, on herald's codec.
+//! - [`device_cost`]: the device-cost scenario (the SDK's adaptive heartbeat behind
+//!   simulated NATs).
 //!
 //! Every scenario starts what it measures on loopback ports, measures, and stops it.
 
 pub mod api;
+pub mod device_cost;
 pub mod procs;
 pub mod publisher;
 

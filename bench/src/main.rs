@@ -18,7 +18,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use herald_bench::procs::{Bins, Kafka, Kind, Server, Sim, cpu_time, rss_bytes};
 use herald_bench::publisher::Publisher;
-use herald_bench::{api, now_ms, now_us};
+use herald_bench::{api, device_cost, now_ms, now_us};
 use serde_json::{Value, json};
 
 /// Runs herald's benchmarks beside Mosquitto and rumqttd and prints a markdown table.
@@ -29,8 +29,8 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Run only these scenarios (repeatable): e2e, e2e-kafka, broadcast, idle, latency,
-    /// fanout. e2e-kafka uses the broker HERALD_KAFKA names, or starts one with
-    /// scripts/kafka-up.
+    /// fanout, device-cost. e2e-kafka uses the broker HERALD_KAFKA names, or starts one
+    /// with scripts/kafka-up. device-cost prints a table of its own (no peer runs it).
     #[arg(long = "scenario")]
     scenarios: Vec<String>,
     /// Idle connections per server in the idle scenario [default: 100000; quick: 1000].
@@ -596,7 +596,7 @@ fn peer_cell(bins: &Bins, kind: Kind) -> Option<Cell> {
     (!installed).then(|| Cell::Missing("not installed".into()))
 }
 
-async fn run(args: Args) -> anyhow::Result<Vec<Row>> {
+async fn run(args: Args) -> anyhow::Result<(Vec<Row>, Vec<String>)> {
     let bins = Bins::find()?;
     let bar = if std::io::stderr().is_terminal() {
         let b = indicatif::ProgressBar::new_spinner();
@@ -611,7 +611,15 @@ async fn run(args: Args) -> anyhow::Result<Vec<Row>> {
         bar,
         ip_block: std::sync::atomic::AtomicU8::new(0),
     };
-    let all = ["e2e", "e2e-kafka", "broadcast", "idle", "latency", "fanout"];
+    let all = [
+        "e2e",
+        "e2e-kafka",
+        "broadcast",
+        "idle",
+        "latency",
+        "fanout",
+        "device-cost",
+    ];
     let wanted: Vec<&str> = if args.scenarios.is_empty() {
         all.to_vec()
     } else {
@@ -851,8 +859,13 @@ async fn run(args: Args) -> anyhow::Result<Vec<Row>> {
             unit: "%",
         });
     }
+    let mut tables = Vec::new();
+    if wanted.contains(&"device-cost") {
+        ctx.step("device-cost: adaptive heartbeats behind NATs of 5, 15 and 30 min (60x)");
+        tables.push(device_cost::run(&ctx.bins, &ctx.http, q).await?);
+    }
     ctx.bar.finish_and_clear();
-    Ok(rows)
+    Ok((rows, tables))
 }
 
 #[tokio::main]
@@ -861,7 +874,7 @@ async fn main() -> anyhow::Result<()> {
     let out = args.out.clone();
     let quick = args.quick;
     let started = Instant::now();
-    let rows = run(args).await?;
+    let (rows, tables) = run(args).await?;
     let mut table = String::new();
     table.push_str("| scenario | metric | herald | Mosquitto | rumqttd | herald vs best peer |\n");
     table.push_str("| --- | --- | --- | --- | --- | --- |\n");
@@ -887,6 +900,10 @@ async fn main() -> anyhow::Result<()> {
         if quick { "quick sizes (CI); " } else { "" },
         started.elapsed().as_secs_f64()
     ));
+    for t in &tables {
+        table.push('\n');
+        table.push_str(t);
+    }
     print!("{table}");
     if let Some(path) = out {
         std::fs::write(&path, &table)

@@ -913,11 +913,13 @@ impl Driver {
         });
         let _acker = AbortOnDrop(tokio::spawn(send_acks(link.clone())));
         let mut up_since: Option<Instant> = None;
-        // The adaptive heartbeat's clock: when the next ping is due, and when the one in
-        // flight (sent at `ping_sent`) must have been answered.
-        let mut next_ping: Option<tokio::time::Instant> = None;
+        // The adaptive heartbeat's clock. A NAT forgets a connection after a stretch with
+        // no packet either way, so a ping is due one interval after the last packet (a
+        // push refreshes the mapping as well as a ping does), and an answered ping proves
+        // that the path survives exactly that much silence.
+        let mut heartbeat_on = false;
+        let mut last_activity = tokio::time::Instant::now();
         let mut pong_deadline: Option<tokio::time::Instant> = None;
-        let mut ping_sent = tokio::time::Instant::now();
         let killed = |up_since: Option<Instant>| match up_since {
             Some(t) => Outcome::Lost {
                 reason: DisconnectReason::Killed,
@@ -929,6 +931,12 @@ impl Driver {
             },
         };
         loop {
+            let ping_due = match &self.heartbeat {
+                Some(hb) if heartbeat_on && pong_deadline.is_none() => {
+                    Some(last_activity + hb.real_interval())
+                }
+                _ => None,
+            };
             // Cancelling `poll` is safe here: every other branch drops the event loop.
             let polled = tokio::select! {
                 biased;
@@ -951,18 +959,20 @@ impl Driver {
                         lasted: up_since.map(|t| t.elapsed()).unwrap_or_default(),
                     };
                 }
-                () = sleep_until(next_ping) => {
+                () = sleep_until(ping_due) => {
                     // Into the event loop's own queue: its next poll writes it.
                     eventloop.pending.push_back(Request::PingReq(PingReq));
-                    ping_sent = tokio::time::Instant::now();
-                    next_ping = None;
                     if let Some(hb) = &self.heartbeat {
-                        pong_deadline = Some(ping_sent + hb.options().real(hb.options().pong_timeout));
+                        let o = hb.options();
+                        pong_deadline = Some(tokio::time::Instant::now() + o.real(o.pong_timeout));
                     }
                     continue;
                 }
                 polled = eventloop.poll() => polled,
             };
+            if polled.is_ok() {
+                last_activity = tokio::time::Instant::now();
+            }
             match polled {
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
                     if ack
@@ -994,7 +1004,7 @@ impl Driver {
                             // the CONNECT asked for the longest interval) turns the event
                             // loop's own pings off.
                             eventloop.mqtt_options.set_keep_alive(Duration::ZERO);
-                            next_ping = Some(tokio::time::Instant::now() + hb.real_interval());
+                            heartbeat_on = true;
                             self.show_heartbeat();
                         }
                     }
@@ -1002,7 +1012,6 @@ impl Driver {
                 Ok(Event::Incoming(Packet::PingResp)) => {
                     if let (Some(hb), Some(_)) = (&mut self.heartbeat, pong_deadline.take()) {
                         hb.on_pong();
-                        next_ping = Some(ping_sent + hb.real_interval());
                         self.show_heartbeat();
                     }
                 }

@@ -21,8 +21,11 @@
 //!    the longest that worked: just under the NAT's timeout. A settled interval that
 //!    fails later (the network changed) starts the search again below it.
 //!
-//! This module is the decision only (sans-IO, in the device's time); the driver in
-//! `device.rs` sends the pings, times the answers and reconnects.
+//! The interval is one of silence: a ping is due an interval after the last packet
+//! either way (a push refreshes the NAT's mapping as well as a ping does, so a device
+//! that gets pushes pings less), and an answered ping proves the path survives that much
+//! silence. This module is the decision only (sans-IO, in the device's time); the driver
+//! in `device.rs` sends the pings, times the answers and reconnects.
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -2,12 +2,14 @@
 //! [`NatProxy`] that forgets idle connections, in scaled time, with pushes sent at random
 //! moments. The benchmark's device-cost scenario and the heartbeat tests run it.
 //!
-//! The run learns (until the heartbeat settles, or gives up after
-//! [`CostScenario::max_learning`]), then measures a steady window of
-//! [`CostScenario::steady_intervals`] settled intervals. The idle cost is everything
-//! but push traffic (PUBLISH and its acknowledgements) in the steady window, priced by
-//! [`CostModel`], extrapolated to a day and a month; learning is reported apart (it is
-//! paid once per network: the interval is remembered).
+//! The run has three phases: learning, with pushes at random moments (until the
+//! heartbeat settles, or gives up after [`CostScenario::max_learning`]); an idle window
+//! of [`CostScenario::steady_intervals`] settled intervals with no push, whose cost
+//! (priced by [`CostModel`]) is extrapolated to a day and a month; and a window of
+//! [`CostScenario::push_intervals`] settled intervals with pushes at random moments
+//! again. Learning's cost is reported apart (it is paid once per network: the interval
+//! is remembered). Push traffic (PUBLISH and its acknowledgements) never counts as
+//! idle cost.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -36,8 +38,10 @@ pub struct CostScenario {
     pub push_every: Duration,
     /// Give up learning after this (device time).
     pub max_learning: Duration,
-    /// The steady window, in settled intervals.
+    /// The idle window, in settled intervals.
     pub steady_intervals: u32,
+    /// The window of pushes after it, in settled intervals.
+    pub push_intervals: u32,
     /// Seeds the push moments.
     pub seed: u64,
 }
@@ -75,20 +79,36 @@ pub struct CostReport {
     pub late: usize,
 }
 
-/// A tiny deterministic generator (xorshift64*), for push moments.
-struct Rng(u64);
+/// A small deterministic generator (xorshift64*), so that a seed replays a simulation.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
 
 impl Rng {
-    fn unit(&mut self) -> f64 {
+    /// A generator from `seed` (0 is taken as 1).
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.max(1))
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
-        let x = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
-        (x >> 11) as f64 / (1u64 << 53) as f64
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A number below `n` (`n` > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+
+    /// A number in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
     /// An exponential gap of mean `mean`.
-    fn gap(&mut self, mean: Duration) -> Duration {
+    pub fn gap(&mut self, mean: Duration) -> Duration {
         mean.mul_f64(-(1.0 - self.unit()).max(1e-9).ln())
     }
 }
@@ -156,12 +176,13 @@ where
     tokio::time::timeout(Duration::from_secs(30), handle.wait_status(|s| s.connected))
         .await
         .context("the device did not connect through the NAT")?;
-    let mut rng = Rng(scenario.seed.max(1));
+    let mut rng = Rng::new(scenario.seed);
     let mut next_push = started + real(rng.gap(scenario.push_every));
     // (message id, sent at, interval in force then)
     let mut sent: Vec<(String, Instant, Duration)> = Vec::new();
     let mut settled_at: Option<(Instant, Duration)> = None;
-    let end = loop {
+    let mut idle_end_at: Option<Instant> = None;
+    loop {
         let now = Instant::now();
         let status = handle.status();
         if status.stopped {
@@ -173,21 +194,32 @@ where
         {
             settled_at = Some((now, interval));
         }
+        // Pushes while learning and after the idle window, none during it.
+        let mut pushing = true;
         match settled_at {
-            Some((at, interval)) if now >= at + real(interval * scenario.steady_intervals) => {
-                break now;
+            Some((at, interval)) => {
+                let idle_end = at + real(interval * scenario.steady_intervals);
+                if idle_end_at.is_none() && now >= idle_end {
+                    idle_end_at = Some(now);
+                    next_push = now + real(rng.gap(scenario.push_every));
+                }
+                if now >= idle_end + real(interval * scenario.push_intervals) {
+                    break;
+                }
+                pushing = idle_end_at.is_some();
             }
-            None if now >= started + real(scenario.max_learning) => break now,
-            _ => {}
+            None if now >= started + real(scenario.max_learning) => break,
+            None => {}
         }
-        if now >= next_push {
+        if pushing && now >= next_push {
             let interval = status.heartbeat.unwrap_or_default();
             let id = push(sent.len()).await?;
             sent.push((id, now, interval));
             next_push = now + real(rng.gap(scenario.push_every));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    }
+    let end = idle_end_at.unwrap_or_else(Instant::now);
     // Every push must arrive: wait for the ones still on their way.
     let deadline = Instant::now() + real(scenario.nat * 2) + Duration::from_secs(10);
     loop {

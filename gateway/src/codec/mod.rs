@@ -679,11 +679,7 @@ pub fn decode_as(frame: &[u8], level: u8) -> Result<Packet, CodecError> {
             if session_present && code != CONNACK_ACCEPTED {
                 return Err(CodecError::BadConnAckFlags(flags));
             }
-            let properties = if v5 {
-                Properties::decode(&mut r, Place::ConnAck)?
-            } else {
-                Properties::new()
-            };
+            let properties = props_at(&mut r, v5, Place::ConnAck)?;
             Packet::ConnAck(ConnAck {
                 session_present,
                 code,
@@ -694,11 +690,7 @@ pub fn decode_as(frame: &[u8], level: u8) -> Result<Packet, CodecError> {
             let qos = (first >> 1) & 0x03;
             let topic = r.string()?;
             let pkid = if qos > 0 { r.packet_id()? } else { 0 };
-            let properties = if v5 {
-                Properties::decode(&mut r, Place::Publish)?
-            } else {
-                Properties::new()
-            };
+            let properties = props_at(&mut r, v5, Place::Publish)?;
             // MQTT 5: an empty topic name stands for the one a Topic Alias names.
             if !(v5 && topic.is_empty() && properties.has(properties::TOPIC_ALIAS)) {
                 validate_topic_name(topic)?;
@@ -719,11 +711,7 @@ pub fn decode_as(frame: &[u8], level: u8) -> Result<Packet, CodecError> {
         PUBCOMP => Packet::PubComp(decode_ack(&mut r, v5)?),
         SUBSCRIBE => {
             let pkid = r.packet_id()?;
-            let properties = if v5 {
-                Properties::decode(&mut r, Place::Subscribe)?
-            } else {
-                Properties::new()
-            };
+            let properties = props_at(&mut r, v5, Place::Subscribe)?;
             let mut filters = Vec::new();
             while !r.is_empty() {
                 let filter = r.string()?;
@@ -749,11 +737,7 @@ pub fn decode_as(frame: &[u8], level: u8) -> Result<Packet, CodecError> {
         }
         SUBACK => {
             let pkid = r.packet_id()?;
-            let properties = if v5 {
-                Properties::decode(&mut r, Place::SubAck)?
-            } else {
-                Properties::new()
-            };
+            let properties = props_at(&mut r, v5, Place::SubAck)?;
             let codes = r.rest().to_vec();
             if codes.is_empty() {
                 return Err(CodecError::EmptySubscription);
@@ -776,11 +760,7 @@ pub fn decode_as(frame: &[u8], level: u8) -> Result<Packet, CodecError> {
         }
         UNSUBSCRIBE => {
             let pkid = r.packet_id()?;
-            let properties = if v5 {
-                Properties::decode(&mut r, Place::Unsubscribe)?
-            } else {
-                Properties::new()
-            };
+            let properties = props_at(&mut r, v5, Place::Unsubscribe)?;
             let mut filters = Vec::new();
             while !r.is_empty() {
                 let filter = r.string()?;
@@ -864,6 +844,15 @@ pub fn connect_level(bytes: &[u8]) -> Option<u8> {
     r.u8().ok()
 }
 
+/// A property block at `place` in MQTT 5; none below it.
+fn props_at(r: &mut Reader<'_>, v5: bool, place: Place) -> Result<Properties, CodecError> {
+    if v5 {
+        Properties::decode(r, place)
+    } else {
+        Ok(Properties::new())
+    }
+}
+
 /// The packet identifier of a PUBACK/PUBREC/PUBREL/PUBCOMP; in MQTT 5 the optional
 /// reason code and properties after it are checked and dropped.
 fn decode_ack(r: &mut Reader<'_>, v5: bool) -> Result<u16, CodecError> {
@@ -931,18 +920,10 @@ fn decode_connect(r: &mut Reader<'_>) -> Result<Connect, CodecError> {
         return Err(CodecError::BadConnectFlags(flags));
     }
     let keep_alive_s = r.u16()?;
-    let properties = if v5 {
-        Properties::decode(r, Place::Connect)?
-    } else {
-        Properties::new()
-    };
+    let properties = props_at(r, v5, Place::Connect)?;
     let client_id = r.string()?.to_owned();
     let will = if will_flag {
-        let properties = if v5 {
-            Properties::decode(r, Place::Will)?
-        } else {
-            Properties::new()
-        };
+        let properties = props_at(r, v5, Place::Will)?;
         let topic = r.string()?;
         validate_topic_name(topic)?;
         let payload = r.binary()?;
