@@ -90,7 +90,7 @@ fn render(reports: &[CostReport]) -> String {
             None => "did not settle".into(),
         };
         t.push_str(&format!(
-            "| {} | {} | {} ({}) | {:.1} | {:.3} | {:.1} KB | {}, {} / {} | {} |\n",
+            "| {} | {} | {} ({}) | {:.1} | {:.3} | {:.1} KB | {}, {} / {} | {:.1} s |\n",
             minutes(r.nat),
             settled,
             minutes(r.learning),
@@ -101,7 +101,7 @@ fn render(reports: &[CostReport]) -> String {
             r.lost,
             r.late,
             r.pushes,
-            format!("{:.1} s", r.max_delay.as_secs_f64()),
+            r.max_delay.as_secs_f64(),
         ));
     }
     t.push_str(
