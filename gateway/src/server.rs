@@ -265,7 +265,9 @@ impl Gateway {
         let deadline = tokio::time::Instant::now() + self.config.connect_timeout;
         // A WebSocket message holds at most one packet's worth more than the limit.
         let max_message = self.config.max_packet_bytes + READ_CHUNK;
-        let setup = async {
+        // Boxed: the TLS and WebSocket handshakes' state is large and lives only until the
+        // connection is set up; inline it would size every connection's task for life.
+        let setup = Box::pin(async {
             Ok::<_, std::io::Error>(match (&self.config.tls, ws) {
                 (None, false) => Transport::Tcp(stream),
                 (Some(tls), false) => Transport::Tls(Box::new(tls.0.accept(stream).await?)),
@@ -275,7 +277,7 @@ impl Gateway {
                     Transport::Wss(Box::new(accept_ws(stream, max_message).await?))
                 }
             })
-        };
+        });
         match tokio::time::timeout_at(deadline, setup).await {
             Ok(Ok(transport)) => self.connection(transport, deadline, shutdown).await,
             Ok(Err(e)) => tracing::debug!(error = %e, ws, "handshake failed; closing"),
@@ -405,6 +407,10 @@ impl Gateway {
         {
             return None;
         }
+        // The read reserved a whole chunk; an idle device must not keep it for life.
+        if buf.is_empty() {
+            buf = BytesMut::new();
+        }
         Some((device_id, peer, network.to_owned(), buf))
     }
 
@@ -414,7 +420,10 @@ impl Gateway {
         deadline: tokio::time::Instant,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let Some((device_id, peer, network, mut buf)) = self.handshake(&mut stream, deadline).await
+        // Boxed for the same reason: the CONNECT's state is not kept for the connection's
+        // life.
+        let Some((device_id, peer, network, mut buf)) =
+            Box::pin(self.handshake(&mut stream, deadline)).await
         else {
             stream.close().await;
             return;

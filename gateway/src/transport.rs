@@ -55,7 +55,13 @@ impl Transport {
                 s.readable().await?;
                 buf.reserve(READ_CHUNK);
                 match s.try_read_buf(buf) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    // A spurious wake-up: keep no chunk while waiting again.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if buf.is_empty() {
+                            *buf = BytesMut::new();
+                        }
+                        continue;
+                    }
                     r => return r,
                 }
             },
