@@ -128,6 +128,7 @@ impl Worker {
             return Ok(());
         };
         self.applied.send_replace(from);
+        herald_telemetry::metrics::delivery_lag(partition, end.borrow().saturating_sub(from));
         loop {
             if *shutdown.borrow() {
                 tracing::debug!(partition, "worker stopped");
@@ -179,6 +180,8 @@ impl Worker {
                 next,
                 new_entries,
                 withdrawn,
+                tally,
+                records,
                 ..
             } = batch;
             let store = self.store.clone();
@@ -200,6 +203,12 @@ impl Worker {
             );
             self.applied.send_replace(next);
             from = next;
+            Self::record_batch(
+                partition,
+                records,
+                &tally,
+                (*end.borrow()).saturating_sub(next),
+            );
             // An entry created and taken back in the same batch is not forwarded.
             let taken_back: std::collections::HashSet<(Option<&str>, &str)> = withdrawn
                 .iter()
@@ -226,6 +235,24 @@ impl Worker {
             }
             self.forward(new_entries)?;
         }
+    }
+
+    /// Counts a committed batch in the metrics.
+    fn record_batch(
+        partition: u32,
+        records: usize,
+        tally: &herald_projections::view::Tally,
+        lag: Offset,
+    ) {
+        use herald_telemetry::metrics;
+        metrics::events_applied(records);
+        for (app_id, n) in &tally.stored {
+            metrics::entries_stored(app_id, *n);
+        }
+        for (app_id, latency_ms) in &tally.acked {
+            metrics::delivered(app_id, *latency_ms);
+        }
+        metrics::delivery_lag(partition, lag);
     }
 
     /// Runs `work` on a blocking thread, again after a pause (100 ms, doubling to 5 s)
@@ -357,6 +384,10 @@ pub struct PartitionBatch {
     pub withdrawn: Vec<Withdrawn>,
     /// Shares for other partitions, of records at `share_from` or later.
     pub shares: Vec<(u32, events::Event)>,
+    /// What it did, for the metrics.
+    pub tally: herald_projections::view::Tally,
+    /// How many records it folded.
+    pub records: usize,
 }
 
 /// Folds one batch of a one-partition log and commits it with its checkpoint. Returns
@@ -407,6 +438,7 @@ pub fn fold_partition_batch(
         writes,
         new_entries,
         withdrawn,
+        tally,
         ..
     } = tx;
     Ok(PartitionBatch {
@@ -415,5 +447,7 @@ pub fn fold_partition_batch(
         new_entries,
         withdrawn,
         shares,
+        tally,
+        records: records.len(),
     })
 }

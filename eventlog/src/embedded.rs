@@ -603,8 +603,10 @@ impl Committer {
                 continue;
             }
             let start = self.next;
+            let began = std::time::Instant::now();
             match self.commit(&group) {
                 Ok(()) => {
+                    herald_telemetry::metrics::log_synced(count, began.elapsed());
                     // Readers see the records before their appenders hear back, so a
                     // reader started after an answer always finds the record.
                     self.end.send_replace(self.next);

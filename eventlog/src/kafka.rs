@@ -285,6 +285,7 @@ async fn produce(
     records: Vec<Record>,
     partition_of: impl Fn(&[u8]) -> i32,
 ) -> Result<Vec<Position>, Error> {
+    let began = std::time::Instant::now();
     let sends = records.iter().map(|r| {
         let record = FutureRecord::to(topic)
             .key(&r.key)
@@ -308,7 +309,9 @@ async fn produce(
             }
         }
     });
-    try_join_all(sends).await
+    let positions = try_join_all(sends).await?;
+    herald_telemetry::metrics::log_synced(positions.len(), began.elapsed());
+    Ok(positions)
 }
 
 /// What changed in a member's assignment.

@@ -429,6 +429,7 @@ impl Gateway {
             return;
         };
         let reg = self.hub.register(device_id.clone());
+        herald_telemetry::metrics::connected();
         let max = self.config.max_packet_bytes;
         self.emit(Event::new(
             now_ms(),
@@ -573,6 +574,7 @@ impl Gateway {
             }
         };
         self.hub.unregister(&device_id, reg.conn_id);
+        herald_telemetry::metrics::disconnected(reason);
         stream.close().await;
         tracing::debug!(device_id = %device_id, reason, inflight = session.inflight_len(), "device disconnected");
         self.emit(Event::new(

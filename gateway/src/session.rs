@@ -19,6 +19,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use herald_schemas::link::{BacklogPage, Delivery};
+use herald_telemetry::metrics;
 
 use crate::codec::{
     self, CodecError, Disconnect, LEVEL_5, Packet, Properties, SubAck, UnsubAck, Value, properties,
@@ -242,6 +243,13 @@ pub struct Session {
     closed: bool,
     transmit: Vec<u8>,
     events: VecDeque<SessionEvent>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // What was in flight is no longer anyone's (it stays in the inbox).
+        metrics::inflight(-(self.inflight.len() as i64));
+    }
 }
 
 impl Session {
@@ -494,6 +502,7 @@ impl Session {
             self.pump(now_ms);
             return;
         }
+        metrics::backlog_read(page.entries.len());
         for e in page.entries {
             if !e.released && withdrawn.contains(&e.message_id) {
                 // Withdrawn while the page was read: skip it, but it is covered.
@@ -573,6 +582,8 @@ impl Session {
             .position(|f| f.pkid == pkid && f.stage == stage)
             && let Some(done) = self.inflight.remove(i)
         {
+            metrics::acked();
+            metrics::inflight(-1);
             self.events.push_back(SessionEvent::Acked {
                 seq: done.seq,
                 message_id: done.message_id,
@@ -633,6 +644,7 @@ impl Session {
             self.transmit.truncate(start);
             return false;
         }
+        metrics::published();
         true
     }
 
@@ -666,6 +678,7 @@ impl Session {
             if d.released {
                 // Received at QoS 2 on an earlier connection: finish with PUBREL only,
                 // in seq order with the rest.
+                metrics::inflight(1);
                 self.inflight.push_back(Inflight {
                     pkid,
                     seq: d.seq,
@@ -693,6 +706,7 @@ impl Session {
                 });
                 continue;
             }
+            metrics::inflight(1);
             self.inflight.push_back(Inflight {
                 pkid,
                 seq: d.seq,

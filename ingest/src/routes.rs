@@ -464,7 +464,7 @@ fn replayed(
         (status = 409, description = "Idempotency-Key reused with another request", body = ErrorBody),
         (status = 413, description = "Data or body too large", body = ErrorBody),
         (status = 422, description = "Invalid request", body = ErrorBody),
-        (status = 503, description = "Not accepted; retry", body = ErrorBody)),
+        (status = 503, description = "Not confirmed durable; retry, with the same Idempotency-Key so that a push which did reach the log is not made twice", body = ErrorBody)),
     security(("app_token" = [])))]
 async fn push(
     State(ingest): State<Arc<Ingest>>,
@@ -597,6 +597,7 @@ async fn accept(
         }),
     );
     let at = ingest.append(&key, &event).await?;
+    herald_telemetry::metrics::push_accepted(app_id);
     Ok((message_id, at))
 }
 
@@ -744,8 +745,46 @@ async fn healthz() -> impl IntoResponse {
     Json(serde_json::json!({"status": "ok"}))
 }
 
-async fn not_found() -> ApiError {
+async fn not_found(method: axum::http::Method) -> ApiError {
+    herald_telemetry::metrics::http_request(
+        "unmatched",
+        method.as_str(),
+        StatusCode::NOT_FOUND.as_str(),
+        std::time::Duration::ZERO,
+    );
     ApiError::not_found("route")
+}
+
+/// Counts every routed request by its route pattern, method and status, and times it.
+async fn track(
+    path: axum::extract::MatchedPath,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let began = std::time::Instant::now();
+    let method = req.method().clone();
+    let response = next.run(req).await;
+    herald_telemetry::metrics::http_request(
+        path.as_str(),
+        method.as_str(),
+        response.status().as_str(),
+        began.elapsed(),
+    );
+    response
+}
+
+/// Prometheus metrics of this process, in the text exposition format.
+#[utoipa::path(get, path = "/metrics",
+    responses((status = 200, description = "Prometheus text format (0.0.4)",
+        content_type = "text/plain", body = String)))]
+async fn metrics() -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            herald_telemetry::metrics::CONTENT_TYPE,
+        )],
+        herald_telemetry::metrics::render(),
+    )
 }
 
 struct SecuritySchemes;
@@ -804,7 +843,7 @@ async fn navigate(
 #[derive(OpenApi)]
 #[openapi(
     info(title = "herald", description = "Durable, real-time push-message delivery."),
-    paths(create_app, oauth_token, register_device, push, message_status, recall, navigate, healthz),
+    paths(create_app, oauth_token, register_device, push, message_status, recall, navigate, healthz, metrics),
     modifiers(&SecuritySchemes)
 )]
 pub struct ApiDoc;
@@ -825,6 +864,8 @@ pub(crate) fn nav_router(ingest: Arc<Ingest>) -> Router {
     Router::new()
         .route("/v1/nav", get(navigate))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn(track))
         .fallback(not_found)
         .with_state(ingest)
 }
@@ -840,7 +881,9 @@ pub(crate) fn router(ingest: Arc<Ingest>) -> Router {
         .route("/v1/nav", get(navigate))
         .route("/healthz", get(healthz))
         .route("/openapi.json", get(openapi_json))
+        .route("/metrics", get(metrics))
         .merge(crate::admin::routes())
+        .route_layer(axum::middleware::from_fn(track))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(ingest)

@@ -80,7 +80,9 @@ pub fn apply(tx: &mut Tx<'_>, event: &Event) -> Result<(), StoreError> {
                 true
             }
         }
-        Some(Kind::PushAccepted(e)) => apply_push(tx, ts, e, Origin::Home)?,
+        Some(Kind::PushAccepted(e)) => {
+            counting_stored(tx, &e.app_id, |tx| apply_push(tx, ts, e, Origin::Home))?
+        }
         Some(Kind::MessageRecalled(e)) => {
             // A unicast recalled in its device's partition has nothing elsewhere.
             let scope = tx.scope;
@@ -97,7 +99,9 @@ pub fn apply(tx: &mut Tx<'_>, event: &Event) -> Result<(), StoreError> {
         }
         Some(Kind::FanOut(FanOut { partition, event })) if *partition == tx.scope.partition => {
             match event {
-                Some(fan_out::Event::Push(e)) => apply_push(tx, ts, e, Origin::Share)?,
+                Some(fan_out::Event::Push(e)) => {
+                    counting_stored(tx, &e.app_id, |tx| apply_push(tx, ts, e, Origin::Share))?
+                }
                 Some(fan_out::Event::Recall(e)) => apply_recall(tx, e)?,
                 None => false,
             }
@@ -141,6 +145,9 @@ pub fn apply(tx: &mut Tx<'_>, event: &Event) -> Result<(), StoreError> {
                 tx.writes.entries.insert((e.device_id.clone(), e.seq), None);
                 if let Some(mut m) = tx.local_message(&e.message_id)? {
                     m.acked += 1;
+                    tx.tally
+                        .acked
+                        .push((m.app_id.clone(), ts.saturating_sub(entry.ts_ms)));
                     // An entry in flight when its message was recalled can still be
                     // acknowledged: the device did get it.
                     if m.recalled && m.recalled_targets > 0 {
@@ -257,6 +264,21 @@ fn apply_recall(
         }
         _ => Ok(false),
     }
+}
+
+/// Runs a push's fold and tallies the entries it created for `app_id`.
+fn counting_stored(
+    tx: &mut Tx<'_>,
+    app_id: &str,
+    fold: impl FnOnce(&mut Tx<'_>) -> Result<bool, StoreError>,
+) -> Result<bool, StoreError> {
+    let before = tx.new_entries.len();
+    let accepted = fold(tx)?;
+    let created = (tx.new_entries.len() - before) as u64;
+    if created > 0 {
+        tx.tally.stored.push((app_id.to_owned(), created));
+    }
+    Ok(accepted)
 }
 
 fn apply_push(

@@ -159,6 +159,17 @@ pub struct Tx<'a> {
     /// Shares of this batch's multi-target events for other partitions (`FanOut`
     /// events), for the worker to append before it commits the batch.
     pub fan_out: Vec<(u32, Event)>,
+    /// What the batch did, for the worker's metrics once it is committed.
+    pub tally: Tally,
+}
+
+/// What a batch did that operators count: entries stored and acknowledged, per app.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Tally {
+    /// (app id, entries created) per push folded.
+    pub stored: Vec<(String, u64)>,
+    /// (app id, ms from the push's acceptance to the ack) per ack folded.
+    pub acked: Vec<(String, u64)>,
 }
 
 impl<'a> Tx<'a> {
@@ -177,6 +188,7 @@ impl<'a> Tx<'a> {
             rejected: 0,
             scope,
             fan_out: Vec::new(),
+            tally: Tally::default(),
         }
     }
 
