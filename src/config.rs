@@ -47,6 +47,10 @@ pub struct FileConfig {
     pub gateway_id: Option<String>,
     /// Lifetime of app tokens.
     pub token_ttl_s: Option<u64>,
+    /// Lifetime of an admin console session.
+    pub admin_session_ttl_s: Option<u64>,
+    /// Whether this process records metrics (on by default).
+    pub metrics: Option<bool>,
     /// Largest push `data`, in bytes.
     pub max_data_bytes: Option<usize>,
     /// Largest request body, in bytes.
@@ -140,6 +144,10 @@ pub struct Config {
     pub gateway_id: String,
     /// Lifetime of app tokens.
     pub token_ttl_s: u64,
+    /// Lifetime of an admin console session.
+    pub admin_session_ttl_s: u64,
+    /// Whether this process records metrics.
+    pub metrics: bool,
     /// Largest push `data`.
     pub max_data_bytes: usize,
     /// Largest request body.
@@ -324,6 +332,8 @@ impl Config {
                 .or(file.gateway_id)
                 .unwrap_or_else(|| "gateway-1".into()),
             token_ttl_s: o.token_ttl_s.or(file.token_ttl_s).unwrap_or(3600),
+            admin_session_ttl_s: file.admin_session_ttl_s.unwrap_or(12 * 3600),
+            metrics: file.metrics.unwrap_or(true),
             max_data_bytes: o.max_data_bytes.or(file.max_data_bytes).unwrap_or(4096),
             max_body_bytes: file.max_body_bytes.unwrap_or(64 * 1024),
             default_ttl_s: file.default_ttl_s.unwrap_or(24 * 3600),
@@ -392,6 +402,9 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
+        if self.admin_session_ttl_s == 0 {
+            bail!("admin_session_ttl_s must be at least 1");
+        }
         if self.token_ttl_s == 0 {
             bail!("token_ttl_s must be at least 1");
         }

@@ -331,7 +331,9 @@ fn load_config(
         Some(path) => config::FileConfig::load(path)?,
         None => config::FileConfig::default(),
     };
-    config::Config::resolve(file, overrides)
+    let config = config::Config::resolve(file, overrides)?;
+    herald_telemetry::metrics::set_enabled(config.metrics);
+    Ok(config)
 }
 
 #[derive(Debug, Clone, Copy)]

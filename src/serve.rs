@@ -263,6 +263,7 @@ pub fn ingest_config(config: &Config, admin_token: String) -> IngestConfig {
     IngestConfig {
         admin_token,
         token_ttl_s: config.token_ttl_s,
+        admin_session_ttl_s: config.admin_session_ttl_s,
         max_data_bytes: config.max_data_bytes,
         max_body_bytes: config.max_body_bytes,
         default_ttl_s: config.default_ttl_s,

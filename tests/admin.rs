@@ -154,3 +154,313 @@ async fn metrics_count_what_a_scripted_run_did() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The admin operations `/openapi.json` lists (every operation secured by the admin
+/// token), as (method, path) with `{id}`s filled from `ids`.
+async fn admin_operations(server: &Server, ids: &[(&str, &str)]) -> Vec<(String, String)> {
+    let doc: serde_json::Value = reqwest::get(format!("{}/openapi.json", server.base()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut ops = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let admin = op["security"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|r| r.get("admin_token").is_some()));
+            if admin {
+                let mut p = path.clone();
+                for (prefix, id) in ids {
+                    if p.starts_with(prefix) {
+                        p = p.replace("{id}", id);
+                    }
+                }
+                ops.push((method.to_uppercase(), p));
+            }
+        }
+    }
+    ops.sort();
+    ops
+}
+
+/// Every admin route refuses a request without the admin credential: none (401), a wrong
+/// token (401), an expired or forged session (401), an app's token (403), a device's
+/// credentials (403); and answers the admin token and a console session. The page
+/// itself is public and holds no data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_admin_route_is_reachable_without_the_admin_credential() {
+    let server = Server::start_configured("admin_session_ttl_s = 2\n", &[]).await;
+    let app = create_app(&server).await;
+    let dev = app.register().await;
+    let mut conn = connect(&dev).await;
+    let m = app.push(&dev.device_id, json!("walk")).await;
+    recv_n(&mut conn, 1).await;
+    let ops = admin_operations(
+        &server,
+        &[
+            ("/v1/admin/devices", &dev.device_id),
+            ("/v1/admin/messages", &m),
+        ],
+    )
+    .await;
+    for want in [
+        "/v1/apps",
+        "/v1/admin/events",
+        "/v1/admin/apps",
+        "/v1/admin/overview",
+        "/v1/admin/overview/stream",
+        "/v1/admin/session",
+    ] {
+        assert!(ops.iter().any(|(_, p)| p == want), "{want} in {ops:?}");
+    }
+    assert!(ops.len() >= 8, "{ops:?}");
+
+    let http = reqwest::Client::new();
+    // Log in: a wrong token is refused; the right one sets an HttpOnly, SameSite=Strict
+    // cookie and puts nothing in a URL.
+    let login = |token: &str| {
+        http.post(format!("{}/admin/login", server.base()))
+            .json(&json!({ "token": token }))
+            .send()
+    };
+    assert_eq!(login("wrong").await.unwrap().status(), 401);
+    let r = login(ADMIN).await.unwrap();
+    assert_eq!(r.status(), 204);
+    let set_cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(set_cookie.contains("HttpOnly"), "{set_cookie}");
+    assert!(set_cookie.contains("SameSite=Strict"), "{set_cookie}");
+    let session = set_cookie.split(';').next().unwrap().trim().to_owned();
+    assert!(session.starts_with("herald_admin="));
+    let basic = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD
+            .encode(format!("{}:{}", dev.device_id, dev.device_token))
+    };
+    let forged = format!("herald_admin={}", app.token);
+
+    type Cred = (&'static str, Option<(&'static str, String)>, u16);
+    let creds = |session: &str| -> Vec<Cred> {
+        vec![
+            ("nothing", None, 401),
+            (
+                "a wrong bearer",
+                Some(("authorization", "Bearer nope".into())),
+                401,
+            ),
+            (
+                "a device token as a bearer",
+                Some(("authorization", format!("Bearer {}", dev.device_token))),
+                401,
+            ),
+            (
+                "an app token",
+                Some(("authorization", format!("Bearer {}", app.token))),
+                403,
+            ),
+            (
+                "a device's id and token",
+                Some(("authorization", format!("Basic {basic}"))),
+                403,
+            ),
+            (
+                "an app token as the session",
+                Some(("cookie", forged.clone())),
+                401,
+            ),
+            ("the session", Some(("cookie", session.to_owned())), 0),
+            (
+                "the admin token",
+                Some(("authorization", format!("Bearer {ADMIN}"))),
+                0,
+            ),
+        ]
+    };
+    let call = |method: &str, path: &str, cred: &Option<(&str, String)>| {
+        let url = format!("{}{path}", server.base());
+        let mut req = match method {
+            "GET" => http.get(url),
+            "POST" => http.post(url).json(&json!({"name": "walk"})),
+            "PUT" => http.put(url).json(&json!({})),
+            "DELETE" => http.delete(url),
+            other => panic!("method {other}"),
+        };
+        if let Some((k, v)) = cred {
+            req = req.header(*k, v.as_str());
+        }
+        req.send()
+    };
+    for (method, path) in &ops {
+        for (who, cred, want) in creds(&session) {
+            let r = call(method, path, &cred).await.unwrap();
+            let status = r.status().as_u16();
+            if want == 0 {
+                assert!(
+                    (200..300).contains(&status),
+                    "{method} {path} with {who}: {status}"
+                );
+            } else {
+                assert_eq!(status, want, "{method} {path} with {who}");
+                let body: serde_json::Value = r.json().await.unwrap();
+                assert!(body["error"]["code"].is_string(), "{method} {path}: {body}");
+            }
+        }
+    }
+
+    // The page and its assets are public and hold no data; the admin API behind them
+    // is not.
+    let page = http
+        .get(format!("{}/admin", server.base()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert!(!page.text().await.unwrap().contains(&app.app_id));
+
+    // The session expires (2 s here): 401 with a code saying so.
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    for (method, path) in &ops {
+        let r = call(method, path, &Some(("cookie", session.clone())))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{method} {path} with an expired session");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "session_expired", "{body}");
+    }
+}
+
+/// The admin console in headless Chromium: log in, create an app, push through the REST
+/// API, find the message's timeline showing it delivered and acknowledged, see the
+/// overview's charts update every second and its counters move. Screenshots are kept
+/// in `target/admin-console-shots`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_console_in_headless_chromium() {
+    let Some((node, browser)) = headless_browser() else {
+        return;
+    };
+    let server = Server::start().await;
+    let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("admin-console-shots");
+    let _ = std::fs::remove_dir_all(&shots);
+    std::fs::create_dir_all(&shots).unwrap();
+    let mut cmd = std::process::Command::new(node);
+    cmd.arg(browser.join("admin.mjs"))
+        .args(["--base", &server.base(), "--token", ADMIN])
+        .arg("--shots")
+        .arg(&shots)
+        .stdin(std::process::Stdio::piped());
+    let mut page = Lines::spawn(cmd);
+    let step = |line: String, name: &str| -> serde_json::Value {
+        let (got, json) = line.split_once(' ').unwrap();
+        assert_eq!(got, name, "{line}");
+        serde_json::from_str(json).unwrap()
+    };
+
+    let logged_in = step(page.next_within(60).await, "logged-in");
+    assert_eq!(logged_in["http_only"], true, "{logged_in}");
+    assert_eq!(logged_in["same_site"], "Strict", "{logged_in}");
+    assert_eq!(logged_in["cookie_readable_by_page"], false, "{logged_in}");
+    assert!(
+        logged_in["refused"]
+            .as_str()
+            .unwrap()
+            .contains("not the admin token")
+    );
+
+    let overview = step(page.next_within(30).await, "overview");
+    let per_s = overview["updates"].as_f64().unwrap() / overview["seconds"].as_f64().unwrap();
+    assert!(
+        per_s >= 0.8,
+        "the overview updates once a second: {overview}"
+    );
+    assert_eq!(overview["charts"], 5, "{overview}");
+
+    // The app the page created works with the REST API.
+    let created = step(page.next().await, "app");
+    let mut app = create_app(&server).await;
+    app.app_id = created["app_id"].as_str().unwrap().into();
+    app.client_id = created["client_id"].as_str().unwrap().into();
+    app.client_secret = created["client_secret"].as_str().unwrap().into();
+    app.token = app.new_token().await;
+    let apps: serde_json::Value = reqwest::Client::new()
+        .get(format!("{}/v1/admin/apps", server.base()))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let listed = apps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["app_id"] == created["app_id"])
+        .unwrap();
+    app.app_key = listed["app_key"].as_str().unwrap().into();
+    assert_eq!(listed["name"], "browser-app");
+
+    let dev = app.register().await;
+    let mut conn = connect(&dev).await;
+    let m = app.push(&dev.device_id, json!({"hello": "console"})).await;
+    recv_n(&mut conn, 1).await;
+    app.wait_acked(&m, 1).await;
+    use std::io::Write;
+    writeln!(
+        page.child.stdin.as_mut().unwrap(),
+        "message {m} {}",
+        dev.device_id
+    )
+    .unwrap();
+
+    let timeline = step(page.next_within(30).await, "timeline");
+    let types: Vec<&str> = timeline["types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        ["PushAccepted", "Stored", "DeviceAcked"],
+        "{timeline}"
+    );
+    assert_eq!(timeline["counts"], "1 / 1", "targeted / acked: {timeline}");
+
+    let device = step(page.next().await, "device");
+    assert!(
+        device["presence"]
+            .as_str()
+            .unwrap()
+            .starts_with("connected to gateway-1"),
+        "{device}"
+    );
+    assert_eq!(
+        device["inbox_rows"], 0,
+        "acknowledged entries leave the inbox"
+    );
+
+    let moved = step(page.next_within(30).await, "overview-moved");
+    assert!(
+        moved["accepted_total"].as_f64().unwrap() > overview["accepted_total"].as_f64().unwrap(),
+        "{moved} after {overview}"
+    );
+    assert!(moved["acked_total"].as_f64().unwrap() >= 1.0, "{moved}");
+
+    let out = step(page.next().await, "logged-out");
+    assert_eq!(out["status"], 401, "{out}");
+    assert_eq!(out["token_in_a_url"], false, "{out}");
+    for name in ["login", "apps", "timeline", "device", "overview"] {
+        let png = std::fs::read(shots.join(format!("{name}.png"))).unwrap();
+        assert!(
+            png.starts_with(b"\x89PNG") && png.len() > 5000,
+            "{name}.png"
+        );
+    }
+    conn.disconnect().await;
+}

@@ -384,23 +384,9 @@ async fn paho_receives_pushes_over_mqtt5_and_websocket() {
 /// WebSocket: the message is read from the page's DOM, and a screenshot taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_js_in_headless_chromium_receives_a_push() {
-    let Some(node) = tool("node") else {
+    let Some((node, browser)) = headless_browser() else {
         return;
     };
-    let browser = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/browser");
-    let chromium = std::env::var("HERALD_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    if !browser.join("node_modules/playwright-core").is_dir() || !Path::new(&chromium).is_file() {
-        if std::env::var("HERALD_REQUIRE_TOOLS").is_ok_and(|v| v == "1") {
-            panic!(
-                "the browser test needs {chromium} and npm ci in {}",
-                browser.display()
-            );
-        }
-        eprintln!(
-            "SKIPPED: no Chromium or no tests/clients/browser/node_modules (scripts/test installs both)"
-        );
-        return;
-    }
     let server = Server::start().await;
     let app = create_app(&server).await;
     let dev = app.register().await;

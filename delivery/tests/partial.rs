@@ -103,6 +103,9 @@ impl Store for HalfCommit {
     fn message_status(&self, id: &str) -> Result<Option<MessageStatus>, StoreError> {
         self.inner.message_status(id)
     }
+    fn apps(&self, limit: usize) -> Result<Vec<herald_projections::model::App>, StoreError> {
+        self.inner.apps(limit)
+    }
     fn inbox_page(
         &self,
         id: &str,

@@ -66,6 +66,8 @@ pub struct EventsQuery {
     pub app: Option<String>,
     /// Only events about this device (its events, pushes to it, its app's broadcasts).
     pub device: Option<String>,
+    /// Only events about this message (its push, acks, receipts, recall).
+    pub message: Option<String>,
     /// Only these event types, comma-separated (e.g. `PushAccepted,DeviceAcked`;
     /// ASCII case is ignored).
     #[serde(rename = "type")]
@@ -87,6 +89,7 @@ impl EventsQuery {
             to_ts_ms: self.to_ts,
             app: self.app.clone(),
             device: self.device.clone(),
+            message: self.message.clone(),
             types,
         };
         filter.validate().map_err(invalid_query)?;

@@ -114,22 +114,144 @@ fn bearer(parts: &Parts) -> Result<&str, ApiError> {
     Ok(token.trim())
 }
 
-/// A request made with the admin token.
+/// The cookie that carries an admin console session.
+pub const SESSION_COOKIE: &str = "herald_admin";
+
+/// The subject of an admin session token.
+const ADMIN_SUBJECT: &str = "admin";
+
+/// The key admin sessions are signed with: derived from the server's token secret and the
+/// admin token, so that changing the admin token ends every session, and an admin session
+/// can never pass for an app token (another key) or the other way round.
+pub fn session_key(jwt_secret: &[u8], admin_token: &str) -> Vec<u8> {
+    let mut h = Sha256::new();
+    h.update(b"herald admin session\0");
+    h.update(jwt_secret);
+    h.update(b"\0");
+    h.update(admin_token.as_bytes());
+    h.finalize().to_vec()
+}
+
+/// Admin console sessions: signed, expiring tokens kept in an HttpOnly, SameSite=Strict
+/// cookie. Nothing is stored server-side, so every ingest process of a deployment
+/// accepts a session any of them started; log-out clears the cookie.
+pub struct AdminSessions {
+    tokens: Tokens,
+}
+
+impl AdminSessions {
+    /// Sessions signed with `key`, valid for `ttl_s` seconds.
+    pub fn new(key: &[u8], ttl_s: u64) -> Self {
+        AdminSessions {
+            tokens: Tokens::new(key, ttl_s),
+        }
+    }
+
+    /// A new session's cookie value, issued at `now_s`.
+    pub fn start(&self, now_s: u64) -> Result<String, ApiError> {
+        self.tokens.issue(ADMIN_SUBJECT, now_s)
+    }
+
+    /// How long a session lasts, in seconds.
+    pub fn ttl_s(&self) -> u64 {
+        self.tokens.ttl_s
+    }
+
+    fn check(&self, value: &str) -> Result<(), ApiError> {
+        match self.tokens.verify(value) {
+            Ok(sub) if sub == ADMIN_SUBJECT => Ok(()),
+            _ => Err(ApiError::unauthorized(
+                "session_expired",
+                "the admin session has expired or is not valid; log in again",
+            )),
+        }
+    }
+}
+
+/// The value of cookie `name` in the request, if any.
+pub fn cookie<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
+    parts
+        .headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// A request made by the admin: with the admin token as a bearer, or from a console
+/// session (the [`SESSION_COOKIE`]).
+///
+/// Refusals tell what was wrong: no credential, a wrong admin token or an expired session
+/// is 401; an app's token or a device's credentials (HTTP Basic, device id and token) are
+/// valid credentials of someone else, 403.
 #[derive(Debug)]
 pub struct Admin;
 
 impl FromRequestParts<Arc<Ingest>> for Admin {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, state: &Arc<Ingest>) -> Result<Self, ApiError> {
+        if parts.headers.get(AUTHORIZATION).is_none()
+            && let Some(session) = cookie(parts, SESSION_COOKIE)
+        {
+            state.admin_sessions.check(session)?;
+            return Ok(Admin);
+        }
+        if let Some(device_id) = device_basic(parts, state)? {
+            return Err(forbidden(&format!("device {device_id}'s credentials")));
+        }
         let token = bearer(parts)?;
         if constant_time_eq(token.as_bytes(), state.config.admin_token.as_bytes()) {
-            Ok(Admin)
-        } else {
-            Err(ApiError::unauthorized(
-                "invalid_token",
-                "the admin token is not valid",
-            ))
+            return Ok(Admin);
         }
+        if state.tokens.verify(token).is_ok() {
+            return Err(forbidden("an app's token"));
+        }
+        Err(ApiError::unauthorized(
+            "invalid_token",
+            "the admin token is not valid",
+        ))
+    }
+}
+
+fn forbidden(whose: &str) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::FORBIDDEN,
+        "forbidden",
+        format!("{whose} cannot be used for the admin API; use the admin token"),
+    )
+}
+
+/// The device whose id and token are the request's HTTP Basic credentials, if they are a
+/// device's.
+fn device_basic(parts: &Parts, state: &Ingest) -> Result<Option<String>, ApiError> {
+    use base64::Engine;
+    let Some(value) = parts
+        .headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return Ok(None);
+    };
+    let Some((scheme, encoded)) = value.split_once(' ') else {
+        return Ok(None);
+    };
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Ok(None);
+    }
+    let Some((id, token)) = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| s.split_once(':').map(|(a, b)| (a.to_owned(), b.to_owned())))
+    else {
+        return Ok(None);
+    };
+    match state.store.device(&id)? {
+        Some(d) if constant_time_eq(&sha256(token.as_bytes()), &d.token_sha256) => Ok(Some(id)),
+        _ => Ok(None),
     }
 }
 

@@ -18,6 +18,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod console;
 pub mod error;
 pub mod nav;
 pub mod replay;
@@ -43,6 +44,8 @@ pub struct IngestConfig {
     pub admin_token: String,
     /// Lifetime of app tokens, in seconds.
     pub token_ttl_s: u64,
+    /// Lifetime of an admin console session, in seconds.
+    pub admin_session_ttl_s: u64,
     /// Largest `data` of a push, in bytes of JSON.
     pub max_data_bytes: usize,
     /// Largest request body, in bytes.
@@ -77,6 +80,7 @@ impl Default for IngestConfig {
         IngestConfig {
             admin_token: String::new(),
             token_ttl_s: 3600,
+            admin_session_ttl_s: 12 * 3600,
             max_data_bytes: 4096,
             max_body_bytes: 64 * 1024,
             default_ttl_s: 24 * 3600,
@@ -99,6 +103,8 @@ pub struct Ingest {
     applied: Vec<watch::Receiver<Offset>>,
     keyring: Keyring,
     tokens: Tokens,
+    admin_sessions: auth::AdminSessions,
+    overview: std::sync::OnceLock<Arc<herald_telemetry::overview::Overview>>,
     idempotency_locks: Vec<tokio::sync::Mutex<()>>,
     nav: Arc<nav::Navigator>,
 }
@@ -149,6 +155,10 @@ impl Ingest {
             "one applied watch per partition"
         );
         let tokens = Tokens::new(jwt_secret, config.token_ttl_s);
+        let admin_sessions = auth::AdminSessions::new(
+            &auth::session_key(jwt_secret, &config.admin_token),
+            config.admin_session_ttl_s,
+        );
         let nav = Arc::new(nav::Navigator::new(nav::Placement {
             gateway_id: "default".into(),
             mqtt: config.gateway_mqtt.clone(),
@@ -161,11 +171,23 @@ impl Ingest {
             applied,
             keyring,
             tokens,
+            admin_sessions,
+            overview: std::sync::OnceLock::new(),
             idempotency_locks: (0..IDEMPOTENCY_LOCKS)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
             nav,
         })
+    }
+
+    /// The live overview of this process, sampled once a second from its metrics
+    /// (started by the first call; call it at start-up to have history from then on).
+    pub fn overview(&self) -> Arc<herald_telemetry::overview::Overview> {
+        self.overview
+            .get_or_init(|| {
+                herald_telemetry::overview::Overview::start(std::time::Duration::from_secs(1))
+            })
+            .clone()
     }
 
     /// Navigation: feed it with [`nav::Navigator::follow`] over the log, or devices are

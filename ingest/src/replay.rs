@@ -81,6 +81,8 @@ pub struct Filter {
     /// Keep events about this device: those with this `device_id`, pushes to it, and
     /// broadcasts of its app.
     pub device: Option<String>,
+    /// Keep events about this message: its push, shares, acks, receipts and recall.
+    pub message: Option<String>,
     /// Keep events of these types (compared ignoring ASCII case); empty keeps all.
     pub types: Vec<String>,
 }
@@ -117,7 +119,7 @@ impl Filter {
 
     /// Whether only types and times are asked about (no device → app look-ups needed).
     fn needs_subjects(&self) -> bool {
-        self.app.is_some() || self.device.is_some()
+        self.app.is_some() || self.device.is_some() || self.message.is_some()
     }
 
     fn wants_type(&self, name: &str) -> bool {
@@ -154,6 +156,11 @@ impl Filter {
             if !ok {
                 return false;
             }
+        }
+        if let Some(message) = &self.message
+            && s.message_id != Some(message.as_str())
+        {
+            return false;
         }
         if let Some(device) = &self.device {
             let ok = s.device_id == Some(device.as_str())
@@ -370,6 +377,7 @@ struct Subjects<'e> {
     app_id: Option<&'e str>,
     device_id: Option<&'e str>,
     target_device: Option<&'e str>,
+    message_id: Option<&'e str>,
     broadcast: bool,
 }
 
@@ -378,6 +386,7 @@ impl<'e> Fields<'e> for Subjects<'e> {
         match name {
             "app_id" => self.app_id = Some(value),
             "device_id" => self.device_id = Some(value),
+            "message_id" => self.message_id = Some(value),
             _ => {}
         }
     }

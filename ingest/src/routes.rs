@@ -24,7 +24,7 @@ use crate::auth::{Admin, ApiJson, AppAuth, sha256};
 use crate::error::{ApiError, ErrorBody};
 use herald_schemas::seal::constant_time_eq;
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -852,6 +852,7 @@ pub struct ApiDoc;
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut doc = ApiDoc::openapi();
     doc.merge(crate::admin::AdminApiDoc::openapi());
+    doc.merge(crate::console::ConsoleApiDoc::openapi());
     doc
 }
 
@@ -883,6 +884,7 @@ pub(crate) fn router(ingest: Arc<Ingest>) -> Router {
         .route("/openapi.json", get(openapi_json))
         .route("/metrics", get(metrics))
         .merge(crate::admin::routes())
+        .merge(crate::console::routes())
         .route_layer(axum::middleware::from_fn(track))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))

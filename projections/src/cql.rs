@@ -355,6 +355,7 @@ struct Stmts {
     put_message: PreparedStatement,
     get_message: PreparedStatement,
     message_rows: PreparedStatement,
+    all_apps: PreparedStatement,
     put_payload: PreparedStatement,
     get_payload: PreparedStatement,
     put_presence: PreparedStatement,
@@ -422,6 +423,7 @@ impl Stmts {
             put_message: p("INSERT INTO {ks}.messages (message_id, part, v) VALUES (?, ?, ?) USING TIMESTAMP ?").await?,
             get_message: p("SELECT v FROM {ks}.messages WHERE message_id = ? AND part = ?").await?,
             message_rows: p("SELECT v FROM {ks}.messages WHERE message_id = ?").await?,
+            all_apps: p("SELECT v FROM {ks}.apps LIMIT ?").await?,
             put_payload: p("INSERT INTO {ks}.payloads (message_id, v) VALUES (?, ?) USING TIMESTAMP ?").await?,
             get_payload: p("SELECT v FROM {ks}.payloads WHERE message_id = ?").await?,
             put_presence: p("INSERT INTO {ks}.presence (device_id, v) VALUES (?, ?) USING TIMESTAMP ?").await?,
@@ -1300,6 +1302,10 @@ impl Store for CqlStore {
                 .await?;
             Ok(crate::model::earliest(rows, now_ms))
         })
+    }
+
+    fn apps(&self, limit_n: usize) -> Result<Vec<App>, StoreError> {
+        self.run(|i| async move { i.blobs(&i.s.all_apps, (limit(limit_n),), "apps").await })
     }
 
     fn message_status(&self, message_id: &str) -> Result<Option<MessageStatus>, StoreError> {

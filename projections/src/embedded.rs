@@ -428,6 +428,14 @@ impl Store for EmbeddedStore {
         Ok(crate::model::earliest(records, now_ms))
     }
 
+    fn apps(&self, limit: usize) -> Result<Vec<App>, StoreError> {
+        let mut apps = Vec::new();
+        for g in self.apps.iter().take(limit) {
+            apps.push(decode("apps", &g.value().map_err(storage)?)?);
+        }
+        Ok(apps)
+    }
+
     fn message_status(&self, message_id: &str) -> Result<Option<MessageStatus>, StoreError> {
         let rows =
             Self::partition_rows(&self.messages, "messages", message_id.as_bytes().to_vec())?;

@@ -193,6 +193,9 @@ impl Store for MemStore {
             now_ms,
         ))
     }
+    fn apps(&self, limit: usize) -> Result<Vec<App>, StoreError> {
+        Ok(self.lock().apps.values().take(limit).cloned().collect())
+    }
     fn message_status(&self, message_id: &str) -> Result<Option<MessageStatus>, StoreError> {
         let s = self.lock();
         Ok(crate::model::merge_rows(

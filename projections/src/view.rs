@@ -358,6 +358,8 @@ pub trait Store: View + Send + Sync {
     ) -> Result<Option<IdempotencyRecord>, StoreError>;
     /// A message's whole status: the sum of its rows in every partition.
     fn message_status(&self, message_id: &str) -> Result<Option<MessageStatus>, StoreError>;
+    /// Up to `limit` apps (for the admin console; in no promised order on CQL).
+    fn apps(&self, limit: usize) -> Result<Vec<App>, StoreError>;
     /// Up to `limit` unacknowledged entries of a device with seq > `after_seq`, in order.
     fn inbox_page(
         &self,

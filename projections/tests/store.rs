@@ -190,6 +190,7 @@ fn an_empty_store_answers_nothing() {
         assert_eq!(s.checkpoint(0).unwrap(), 0, "{}", b.name);
         assert_eq!(s.checkpoints(3).unwrap(), vec![0, 0, 0], "{}", b.name);
         assert_eq!(s.app("a").unwrap(), None);
+        assert!(s.apps(10).unwrap().is_empty());
         assert_eq!(s.app_id_by_client("c").unwrap(), None);
         assert_eq!(s.app_id_by_key("k").unwrap(), None);
         assert_eq!(s.device("d").unwrap(), None);
@@ -219,6 +220,8 @@ fn committed_rows_read_back_through_every_method() {
         reference.commit(&w, 1, 5).unwrap();
         assert_eq!(s.checkpoints(3).unwrap(), vec![0, 5, 0], "{name}");
         assert_eq!(s.app("a1").unwrap(), w.apps.get("a1").cloned(), "{name}");
+        let apps = s.apps(10).unwrap();
+        assert_eq!(apps, w.apps.values().cloned().collect::<Vec<_>>(), "{name}");
         assert_eq!(s.app_id_by_client("c1").unwrap().as_deref(), Some("a1"));
         assert_eq!(s.app_id_by_key("k1").unwrap().as_deref(), Some("a1"));
         assert_eq!(s.device("d1").unwrap(), w.devices.get("d1").cloned());

@@ -216,6 +216,42 @@ pub fn render() -> String {
 /// The content type of [`render`]'s text.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
+/// One app's counters in this process since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct AppUsage {
+    /// Pushes accepted.
+    pub accepted: u64,
+    /// Inbox entries stored.
+    pub stored: u64,
+    /// Entries devices confirmed.
+    pub delivered: u64,
+}
+
+/// Every app's counters that moved in this process, by app id.
+pub fn per_app() -> std::collections::HashMap<String, AppUsage> {
+    use prometheus::core::Collector;
+    let m = &*METRICS;
+    let mut out: std::collections::HashMap<String, AppUsage> = Default::default();
+    type Set = fn(&mut AppUsage, u64);
+    let fields: [(&IntCounterVec, Set); 3] = [
+        (&m.accepted, |u, v| u.accepted = v),
+        (&m.stored, |u, v| u.stored = v),
+        (&m.delivered, |u, v| u.delivered = v),
+    ];
+    for (vec, set) in fields {
+        for family in vec.collect() {
+            for metric in family.get_metric() {
+                let Some(app) = metric.get_label().iter().find(|l| l.name() == "app_id") else {
+                    continue;
+                };
+                let usage = out.entry(app.value().to_owned()).or_default();
+                set(usage, metric.get_counter().get_value() as u64);
+            }
+        }
+    }
+    out
+}
+
 macro_rules! when_enabled {
     () => {
         if !enabled() {

@@ -327,6 +327,28 @@ pub fn tool(name: &str) -> Option<PathBuf> {
 
 /// A stock client running as a child process, its stdout read line by line; killed when
 /// dropped.
+/// `node` and `tests/clients/browser` when headless Chromium can be driven from there
+/// (Debian's `chromium`, or `HERALD_CHROMIUM`, and `npm ci` done in that folder); `None`
+/// with a printed reason otherwise (a failure under `HERALD_REQUIRE_TOOLS=1`).
+pub fn headless_browser() -> Option<(PathBuf, PathBuf)> {
+    let node = tool("node")?;
+    let browser = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/browser");
+    let chromium = std::env::var("HERALD_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if !browser.join("node_modules/playwright-core").is_dir() || !Path::new(&chromium).is_file() {
+        if std::env::var("HERALD_REQUIRE_TOOLS").is_ok_and(|v| v == "1") {
+            panic!(
+                "the browser test needs {chromium} and npm ci in {}",
+                browser.display()
+            );
+        }
+        eprintln!(
+            "SKIPPED: no Chromium or no tests/clients/browser/node_modules (scripts/test installs both)"
+        );
+        return None;
+    }
+    Some((node, browser))
+}
+
 pub struct Lines {
     pub child: Child,
     name: String,

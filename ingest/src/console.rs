@@ -1,0 +1,623 @@
+//! The admin console: the page at `/admin` (its assets are in the binary), its log-in,
+//! and the admin API it reads: apps with their use, a device's presence and inbox, a
+//! message's timeline from the log, and the live overview (JSON, and SSE once a second).
+//!
+//! Every route here but the page, its assets and the log-in needs [`Admin`]: the admin
+//! token as a bearer, or the session cookie the log-in sets (HttpOnly, SameSite=Strict,
+//! so no token is ever in a URL or readable by the page's scripts).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, SET_COOKIE};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, extract::Query};
+use herald_eventlog::Offset;
+use herald_projections::model::{InboxEntry, Presence};
+use herald_telemetry::overview::Sample;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::{IntoParams, OpenApi, ToSchema};
+
+use crate::Ingest;
+use crate::auth::{Admin, ApiJson, SESSION_COOKIE};
+use crate::error::{ApiError, ErrorBody};
+use crate::replay::{Filter, Replay};
+use crate::routes::now_ms;
+
+/// The admin console's routes, merged into the API router.
+pub fn routes() -> Router<Arc<Ingest>> {
+    Router::new()
+        .route("/admin", get(page))
+        .route("/admin/", get(page))
+        .route("/admin/assets/{file}", get(asset))
+        .route("/admin/login", post(login))
+        .route("/admin/logout", post(logout))
+        .route("/v1/admin/session", get(session))
+        .route("/v1/admin/apps", get(list_apps))
+        .route("/v1/admin/devices/{id}", get(device))
+        .route("/v1/admin/messages/{id}", get(message))
+        .route("/v1/admin/overview", get(overview))
+        .route("/v1/admin/overview/stream", get(overview_stream))
+}
+
+/// Every admin route that needs the admin credential, as (method, path): the access
+/// test walks them all.
+pub const PROTECTED: &[(&str, &str)] = &[
+    ("POST", "/v1/apps"),
+    ("GET", "/v1/admin/events"),
+    ("GET", "/v1/admin/session"),
+    ("GET", "/v1/admin/apps"),
+    ("GET", "/v1/admin/devices/{id}"),
+    ("GET", "/v1/admin/messages/{id}"),
+    ("GET", "/v1/admin/overview"),
+    ("GET", "/v1/admin/overview/stream"),
+];
+
+/// The OpenAPI description of the console's admin API.
+#[derive(OpenApi)]
+#[openapi(paths(
+    login,
+    logout,
+    session,
+    list_apps,
+    device,
+    message,
+    overview,
+    overview_stream
+))]
+pub struct ConsoleApiDoc;
+
+// ------------------------------------------------------------------------- page
+
+/// The page, its script, its style and the chart library (uPlot, MIT, vendored as
+/// published on npm; see `assets/admin/vendor/README.md`).
+const ASSETS: &[(&str, &str, &str)] = &[
+    (
+        "admin.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../assets/admin/admin.js"),
+    ),
+    (
+        "admin.css",
+        "text/css; charset=utf-8",
+        include_str!("../assets/admin/admin.css"),
+    ),
+    (
+        "uPlot.iife.min.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../assets/admin/vendor/uPlot.iife.min.js"),
+    ),
+    (
+        "uPlot.min.css",
+        "text/css; charset=utf-8",
+        include_str!("../assets/admin/vendor/uPlot.min.css"),
+    ),
+];
+
+const PAGE: &str = include_str!("../assets/admin/index.html");
+
+/// Headers of everything the console serves: its own scripts only, no framing, no
+/// sniffing, no referrer.
+fn page_headers(content_type: &'static str) -> [(HeaderName, HeaderValue); 5] {
+    [
+        (CONTENT_TYPE, HeaderValue::from_static(content_type)),
+        (
+            HeaderName::from_static("content-security-policy"),
+            HeaderValue::from_static(
+                "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
+                 img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; \
+                 base-uri 'none'; form-action 'self'",
+            ),
+        ),
+        (
+            HeaderName::from_static("x-content-type-options"),
+            HeaderValue::from_static("nosniff"),
+        ),
+        (
+            HeaderName::from_static("referrer-policy"),
+            HeaderValue::from_static("no-referrer"),
+        ),
+        (CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+    ]
+}
+
+async fn page() -> impl IntoResponse {
+    (page_headers("text/html; charset=utf-8"), PAGE)
+}
+
+async fn asset(Path(file): Path<String>) -> Result<Response, ApiError> {
+    let (_, content_type, body) = ASSETS
+        .iter()
+        .find(|(name, _, _)| *name == file)
+        .ok_or_else(|| ApiError::not_found("asset"))?;
+    Ok((page_headers(content_type), *body).into_response())
+}
+
+// ------------------------------------------------------------------------ log-in
+
+/// Body of `POST /admin/login`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    /// The admin token.
+    pub token: String,
+}
+
+/// Starts an admin console session: sets the session cookie (HttpOnly, SameSite=Strict).
+#[utoipa::path(post, path = "/admin/login", request_body = LoginRequest,
+    responses(
+        (status = 204, description = "Logged in; the cookie is set"),
+        (status = 401, description = "Wrong admin token", body = ErrorBody)))]
+async fn login(
+    State(ingest): State<Arc<Ingest>>,
+    ApiJson(body): ApiJson<LoginRequest>,
+) -> Result<Response, ApiError> {
+    if !herald_schemas::seal::constant_time_eq(
+        body.token.as_bytes(),
+        ingest.config.admin_token.as_bytes(),
+    ) {
+        tracing::warn!("admin console: a log-in with a wrong token");
+        return Err(ApiError::unauthorized(
+            "invalid_token",
+            "the admin token is not valid",
+        ));
+    }
+    let value = ingest.admin_sessions.start(now_ms() / 1000)?;
+    let cookie = format!(
+        "{SESSION_COOKIE}={value}; Path=/; Max-Age={}; HttpOnly; SameSite=Strict",
+        ingest.admin_sessions.ttl_s()
+    );
+    session_cookie_response(&cookie)
+}
+
+/// Ends the session in this browser (clears the cookie).
+#[utoipa::path(post, path = "/admin/logout",
+    responses((status = 204, description = "The cookie is cleared")))]
+async fn logout() -> Result<Response, ApiError> {
+    session_cookie_response(&format!(
+        "{SESSION_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict"
+    ))
+}
+
+fn session_cookie_response(cookie: &str) -> Result<Response, ApiError> {
+    let value = HeaderValue::from_str(cookie)
+        .map_err(|_| ApiError::unavailable("cannot set the session cookie"))?;
+    Ok((
+        StatusCode::NO_CONTENT,
+        [
+            (SET_COOKIE, value),
+            (CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        ],
+    )
+        .into_response())
+}
+
+/// Whether the caller is the admin (the page asks this before it shows anything).
+#[utoipa::path(get, path = "/v1/admin/session",
+    responses(
+        (status = 200, description = "The caller is the admin"),
+        (status = 401, description = "No session, or it expired", body = ErrorBody),
+        (status = 403, description = "An app's or a device's credentials", body = ErrorBody)),
+    security(("admin_token" = [])))]
+async fn session(_admin: Admin) -> Json<Value> {
+    Json(serde_json::json!({ "admin": true }))
+}
+
+// -------------------------------------------------------------------------- apps
+
+/// One app in the console's list.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AppSummary {
+    /// Its id.
+    pub app_id: String,
+    /// Its name.
+    pub name: String,
+    /// The key its devices register with.
+    pub app_key: String,
+    /// Its OAuth2 client id.
+    pub client_id: String,
+    /// When it was created (ms since the Unix epoch).
+    pub created_ms: u64,
+    /// Pushes accepted by this process since it started.
+    pub accepted: u64,
+    /// Inbox entries this process stored since it started.
+    pub stored: u64,
+    /// Entries devices confirmed, folded by this process since it started.
+    pub delivered: u64,
+}
+
+/// The apps (up to 1,000), with what each used since this process started.
+#[utoipa::path(get, path = "/v1/admin/apps",
+    responses(
+        (status = 200, description = "The apps", body = [AppSummary]),
+        (status = 401, description = "Not the admin", body = ErrorBody),
+        (status = 403, description = "An app's or a device's credentials", body = ErrorBody)),
+    security(("admin_token" = [])))]
+async fn list_apps(
+    State(ingest): State<Arc<Ingest>>,
+    _admin: Admin,
+) -> Result<Json<Vec<AppSummary>>, ApiError> {
+    let store = ingest.store.clone();
+    let apps = tokio::task::spawn_blocking(move || store.apps(1000))
+        .await
+        .map_err(|_| ApiError::unavailable("the app list could not be read"))??;
+    let usage = herald_telemetry::metrics::per_app();
+    let mut out: Vec<AppSummary> = apps
+        .into_iter()
+        .map(|a| {
+            let u = usage.get(&a.app_id).copied().unwrap_or_default();
+            AppSummary {
+                accepted: u.accepted,
+                stored: u.stored,
+                delivered: u.delivered,
+                app_id: a.app_id,
+                name: a.name,
+                app_key: a.app_key,
+                client_id: a.client_id,
+                created_ms: a.created_ms,
+            }
+        })
+        .collect();
+    out.sort_by_key(|a| std::cmp::Reverse(a.created_ms));
+    Ok(Json(out))
+}
+
+// ----------------------------------------------------------------------- devices
+
+/// Entries of an inbox shown at most.
+const INBOX_SHOWN: usize = 100;
+
+/// A device as the console shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeviceView {
+    /// Its id.
+    pub device_id: String,
+    /// Its app.
+    pub app_id: String,
+    /// What it runs on.
+    pub platform: String,
+    /// The network it reported at registration.
+    pub network: String,
+    /// When it registered.
+    pub registered_ms: u64,
+    /// Where it is connected, or was last (none if it never connected).
+    #[schema(value_type = Option<Object>)]
+    pub presence: Option<Presence>,
+    /// The seq its next entry gets.
+    pub next_seq: u64,
+    /// Its unacknowledged entries, oldest first (at most 100).
+    pub inbox: Vec<InboxRow>,
+    /// Whether it has more than those.
+    pub more: bool,
+}
+
+/// An unacknowledged inbox entry and its state.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct InboxRow {
+    /// Its seq.
+    pub seq: u64,
+    /// Its message.
+    pub message_id: String,
+    /// When the push was accepted.
+    pub ts_ms: u64,
+    /// When it expires.
+    pub expires_at_ms: u64,
+    /// `waiting` (not acknowledged yet: sent, or to be sent when the device is
+    /// connected), `received` (QoS 2: the device has it, the release is pending) or
+    /// `expired` (never sent again).
+    pub state: &'static str,
+}
+
+impl InboxRow {
+    fn of(e: InboxEntry, now: u64) -> Self {
+        let state = if e.received {
+            "received"
+        } else if e.expires_at_ms <= now {
+            "expired"
+        } else {
+            "waiting"
+        };
+        InboxRow {
+            seq: e.seq,
+            message_id: e.message_id,
+            ts_ms: e.ts_ms,
+            expires_at_ms: e.expires_at_ms,
+            state,
+        }
+    }
+}
+
+/// A device: its registration, presence and unacknowledged inbox.
+#[utoipa::path(get, path = "/v1/admin/devices/{id}",
+    params(("id" = String, Path, description = "The device id")),
+    responses(
+        (status = 200, description = "The device", body = DeviceView),
+        (status = 401, description = "Not the admin", body = ErrorBody),
+        (status = 403, description = "An app's or a device's credentials", body = ErrorBody),
+        (status = 404, description = "No such device", body = ErrorBody)),
+    security(("admin_token" = [])))]
+async fn device(
+    State(ingest): State<Arc<Ingest>>,
+    _admin: Admin,
+    Path(id): Path<String>,
+) -> Result<Json<DeviceView>, ApiError> {
+    let store = ingest.store.clone();
+    let view = tokio::task::spawn_blocking(move || -> Result<Option<DeviceView>, ApiError> {
+        let Some(d) = store.device(&id)? else {
+            return Ok(None);
+        };
+        let presence = store.presence(&id)?;
+        let head = store.inbox_head(&id)?;
+        let mut entries = store.inbox_page(&id, 0, INBOX_SHOWN + 1)?;
+        let more = entries.len() > INBOX_SHOWN;
+        entries.truncate(INBOX_SHOWN);
+        let now = now_ms();
+        Ok(Some(DeviceView {
+            device_id: d.device_id,
+            app_id: d.app_id,
+            platform: d.platform,
+            network: d.network,
+            registered_ms: d.registered_ms,
+            presence,
+            next_seq: head.next_seq,
+            inbox: entries.into_iter().map(|e| InboxRow::of(e, now)).collect(),
+            more,
+        }))
+    })
+    .await
+    .map_err(|_| ApiError::unavailable("the device could not be read"))??;
+    view.map(Json).ok_or_else(|| ApiError::not_found("device"))
+}
+
+// ---------------------------------------------------------------------- messages
+
+/// Records read per partition at most for one timeline.
+const TIMELINE_SCAN: u64 = 500_000;
+/// Events are looked for from this long before the push (producers' clocks differ a
+/// little) to this long after its expiry (an ack of an entry sent just before it).
+const TIMELINE_SLACK_MS: u64 = 5 * 60 * 1000;
+
+/// A message and everything the log says happened to it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MessageView {
+    /// Its status, as `GET /v1/messages/{id}` shows it to its app.
+    #[schema(value_type = Object)]
+    pub status: Value,
+    /// The events about it by time: `PushAccepted`, `FanOut` shares, `DeviceReceived`,
+    /// `DeviceAcked` (with the device and gateway), `MessageRecalled`; and two rows that
+    /// are not events of their own: `Stored` (the entries the push's fold put in inboxes:
+    /// the device of a unicast, or how many) and `Expired` (its expiry passed with
+    /// entries unacknowledged). herald logs no per-device "sent": delivery is counted
+    /// at the device's ack.
+    #[schema(value_type = Vec<Object>)]
+    pub timeline: Vec<Value>,
+    /// False if the scan stopped at its limit before the message's expiry.
+    pub complete: bool,
+}
+
+/// A message's status and timeline, read from the log.
+#[utoipa::path(get, path = "/v1/admin/messages/{id}",
+    params(("id" = String, Path, description = "The message id")),
+    responses(
+        (status = 200, description = "The message", body = MessageView),
+        (status = 401, description = "Not the admin", body = ErrorBody),
+        (status = 403, description = "An app's or a device's credentials", body = ErrorBody),
+        (status = 404, description = "No such message", body = ErrorBody)),
+    security(("admin_token" = [])))]
+async fn message(
+    State(ingest): State<Arc<Ingest>>,
+    _admin: Admin,
+    Path(id): Path<String>,
+) -> Result<Json<MessageView>, ApiError> {
+    let store = ingest.store.clone();
+    let lookup = id.clone();
+    let status = tokio::task::spawn_blocking(move || store.message_status(&lookup))
+        .await
+        .map_err(|_| ApiError::unavailable("the message could not be read"))??
+        .ok_or_else(|| ApiError::not_found("message"))?;
+    let from_ts = status.ts_ms.saturating_sub(TIMELINE_SLACK_MS);
+    let until_ts = status.expires_at_ms.saturating_add(TIMELINE_SLACK_MS);
+    let mut timeline = Vec::new();
+    let mut complete = true;
+    for p in 0..ingest.log.count() {
+        let log = ingest.log.get(p).clone();
+        let (events, whole) = scan_partition(&*log, &id, from_ts, until_ts).await?;
+        complete &= whole;
+        timeline.extend(events.into_iter().map(|mut e| {
+            e["partition"] = p.into();
+            e
+        }));
+    }
+    timeline.sort_by_key(|e| e["ts_ms"].as_u64().unwrap_or(0));
+    // The fold stores the entries when it applies the push: not an event of its own.
+    if status.targeted > 0 {
+        let after_push = timeline
+            .iter()
+            .position(|e| e["type"] == "PushAccepted")
+            .map_or(0, |i| i + 1);
+        timeline.insert(
+            after_push,
+            serde_json::json!({
+                "type": "Stored",
+                "ts_ms": status.ts_ms,
+                "devices": status.targeted,
+                "device_id": status.unicast_device,
+            }),
+        );
+    }
+    let now = now_ms();
+    let outstanding = status.outstanding();
+    let expired = status.expires_at_ms <= now && outstanding > 0 && !status.recalled;
+    if expired {
+        timeline.push(serde_json::json!({
+            "type": "Expired",
+            "ts_ms": status.expires_at_ms,
+            "outstanding": outstanding,
+        }));
+    }
+    let status = serde_json::json!({
+        "message_id": status.message_id,
+        "app_id": status.app_id,
+        "ts_ms": status.ts_ms,
+        "expires_at_ms": status.expires_at_ms,
+        "broadcast": status.broadcast,
+        "targeted": status.targeted,
+        "acked": status.acked,
+        "replaced": status.replaced,
+        "recalled": status.recalled,
+        "outstanding": outstanding,
+        "expired": expired,
+        "unicast_device": status.unicast_device,
+    });
+    Ok(Json(MessageView {
+        status,
+        timeline,
+        complete,
+    }))
+}
+
+/// The events about `message_id` in one partition with times in [`from_ts`, `until_ts`],
+/// and whether the scan covered that whole range.
+async fn scan_partition(
+    log: &dyn herald_eventlog::EventLog,
+    message_id: &str,
+    from_ts: u64,
+    until_ts: u64,
+) -> Result<(Vec<Value>, bool), ApiError> {
+    let end = *log.durable_end().borrow();
+    let mut next = first_at_or_after(log, from_ts, end).await?;
+    let stop = next.saturating_add(TIMELINE_SCAN).min(end);
+    let mut replay = Replay::new(
+        Filter {
+            message: Some(message_id.to_owned()),
+            ..Filter::default()
+        },
+        |_: &str| None,
+    );
+    let mut out = Vec::new();
+    let mut line = Vec::new();
+    while next < stop {
+        let records = log.read(next, 1000).await.map_err(read_failed)?;
+        let Some(last) = records.last() else {
+            break;
+        };
+        next = last.offset + 1;
+        for r in &records {
+            line.clear();
+            if let Some(event) = replay.render(r, &mut line)
+                && let Ok(v) = serde_json::from_slice::<Value>(&line)
+            {
+                if event.ts_ms > until_ts {
+                    return Ok((out, true));
+                }
+                out.push(v);
+            }
+        }
+    }
+    Ok((out, next >= end))
+}
+
+/// The first offset below `end` whose event is at `ts` or later, by bisection (the log
+/// is in time order up to the small differences of its producers' clocks, which the
+/// caller's slack covers).
+async fn first_at_or_after(
+    log: &dyn herald_eventlog::EventLog,
+    ts: u64,
+    end: Offset,
+) -> Result<Offset, ApiError> {
+    let (mut lo, mut hi) = (0, end);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        let records = log.read(mid, 1).await.map_err(read_failed)?;
+        let at = records
+            .first()
+            .and_then(|r| herald_schemas::events::decode(&r.value).ok())
+            .map_or(0, |e| e.ts_ms);
+        if at < ts {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(lo)
+}
+
+fn read_failed(e: herald_eventlog::Error) -> ApiError {
+    tracing::warn!(error = %e, "admin: reading the log failed");
+    ApiError::unavailable("the log could not be read just now")
+}
+
+// ---------------------------------------------------------------------- overview
+
+/// The query of `GET /v1/admin/overview`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct OverviewQuery {
+    /// Only samples after this time (ms since the Unix epoch).
+    pub since_ms: Option<u64>,
+}
+
+/// The last five minutes of this process's overview, a sample a second (accepted/s,
+/// sent/s, acked/s, ack latency p50/p99, connected devices, delivery lag, log sync
+/// latency p50/p99).
+#[utoipa::path(get, path = "/v1/admin/overview", params(OverviewQuery),
+    responses(
+        (status = 200, description = "The samples, oldest first", body = [Object]),
+        (status = 401, description = "Not the admin", body = ErrorBody),
+        (status = 403, description = "An app's or a device's credentials", body = ErrorBody)),
+    security(("admin_token" = [])))]
+async fn overview(
+    State(ingest): State<Arc<Ingest>>,
+    _admin: Admin,
+    Query(q): Query<OverviewQuery>,
+) -> Json<Vec<Sample>> {
+    let since = q.since_ms.unwrap_or(0);
+    Json(
+        ingest
+            .overview()
+            .history()
+            .into_iter()
+            .filter(|s| s.ts_ms > since)
+            .collect(),
+    )
+}
+
+/// The overview as Server-Sent Events: one `history` event with the samples kept, then
+/// a `sample` event a second.
+#[utoipa::path(get, path = "/v1/admin/overview/stream",
+    responses(
+        (status = 200, description = "text/event-stream of samples", content_type = "text/event-stream", body = String),
+        (status = 401, description = "Not the admin", body = ErrorBody),
+        (status = 403, description = "An app's or a device's credentials", body = ErrorBody)),
+    security(("admin_token" = [])))]
+async fn overview_stream(
+    State(ingest): State<Arc<Ingest>>,
+    _admin: Admin,
+) -> Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>>> {
+    let overview = ingest.overview();
+    let history = overview.history();
+    let mut rx = overview.subscribe();
+    rx.mark_unchanged();
+    let first = SseEvent::default()
+        .event("history")
+        .json_data(&history)
+        .unwrap_or_default();
+    let rest = futures::stream::unfold(rx, |mut rx| async move {
+        rx.changed().await.ok()?;
+        let sample = rx.borrow_and_update().clone();
+        let event = SseEvent::default()
+            .event("sample")
+            .json_data(&sample)
+            .unwrap_or_default();
+        Some((Ok(event), rx))
+    });
+    let stream = futures::StreamExt::chain(futures::stream::once(async { Ok(first) }), rest);
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
