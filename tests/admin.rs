@@ -200,6 +200,7 @@ async fn no_admin_route_is_reachable_without_the_admin_credential() {
     let ops = admin_operations(
         &server,
         &[
+            ("/v1/admin/apps", &app.app_id),
             ("/v1/admin/devices", &dev.device_id),
             ("/v1/admin/messages", &m),
         ],
@@ -215,6 +216,8 @@ async fn no_admin_route_is_reachable_without_the_admin_credential() {
     ] {
         assert!(ops.iter().any(|(_, p)| p == want), "{want} in {ops:?}");
     }
+    let rotate = format!("/v1/admin/apps/{}/secret", app.app_id);
+    assert!(ops.iter().any(|(_, p)| *p == rotate), "{rotate} in {ops:?}");
     assert!(ops.len() >= 8, "{ops:?}");
 
     let http = reqwest::Client::new();
@@ -380,12 +383,31 @@ async fn admin_console_in_headless_chromium() {
     );
     assert_eq!(overview["charts"], 5, "{overview}");
 
-    // The app the page created works with the REST API.
+    // The app the page created works with the REST API, with the secret it rotated to;
+    // the one it was created with no longer does.
     let created = step(page.next().await, "app");
+    let rotated = step(page.next().await, "rotated");
     let mut app = create_app(&server).await;
     app.app_id = created["app_id"].as_str().unwrap().into();
     app.client_id = created["client_id"].as_str().unwrap().into();
     app.client_secret = created["client_secret"].as_str().unwrap().into();
+    let old = app
+        .http
+        .post(format!("{}/oauth/token", app.base))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", app.client_id.as_str()),
+            ("client_secret", app.client_secret.as_str()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(old.status(), 401, "the secret before the rotation");
+    app.client_secret = rotated["client_secret"].as_str().unwrap().into();
+    assert_ne!(
+        app.client_secret,
+        created["client_secret"].as_str().unwrap()
+    );
     app.token = app.new_token().await;
     let apps: serde_json::Value = reqwest::Client::new()
         .get(format!("{}/v1/admin/apps", server.base()))

@@ -324,6 +324,10 @@ fn visit<'e>(kind: &'e Kind, f: &mut impl Fields<'e>) {
             f.str("message_id", &e.message_id);
             f.str("gateway_id", &e.gateway_id);
         }
+        Kind::AppSecretRotated(e) => {
+            f.str("app_id", &e.app_id);
+            f.bytes("client_secret_sha256", &e.client_secret_sha256);
+        }
         Kind::GatewayHeartbeat(e) => {
             f.str("gateway_id", &e.gateway_id);
             f.str("mqtt_url", &e.mqtt_url);

@@ -40,7 +40,7 @@ fn random_bytes<const N: usize>() -> Result<[u8; N], ApiError> {
     Ok(b)
 }
 
-fn random_token<const N: usize>() -> Result<String, ApiError> {
+pub(crate) fn random_token<const N: usize>() -> Result<String, ApiError> {
     Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes::<N>()?))
 }
 

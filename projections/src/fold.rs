@@ -110,6 +110,14 @@ pub fn apply(tx: &mut Tx<'_>, event: &Event) -> Result<(), StoreError> {
         Some(Kind::FanOut(_)) => false,
         // Navigation's soft state (which gateways are alive), not a projection.
         Some(Kind::GatewayHeartbeat(_)) => true,
+        Some(Kind::AppSecretRotated(e)) => match tx.app(&e.app_id)? {
+            Some(mut app) => {
+                app.client_secret_sha256 = e.client_secret_sha256.clone();
+                tx.writes.apps.insert(e.app_id.clone(), app);
+                true
+            }
+            None => false,
+        },
         Some(Kind::DeviceConnected(e)) => {
             tx.writes.presence.insert(
                 e.device_id.clone(),

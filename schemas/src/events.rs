@@ -18,7 +18,7 @@ pub use event::Kind;
 pub use target::To;
 
 /// The revision of `events.proto` this build writes.
-pub const CURRENT_SCHEMA_VERSION: u32 = 4;
+pub const CURRENT_SCHEMA_VERSION: u32 = 5;
 
 /// Why bytes could not be read as an event.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +61,7 @@ impl Event {
             Some(Kind::DeviceReceived(_)) => "DeviceReceived",
             Some(Kind::GatewayHeartbeat(_)) => "GatewayHeartbeat",
             Some(Kind::FanOut(_)) => "FanOut",
+            Some(Kind::AppSecretRotated(_)) => "AppSecretRotated",
             None => "Empty",
         }
     }

@@ -172,6 +172,16 @@ fn newer_samples(ts: u64) -> Vec<(&'static str, Event)> {
             ),
         ),
         (
+            "app_secret_rotated",
+            Event::new(
+                ts,
+                Kind::AppSecretRotated(AppSecretRotated {
+                    app_id: "app-1".into(),
+                    client_secret_sha256: vec![9; 32],
+                }),
+            ),
+        ),
+        (
             "gateway_heartbeat",
             Event::new(
                 ts,

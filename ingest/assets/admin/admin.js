@@ -219,10 +219,31 @@ async function loadApps() {
     tbody.replaceChildren(...apps.map((a) => el("tr", { "data-app-id": a.app_id },
       el("td", {}, a.name), el("td", {}, el("code", {}, a.app_id)), el("td", {}, el("code", {}, a.app_key)),
       el("td", {}, el("code", {}, a.client_id)), el("td", {}, time(a.created_ms)),
-      el("td", {}, num(a.accepted)), el("td", {}, num(a.stored)), el("td", {}, num(a.delivered)))));
+      el("td", {}, num(a.accepted)), el("td", {}, num(a.stored)), el("td", {}, num(a.delivered)),
+      el("td", {}, rotateButton(a)))));
   } catch (e) {
-    tbody.replaceChildren(el("tr", {}, el("td", { colspan: "8", class: "error" }, e.message)));
+    tbody.replaceChildren(el("tr", {}, el("td", { colspan: "9", class: "error" }, e.message)));
   }
+}
+
+function rotateButton(app) {
+  const b = el("button", { class: "rotate", type: "button" }, "Rotate secret");
+  b.addEventListener("click", async () => {
+    if (!confirm(`Give ${app.name} a new client secret? The current one stops working now.`)) return;
+    const box = $("#app-created");
+    try {
+      const r = await api("POST", `/v1/admin/apps/${encodeURIComponent(app.app_id)}/secret`);
+      box.replaceChildren(
+        el("strong", {}, `New client secret for ${app.name}, shown only now:`),
+        el("dl", { class: "kv" },
+          el("dt", {}, "client_id"), el("dd", { id: "created-client-id" }, el("code", {}, r.client_id)),
+          el("dt", {}, "client_secret"), el("dd", { id: "rotated-client-secret" }, el("code", {}, r.client_secret))));
+    } catch (e) {
+      box.replaceChildren(el("span", { class: "error" }, e.message));
+    }
+    box.hidden = false;
+  });
+  return b;
 }
 
 $("#app-form").addEventListener("submit", async (ev) => {

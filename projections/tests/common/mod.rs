@@ -170,6 +170,7 @@ pub fn key_of(ev: &Event, away: bool) -> String {
         Kind::DeviceDisconnected(e) => e.device_id.clone(),
         Kind::MessageRecalled(e) => e.message_id.clone(),
         Kind::GatewayHeartbeat(e) => e.gateway_id.clone(),
+        Kind::AppSecretRotated(e) => e.app_id.clone(),
         Kind::FanOut(_) => unreachable!("appended by the worker"),
     }
 }

@@ -81,6 +81,12 @@ await page.waitForSelector(`#app-table tr[data-app-id="${created.app_id}"]`);
 await shot(page, "apps");
 say("app", created);
 
+// 3b. Rotate its secret (confirming the dialog): the new one is shown once.
+page.once("dialog", (d) => d.accept());
+await page.click(`#app-table tr[data-app-id="${created.app_id}"] button.rotate`);
+await page.waitForSelector("#rotated-client-secret");
+say("rotated", { client_secret: (await page.textContent("#rotated-client-secret")).trim() });
+
 // 4. The test pushes through the REST API and a device acknowledges; then the
 // message's timeline shows it delivered and acked.
 const [, messageId, deviceId] = (await ask()).split(" ");
