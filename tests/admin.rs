@@ -486,3 +486,72 @@ async fn admin_console_in_headless_chromium() {
     }
     conn.disconnect().await;
 }
+
+/// With `--log-format json` and debug logs for herald's crates, one push can be followed
+/// by its ids through every stage: ingest (app_id and message_id on the push's span),
+/// delivery (device_id and message_id as it is stored and forwarded), the gateway
+/// (device_id on the connection's span, message_id as it is sent and acknowledged).
+#[tokio::test]
+async fn tracing_carries_the_ids_across_ingest_delivery_and_gateway() {
+    let server = Server::start_with(&[
+        ("HERALD_LOG_FORMAT", "json"),
+        (
+            "HERALD_LOG",
+            "info,herald_ingest=debug,herald_delivery=debug,herald_gateway=debug",
+        ),
+    ])
+    .await;
+    let app = create_app(&server).await;
+    let dev = app.register().await;
+    let mut conn = connect(&dev).await;
+    let m = app.push(&dev.device_id, json!("traced")).await;
+    recv_n(&mut conn, 1).await;
+    app.wait_acked(&m, 1).await;
+    conn.disconnect().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let lines: Vec<serde_json::Value> = server
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(lines.len() > 5, "JSON lines: {}", server.log());
+    // An event's own fields and those of every span it is in.
+    let field = |l: &serde_json::Value, name: &str| -> Option<String> {
+        let spans = l["spans"].as_array().cloned().unwrap_or_default();
+        std::iter::once(&l["fields"])
+            .chain(spans.iter())
+            .find_map(|s| s[name].as_str().map(str::to_owned))
+    };
+    let find = |message: &str| {
+        lines
+            .iter()
+            .find(|l| {
+                l["fields"]["message"] == message && field(l, "message_id").as_deref() == Some(&m)
+            })
+            .unwrap_or_else(|| panic!("no {message:?} line for {m} in {}", server.log()))
+    };
+    let accepted = find("accepted");
+    assert_eq!(accepted["target"], "herald_ingest::routes");
+    assert_eq!(
+        field(accepted, "app_id").as_deref(),
+        Some(app.app_id.as_str())
+    );
+    assert_eq!(field(accepted, "route").as_deref(), Some("/v1/messages"));
+    for (message, target) in [
+        (
+            "stored; forwarding to the gateway",
+            "herald_delivery::worker",
+        ),
+        ("sent", "herald_gateway::session"),
+        ("acked", "herald_gateway::server"),
+    ] {
+        let line = find(message);
+        assert_eq!(line["target"], target, "{line}");
+        assert_eq!(
+            field(line, "device_id").as_deref(),
+            Some(dev.device_id.as_str()),
+            "{line}"
+        );
+    }
+}

@@ -336,6 +336,13 @@ impl Worker {
                 continue;
             }
             let device_id: Arc<str> = n.device_id.as_str().into();
+            tracing::debug!(
+                partition = self.scope.partition,
+                device_id = %device_id,
+                message_id = %n.entry.message_id,
+                seq = n.entry.seq,
+                "stored; forwarding to the gateway"
+            );
             match envelopes.delivery(&device_id, &n.entry) {
                 Ok(Some(d)) => batch.push(d),
                 Ok(None) => {}

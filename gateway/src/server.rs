@@ -279,7 +279,15 @@ impl Gateway {
             })
         });
         match tokio::time::timeout_at(deadline, setup).await {
-            Ok(Ok(transport)) => self.connection(transport, deadline, shutdown).await,
+            Ok(Ok(transport)) => {
+                // Every event of the session carries the device (once it is known).
+                let span = tracing::debug_span!("device", device_id = tracing::field::Empty, ws);
+                tracing::Instrument::instrument(
+                    self.connection(transport, deadline, shutdown),
+                    span,
+                )
+                .await
+            }
             Ok(Err(e)) => tracing::debug!(error = %e, ws, "handshake failed; closing"),
             Err(_) => tracing::debug!(ws, "no handshake in time; closing"),
         }
@@ -428,6 +436,7 @@ impl Gateway {
             stream.close().await;
             return;
         };
+        tracing::Span::current().record("device_id", &*device_id);
         let reg = self.hub.register(device_id.clone());
         herald_telemetry::metrics::connected();
         let max = self.config.max_packet_bytes;
@@ -455,6 +464,7 @@ impl Gateway {
             while let Some(ev) = session.poll_event() {
                 match ev {
                     SessionEvent::Acked { seq, message_id } => {
+                        tracing::debug!(message_id = %message_id, seq, "acked");
                         self.emit(Event::new(
                             now_ms(),
                             Kind::DeviceAcked(DeviceAcked {

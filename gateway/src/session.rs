@@ -645,6 +645,7 @@ impl Session {
             return false;
         }
         metrics::published();
+        tracing::debug!(message_id = %d.message_id, seq = d.seq, qos, "sent");
         true
     }
 

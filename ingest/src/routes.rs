@@ -596,7 +596,9 @@ async fn accept(
             request_sha256,
         }),
     );
-    let at = ingest.append(&key, &event).await?;
+    let span = tracing::debug_span!("push", app_id, message_id = %message_id);
+    let at = tracing::Instrument::instrument(ingest.append(&key, &event), span.clone()).await?;
+    span.in_scope(|| tracing::debug!(partition = at.partition, offset = at.offset, "accepted"));
     herald_telemetry::metrics::push_accepted(app_id);
     Ok((message_id, at))
 }
@@ -763,7 +765,8 @@ async fn track(
 ) -> axum::response::Response {
     let began = std::time::Instant::now();
     let method = req.method().clone();
-    let response = next.run(req).await;
+    let span = tracing::debug_span!("request", method = %method, route = path.as_str());
+    let response = tracing::Instrument::instrument(next.run(req), span).await;
     herald_telemetry::metrics::http_request(
         path.as_str(),
         method.as_str(),
