@@ -8,6 +8,7 @@ mod replay;
 #[cfg(feature = "kafka")]
 mod roles;
 mod serve;
+mod top;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -100,6 +101,10 @@ enum Command {
     Migrate(MigrateArgs),
     /// Stream the event log as JSON lines, through a server's API or from a data dir.
     Replay(replay::ReplayArgs),
+    /// A live terminal dashboard of a server: pushes accepted, sent and acked per second,
+    /// ack latency, connected devices, delivery lag, log sync latency (the admin
+    /// console's overview, for a server without a browser). q quits.
+    Top(top::TopArgs),
     /// Fold the whole log again into a fresh store and print a digest of each projection
     /// (on a stopped data dir).
     Rebuild(rebuild::RebuildArgs),
@@ -464,6 +469,7 @@ fn main() -> anyhow::Result<()> {
             migrate(&config)
         }
         Command::Replay(args) => replay::run(args),
+        Command::Top(args) => runtime()?.block_on(top::run(args)),
         Command::Rebuild(args) => rebuild::run(args, false),
         Command::Verify(args) => rebuild::run(args, true),
     }

@@ -270,7 +270,7 @@ fn secret(given: Option<&str>, file: &Path) -> anyhow::Result<Option<String>> {
     }
 }
 
-fn admin_token(given: Option<&str>, data_dir: &Path) -> anyhow::Result<String> {
+pub(crate) fn admin_token(given: Option<&str>, data_dir: &Path) -> anyhow::Result<String> {
     let file = data_dir.join("admin-token");
     secret(given, &file)?.with_context(|| {
         format!(

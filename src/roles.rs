@@ -155,6 +155,7 @@ async fn api_process(
         keyring,
         jwt_secret.as_bytes(),
     );
+    ingest.overview();
     for log in topic.all() {
         follow_navigation(&ingest, log.clone(), shutdown.clone());
     }

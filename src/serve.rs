@@ -329,6 +329,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         keyring.clone(),
         jwt_secret.as_bytes(),
     );
+    // The overview's history starts now, not when the console is first opened.
+    ingest.overview();
     let gateway = Gateway::new(
         gateway_config(&config)?,
         hub,

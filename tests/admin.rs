@@ -555,3 +555,75 @@ async fn tracing_carries_the_ids_across_ingest_delivery_and_gateway() {
         );
     }
 }
+
+/// `herald top --once` draws the overview of a running server as text: the pushes a
+/// scripted run made show in its counters.
+#[tokio::test]
+async fn herald_top_shows_the_live_figures() {
+    let server = Server::start().await;
+    let app = create_app(&server).await;
+    let dev = app.register().await;
+    let mut conn = connect(&dev).await;
+    let mut last = String::new();
+    for i in 0..7 {
+        last = app.push(&dev.device_id, json!(i)).await;
+    }
+    recv_n(&mut conn, 7).await;
+    app.wait_acked(&last, 1).await;
+    let top = |token: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args([
+                "top",
+                "--once",
+                "--api",
+                &server.base(),
+                "--admin-token",
+                token,
+            ])
+            .env_remove("HERALD_ADMIN_TOKEN")
+            .output()
+            .unwrap()
+    };
+    // The device's acks may be folded a moment after the status said so: draw until
+    // the frame shows them.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let frame = loop {
+        let out = top(ADMIN);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let frame = String::from_utf8(out.stdout).unwrap();
+        let figure = |label: &str| -> Option<u64> {
+            frame.lines().find_map(|l| {
+                let at = l.find(&format!("│{label:<12}"))?;
+                l[at + "│".len() + label.len()..]
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.trim_end_matches('│').parse().ok())
+            })
+        };
+        if figure("accepted") == Some(7) && figure("acked") == Some(7) {
+            assert_eq!(figure("connected"), Some(1), "{frame}");
+            break frame;
+        }
+        assert!(Instant::now() < deadline, "{frame}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(frame.starts_with("herald top"), "{frame}");
+    for chart in ["accepted/s", "ack p99 ms", "delivery lag", "sync p99 ms"] {
+        assert!(
+            frame.contains(&format!(" {chart} (max")),
+            "{chart} in {frame}"
+        );
+    }
+    // A wrong token is a clear error, not a hang.
+    let out = top("wrong");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("401") && err.contains("--admin-token"),
+        "{err}"
+    );
+}
