@@ -215,6 +215,8 @@ pub enum StoreKind {
 /// Values from flags and environment variables (clap reads both).
 #[derive(Debug, Default)]
 pub struct Overrides {
+    /// `--metrics` / `HERALD_METRICS`.
+    pub metrics: Option<bool>,
     /// `--data-dir` / `HERALD_DATA_DIR`.
     pub data_dir: Option<PathBuf>,
     /// `--http-addr` / `HERALD_HTTP_ADDR`.
@@ -333,7 +335,7 @@ impl Config {
                 .unwrap_or_else(|| "gateway-1".into()),
             token_ttl_s: o.token_ttl_s.or(file.token_ttl_s).unwrap_or(3600),
             admin_session_ttl_s: file.admin_session_ttl_s.unwrap_or(12 * 3600),
-            metrics: file.metrics.unwrap_or(true),
+            metrics: o.metrics.or(file.metrics).unwrap_or(true),
             max_data_bytes: o.max_data_bytes.or(file.max_data_bytes).unwrap_or(4096),
             max_body_bytes: file.max_body_bytes.unwrap_or(64 * 1024),
             default_ttl_s: file.default_ttl_s.unwrap_or(24 * 3600),

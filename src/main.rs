@@ -191,6 +191,10 @@ struct SharedArgs {
     /// [default: local_quorum].
     #[arg(long, env = "HERALD_CQL_CONSISTENCY")]
     cql_consistency: Option<String>,
+    /// Record Prometheus metrics (/metrics) and the admin overview; `false` only to
+    /// measure what they cost [default: true].
+    #[arg(long, env = "HERALD_METRICS", value_name = "BOOL")]
+    metrics: Option<bool>,
 }
 
 impl SharedArgs {
@@ -211,6 +215,7 @@ impl SharedArgs {
             cql_keyspace: self.cql_keyspace,
             cql_consistency: self.cql_consistency,
             heartbeat_ms: heartbeat_from_env()?,
+            metrics: self.metrics,
             ..config::Overrides::default()
         })
     }

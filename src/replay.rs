@@ -45,18 +45,8 @@ pub struct ReplayArgs {
     /// server runs (only --app and --device then need the server stopped, or --api).
     #[arg(long, value_name = "URL")]
     api: Option<String>,
-    /// The data dir to read (or, with --api, where to find admin-token and payload.key)
-    /// [default: ./herald-data].
-    #[arg(long, env = "HERALD_DATA_DIR", value_name = "DIR")]
-    data_dir: Option<PathBuf>,
-    /// The admin token for --api [default: the data dir's admin-token file].
-    #[arg(
-        long,
-        env = "HERALD_ADMIN_TOKEN",
-        hide_env_values = true,
-        value_name = "TOKEN"
-    )]
-    admin_token: Option<String>,
+    #[command(flatten)]
+    server: ServerDir,
     /// Start at this offset, or at the first event at or after this RFC 3339 time
     /// (e.g. 2024-05-01T12:00:00Z) [default: 0].
     #[arg(long, value_name = "OFFSET|TIME", value_parser = parse_bound)]
@@ -188,10 +178,7 @@ struct Stats {
 /// Runs `herald replay`.
 pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
     let selection = Selection::from_args(&args)?;
-    let data_dir = args
-        .data_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("herald-data"));
+    let data_dir = args.server.dir();
     let keyring = if args.decrypt {
         Some(payload_keyring(args.payload_key.as_deref(), &data_dir)?)
     } else {
@@ -211,7 +198,7 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
                      build speaks plain HTTP; reach a remote server through a tunnel)"
                 );
             }
-            let token = admin_token(args.admin_token.as_deref(), &data_dir)?;
+            let token = args.server.admin_token()?;
             runtime.block_on(online(
                 api,
                 &token,
@@ -270,7 +257,38 @@ fn secret(given: Option<&str>, file: &Path) -> anyhow::Result<Option<String>> {
     }
 }
 
-pub(crate) fn admin_token(given: Option<&str>, data_dir: &Path) -> anyhow::Result<String> {
+/// Where a command finds a server's files: its data dir, and the admin token for its API.
+#[derive(Debug, clap::Args)]
+pub struct ServerDir {
+    /// The server's data dir: where its admin-token and payload.key files are, and the
+    /// log `herald replay` reads without --api [default: ./herald-data].
+    #[arg(long, env = "HERALD_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// The admin token for the server's API [default: the data dir's admin-token file].
+    #[arg(
+        long,
+        env = "HERALD_ADMIN_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    admin_token: Option<String>,
+}
+
+impl ServerDir {
+    /// The data dir.
+    pub fn dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("herald-data"))
+    }
+
+    /// The admin token: the flag or variable, else the data dir's file.
+    pub fn admin_token(&self) -> anyhow::Result<String> {
+        admin_token(self.admin_token.as_deref(), &self.dir())
+    }
+}
+
+fn admin_token(given: Option<&str>, data_dir: &Path) -> anyhow::Result<String> {
     let file = data_dir.join("admin-token");
     secret(given, &file)?.with_context(|| {
         format!(

@@ -5,7 +5,6 @@
 
 use std::collections::VecDeque;
 use std::io::IsTerminal;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
@@ -25,18 +24,8 @@ pub struct TopArgs {
     /// The server's REST API.
     #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8080")]
     api: String,
-    /// Where to find the admin-token file when no token is given [default:
-    /// ./herald-data].
-    #[arg(long, env = "HERALD_DATA_DIR", value_name = "DIR")]
-    data_dir: Option<PathBuf>,
-    /// The admin token [default: the data dir's admin-token file].
-    #[arg(
-        long,
-        env = "HERALD_ADMIN_TOKEN",
-        hide_env_values = true,
-        value_name = "TOKEN"
-    )]
-    admin_token: Option<String>,
+    #[command(flatten)]
+    server: crate::replay::ServerDir,
     /// Print one frame as text once a sample arrived, and exit (for scripts, and where
     /// there is no terminal).
     #[arg(long)]
@@ -52,11 +41,7 @@ enum Update {
 
 /// Runs `herald top`.
 pub async fn run(args: TopArgs) -> anyhow::Result<()> {
-    let data_dir = args
-        .data_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("herald-data"));
-    let token = crate::replay::admin_token(args.admin_token.as_deref(), &data_dir)?;
+    let token = args.server.admin_token()?;
     let api = args.api.trim_end_matches('/').to_owned();
     let (tx, mut rx) = mpsc::channel(64);
     tokio::spawn(stream(api.clone(), token, tx));

@@ -29,7 +29,7 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Run only these scenarios (repeatable): e2e, e2e-kafka, broadcast, idle, latency,
-    /// fanout, device-cost. e2e-kafka uses the broker HERALD_KAFKA names, or starts one
+    /// fanout, device-cost, observability. e2e-kafka uses the broker HERALD_KAFKA names, or starts one
     /// with scripts/kafka-up. device-cost prints a table of its own (no peer runs it).
     #[arg(long = "scenario")]
     scenarios: Vec<String>,
@@ -381,12 +381,73 @@ async fn e2e(
     pushes: usize,
     deploy: &Deploy,
 ) -> anyhow::Result<(f64, f64, f64)> {
+    let (secs, rate, p99, _) = e2e_watched(ctx, devices, pushes, deploy, false).await?;
+    Ok((secs, rate, p99))
+}
+
+/// What the admin overview's stream delivered while the e2e pushes ran.
+#[derive(Debug, Clone, Copy)]
+struct Watched {
+    /// `sample` events received.
+    samples: usize,
+    /// Seconds from the first push to the last receipt.
+    secs: f64,
+    /// The longest time without a sample in that window, in seconds.
+    longest_gap: f64,
+}
+
+/// Reads the admin overview stream (SSE) of `base`, noting when each `sample` event
+/// arrives, until aborted.
+async fn watch_overview(
+    http: reqwest::Client,
+    base: String,
+    arrivals: std::sync::Arc<std::sync::Mutex<Vec<Instant>>>,
+) -> anyhow::Result<()> {
+    let mut r = http
+        .get(format!("{base}/v1/admin/overview/stream"))
+        .bearer_auth(herald_bench::procs::ADMIN)
+        .send()
+        .await?
+        .error_for_status()?;
+    let mut pending = Vec::new();
+    while let Some(chunk) = r.chunk().await? {
+        let at = Instant::now();
+        pending.extend_from_slice(&chunk);
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            if line.trim_ascii() == b"event: sample"
+                && let Ok(mut a) = arrivals.lock()
+            {
+                a.push(at);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// e2e, and with `watch` the admin overview's stream read all along (what the console
+/// page draws from).
+async fn e2e_watched(
+    ctx: &Ctx,
+    devices: usize,
+    pushes: usize,
+    deploy: &Deploy,
+    watch: bool,
+) -> anyhow::Result<(f64, f64, f64, Option<Watched>)> {
     let Connected {
         server,
         app,
         device_ids: ids,
         mut sim,
     } = herald_connected_on(ctx, "e2e", devices, pushes, deploy).await?;
+    let arrivals = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let watcher = watch.then(|| {
+        tokio::spawn(watch_overview(
+            ctx.http.clone(),
+            server.base(),
+            arrivals.clone(),
+        ))
+    });
     ctx.step(format!("e2e: {pushes} pushes over REST"));
     let ids = std::sync::Arc::new(ids);
     let start = Instant::now();
@@ -411,14 +472,110 @@ async fn e2e(
     }
     let api_secs = start.elapsed().as_secs_f64();
     let done = sim.wait_event("done").await?;
+    let end = Instant::now();
     check_done(&done, pushes as u64, "e2e")?;
     let last = done["last_ms"].as_u64().unwrap_or(t0);
+    let watched = match watcher {
+        Some(w) => {
+            w.abort();
+            let times = arrivals.lock().map(|a| a.clone()).unwrap_or_default();
+            let inside: Vec<Instant> = times
+                .into_iter()
+                .filter(|t| *t >= start && *t <= end)
+                .collect();
+            let mut edges = vec![start];
+            edges.extend(inside.iter().copied());
+            edges.push(end);
+            let longest_gap = edges
+                .windows(2)
+                .map(|w| w[1].duration_since(w[0]).as_secs_f64())
+                .fold(0.0, f64::max);
+            Some(Watched {
+                samples: inside.len(),
+                secs: end.duration_since(start).as_secs_f64(),
+                longest_gap,
+            })
+        }
+        None => None,
+    };
     server.stop().await;
     Ok((
         (last.saturating_sub(t0)) as f64 / 1000.0,
         pushes as f64 / api_secs,
         latency(&done, "p99").unwrap_or(f64::NAN),
+        watched,
     ))
+}
+
+/// observability: what metrics cost and whether the console keeps up. The e2e run
+/// with metrics on (the overview's stream read all along, as the console page does)
+/// and off (`HERALD_METRICS=false`), alternated `rounds` times; the best of each.
+async fn observability(
+    ctx: &Ctx,
+    devices: usize,
+    pushes: usize,
+    rounds: usize,
+) -> anyhow::Result<String> {
+    let mut on: Vec<(f64, f64, f64, Watched)> = Vec::new();
+    let mut off: Vec<(f64, f64, f64)> = Vec::new();
+    for round in 0..rounds {
+        // Which goes first alternates, so that neither gains from the order.
+        for metrics in [round % 2 == 0, round % 2 == 1] {
+            let label = if metrics { "on" } else { "off" };
+            ctx.step(format!(
+                "observability: round {} of {rounds}, metrics {label}",
+                round + 1
+            ));
+            let env = vec![("HERALD_METRICS".into(), metrics.to_string())];
+            let (s, r, p, w) =
+                e2e_watched(ctx, devices, pushes, &Deploy::Serve(env), metrics).await?;
+            match w {
+                Some(w) => on.push((s, r, p, w)),
+                None => off.push((s, r, p)),
+            }
+        }
+    }
+    let best = |v: &mut dyn Iterator<Item = f64>, higher: bool| {
+        v.fold(if higher { 0.0 } else { f64::INFINITY }, |a, b| {
+            if higher { a.max(b) } else { a.min(b) }
+        })
+    };
+    let samples: usize = on.iter().map(|r| r.3.samples).sum();
+    let watched_secs: f64 = on.iter().map(|r| r.3.secs).sum();
+    let longest_gap = on.iter().map(|r| r.3.longest_gap).fold(0.0, f64::max);
+    let mut t = format!(
+        "| e2e: {pushes} unicast pushes over REST to {devices} devices | metrics on | metrics off | cost of metrics |\n| --- | --- | --- | --- |\n"
+    );
+    type Pick = fn(&(f64, f64, f64)) -> f64;
+    let figures: [(&str, Pick, &str, bool); 3] = [
+        ("accepted at the API", |r| r.1, "/s", true),
+        ("first request → last device receipt", |r| r.0, "s", false),
+        ("p99 push → receipt", |r| r.2, "ms", false),
+    ];
+    for (label, pick, unit, higher) in figures {
+        let with = best(&mut on.iter().map(|r| pick(&(r.0, r.1, r.2))), higher);
+        let without = best(&mut off.iter().map(pick), higher);
+        // How much worse with metrics on.
+        let cost = if higher {
+            (without - with) / without
+        } else {
+            (with - without) / without
+        };
+        t.push_str(&format!(
+            "| {label} | {} | {} | {:+.1} % |\n",
+            fmt(with, unit),
+            fmt(without, unit),
+            cost * 100.0
+        ));
+    }
+    t.push_str(&format!(
+        "| console overview under that load | {samples} samples in {watched_secs:.1} s ({:.2}/s), longest gap {longest_gap:.2} s | — | — |\n",
+        samples as f64 / watched_secs.max(1e-9)
+    ));
+    t.push_str(&format!(
+        "\nBest of {rounds} runs each, alternated and taking turns to go first (the machine is noisy); cost = how much worse with metrics on. The overview is read as the console page reads it (its SSE stream, admin session), all through the metrics-on runs.\n"
+    ));
+    Ok(t)
 }
 
 /// broadcast: one broadcast push to n connected devices, until the last receipt. With
@@ -618,6 +775,7 @@ async fn run(args: Args) -> anyhow::Result<(Vec<Row>, Vec<String>)> {
         "idle",
         "latency",
         "fanout",
+        "observability",
         "device-cost",
     ];
     let wanted: Vec<&str> = if args.scenarios.is_empty() {
@@ -860,6 +1018,15 @@ async fn run(args: Args) -> anyhow::Result<(Vec<Row>, Vec<String>)> {
         });
     }
     let mut tables = Vec::new();
+    if wanted.contains(&"observability") {
+        let (d, p, rounds) = if q {
+            (200, 2_000, 1)
+        } else {
+            (10_000, 100_000, 3)
+        };
+        ctx.step("observability: e2e with metrics on and off");
+        tables.push(observability(&ctx, d, p, rounds).await?);
+    }
     if wanted.contains(&"device-cost") {
         ctx.step("device-cost: adaptive heartbeats behind NATs of 5, 15 and 30 min (60x)");
         tables.push(device_cost::run(&ctx.bins, &ctx.http, q).await?);
