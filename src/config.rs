@@ -73,6 +73,9 @@ pub struct FileConfig {
     pub max_connections: Option<usize>,
     /// Where a gateway in its own process listens for delivery workers (QUIC).
     pub link_addr: Option<SocketAddr>,
+    /// Where `herald gateway` and `herald deliver` serve /metrics and /healthz (they
+    /// have no REST API); none by default.
+    pub metrics_addr: Option<SocketAddr>,
     /// Gateways in other processes that `herald serve` links to (`host:port`).
     pub link_gateways: Option<Vec<String>>,
     /// The directory `herald certs` wrote the link's certificates into.
@@ -170,6 +173,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Where a gateway process listens for workers.
     pub link_addr: SocketAddr,
+    /// Where a gateway or delivery process serves /metrics, if anywhere.
+    pub metrics_addr: Option<SocketAddr>,
     /// Gateway processes to link to (`host:port`).
     pub link_gateways: Vec<String>,
     /// The link's certificates.
@@ -243,6 +248,8 @@ pub struct Overrides {
     pub gateway_id: Option<String>,
     /// `--link-addr` / `HERALD_LINK_ADDR`.
     pub link_addr: Option<SocketAddr>,
+    /// `--metrics-addr` / `HERALD_METRICS_ADDR`.
+    pub metrics_addr: Option<SocketAddr>,
     /// `--link-gateway` / `HERALD_LINK_GATEWAYS`.
     pub link_gateways: Option<Vec<String>>,
     /// `--advertised-mqtt` / `HERALD_ADVERTISED_MQTT`.
@@ -349,6 +356,7 @@ impl Config {
             max_packet_bytes: file.max_packet_bytes.unwrap_or(64 * 1024),
             connect_timeout_s: file.connect_timeout_s.unwrap_or(10),
             max_connections: file.max_connections.unwrap_or(100_000),
+            metrics_addr: o.metrics_addr.or(file.metrics_addr),
             link_addr: o
                 .link_addr
                 .or(file.link_addr)

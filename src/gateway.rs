@@ -34,6 +34,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     })?;
     let gateway = Gateway::new(gateway_config(&config)?, hub, link.directory(), link.log());
     let devices = DeviceListeners::bind(&config).await?;
+    crate::serve::serve_metrics(&config).await?;
     tracing::info!(
         devices = %devices.describe(&config), link = %link.local_addr()?, gateway_id = %config.gateway_id,
         "herald gateway serving"

@@ -195,6 +195,9 @@ struct SharedArgs {
     /// measure what they cost [default: true].
     #[arg(long, env = "HERALD_METRICS", value_name = "BOOL")]
     metrics: Option<bool>,
+    /// Serve /metrics and /healthz here (herald deliver, which has no REST API).
+    #[arg(long, env = "HERALD_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl SharedArgs {
@@ -216,6 +219,7 @@ impl SharedArgs {
             cql_consistency: self.cql_consistency,
             heartbeat_ms: heartbeat_from_env()?,
             metrics: self.metrics,
+            metrics_addr: self.metrics_addr,
             ..config::Overrides::default()
         })
     }
@@ -277,6 +281,10 @@ struct GatewayArgs {
     /// [default: ws://<ws_addr>/mqtt, wss:// with TLS].
     #[arg(long, env = "HERALD_ADVERTISED_WS")]
     advertised_ws: Option<String>,
+    /// Serve Prometheus /metrics and /healthz here (a gateway has no REST API of its
+    /// own), e.g. 127.0.0.1:9495 [default: none].
+    #[arg(long, env = "HERALD_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -448,6 +456,7 @@ fn main() -> anyhow::Result<()> {
                 advertised_mqtt: args.advertised_mqtt,
                 advertised_ws: args.advertised_ws,
                 heartbeat_ms: heartbeat_from_env()?,
+                metrics_addr: args.metrics_addr,
                 ..config::Overrides::default()
             });
             let config = load_config(args.config.as_deref(), overrides)?;

@@ -274,6 +274,7 @@ pub async fn deliver(config: Config) -> anyhow::Result<()> {
         .link_certs
         .clone()
         .context("herald deliver needs link_certs (--link-certs)")?;
+    crate::serve::serve_metrics(&config).await?;
     let (topic, kafka_logs) = open_kafka(&config).await?;
     let kafka = kafka_logs[0].clone();
     let (_db, store) = open_store(&config, &topic).await?;

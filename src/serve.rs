@@ -259,6 +259,38 @@ async fn open_cql(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
 }
 
 /// The API settings of `config`.
+/// Serves `/metrics` and `/healthz` on `config.metrics_addr`, if set, for the processes
+/// without a REST API (`herald gateway`, `herald deliver`); it stops with the process.
+pub async fn serve_metrics(config: &Config) -> anyhow::Result<()> {
+    let Some(addr) = config.metrics_addr else {
+        return Ok(());
+    };
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (metrics_addr)"))?;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(|| async {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        herald_telemetry::metrics::CONTENT_TYPE,
+                    )],
+                    herald_telemetry::metrics::render(),
+                )
+            }),
+        )
+        .route("/healthz", axum::routing::get(|| async { "ok" }));
+    tracing::info!(%addr, "serving /metrics");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the metrics listener stopped");
+        }
+    });
+    Ok(())
+}
+
 pub fn ingest_config(config: &Config, admin_token: String) -> IngestConfig {
     IngestConfig {
         admin_token,

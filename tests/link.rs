@@ -70,6 +70,20 @@ async fn a_stock_client_on_a_gateway_process_gets_backlog_and_live_pushes() {
         let s = app.wait_acked(m, 1).await;
         assert_eq!(s["delivered"], 1, "the gateway's ack reached the log: {s}");
     }
+    // The gateway process counts what it did on its own /metrics.
+    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", gw.metrics_port))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "herald_gateway_publishes_total 2",
+        "herald_gateway_acks_total 2",
+        "herald_gateway_connects_total 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
     assert!(sub.0.child.wait().unwrap().success());
 }
 

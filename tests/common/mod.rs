@@ -561,6 +561,8 @@ pub fn make_certs(dir: &Path) -> PathBuf {
 pub struct GatewayProc {
     pub child: Option<Child>,
     pub mqtt_port: u16,
+    /// Where it serves /metrics.
+    pub metrics_port: u16,
     pub link_port: u16,
     pub certs: PathBuf,
     pub log: PathBuf,
@@ -572,6 +574,7 @@ impl GatewayProc {
         let mut g = GatewayProc {
             child: None,
             mqtt_port: free_port(),
+            metrics_port: free_port(),
             link_port: free_port(),
             certs: certs.to_path_buf(),
             log: dir.join(format!("{id}.log")),
@@ -595,6 +598,10 @@ impl GatewayProc {
             .arg("--link-certs")
             .arg(&self.certs)
             .args(["--gateway-id", &self.id])
+            .args([
+                "--metrics-addr",
+                &format!("127.0.0.1:{}", self.metrics_port),
+            ])
             .env("HERALD_LOG", "info,herald_gateway=debug")
             .env("HERALD_HEARTBEAT_MS", "300")
             .stdout(Stdio::null())
