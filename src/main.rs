@@ -3,6 +3,7 @@
 
 mod config;
 mod gateway;
+mod logging;
 mod rebuild;
 mod replay;
 #[cfg(feature = "kafka")]
@@ -13,7 +14,7 @@ mod top;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
 /// mimalloc: herald allocates many small, short-lived buffers per message (requests,
 /// envelopes, events); the system allocator spent about a tenth of the CPU on them.
@@ -32,17 +33,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     /// Log output format.
     #[arg(long, global = true, env = "HERALD_LOG_FORMAT", default_value = "text")]
-    log_format: LogFormat,
+    log_format: logging::LogFormat,
+    /// Export spans over OTLP (HTTP, protobuf) to this OpenTelemetry collector, e.g.
+    /// http://127.0.0.1:4318 (HERALD_OTLP_FILTER chooses which spans; by default
+    /// herald's per-push, per-entry and per-connection spans) [default: no export].
+    #[arg(long, global = true, env = "HERALD_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -327,20 +325,6 @@ struct CertsArgs {
     names: Vec<String>,
 }
 
-fn init_tracing(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("HERALD_LOG")
-        .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info,fjall=warn,lsm_tree=warn,scylla=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 fn load_config(
     path: Option<&std::path::Path>,
     overrides: config::Overrides,
@@ -434,8 +418,13 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
-    match cli.command {
+    // Kept to the end: dropping it sends the traces still buffered.
+    let _tracing = logging::init(cli.log_format, cli.otlp_endpoint.as_deref())?;
+    run(cli.command)
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Serve(args) => {
             let overrides = args.devices.apply(config::Overrides {
                 data_dir: args.data_dir,

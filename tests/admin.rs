@@ -627,3 +627,106 @@ async fn herald_top_shows_the_live_figures() {
         "{err}"
     );
 }
+
+/// The OpenTelemetry Collector built by scripts/test (tests/clients/otelcol), or
+/// `HERALD_OTELCOL`; `None` with a printed reason without it.
+fn otel_collector() -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("HERALD_OTELCOL")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/clients/otelcol/otelcol-herald")
+        });
+    if path.is_file() {
+        return Some(path);
+    }
+    if std::env::var("HERALD_REQUIRE_TOOLS").is_ok_and(|v| v == "1") {
+        panic!("no OpenTelemetry Collector at {}", path.display());
+    }
+    eprintln!(
+        "SKIPPED: no OpenTelemetry Collector at {} (scripts/test builds it with go build)",
+        path.display()
+    );
+    None
+}
+
+/// With `HERALD_OTLP_ENDPOINT`, the spans that carry a push's ids reach a real
+/// OpenTelemetry Collector over OTLP/HTTP: the push (app_id, message_id) and the device
+/// connection it went out on (device_id), from the service `herald`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_an_opentelemetry_collector_over_otlp() {
+    let Some(collector) = otel_collector() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("otelcol.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "receivers:\n  otlp:\n    protocols:\n      http:\n        endpoint: 127.0.0.1:{port}\n\
+             exporters:\n  debug:\n    verbosity: detailed\n\
+             service:\n  telemetry:\n    metrics:\n      level: none\n  pipelines:\n    traces:\n      receivers: [otlp]\n      exporters: [debug]\n"
+        ),
+    )
+    .unwrap();
+    let out_path = dir.path().join("otelcol.out");
+    let out = std::fs::File::create(&out_path).unwrap();
+    let mut child = std::process::Command::new(&collector)
+        .arg("--config")
+        .arg(&config)
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let output = || std::fs::read_to_string(&out_path).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the collector did not start: {}",
+            output()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let server = Server::start_with(&[
+        ("HERALD_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+    ])
+    .await;
+    let app = create_app(&server).await;
+    let dev = app.register().await;
+    let mut conn = connect(&dev).await;
+    let m = app.push(&dev.device_id, json!("to the collector")).await;
+    recv_n(&mut conn, 1).await;
+    app.wait_acked(&m, 1).await;
+    // A connection's span ends, and is sent, when the connection does.
+    conn.disconnect().await;
+
+    let want = [
+        format!("message_id: Str({m})"),
+        format!("app_id: Str({})", app.app_id),
+        format!("device_id: Str({})", dev.device_id),
+        "service.name: Str(herald)".to_owned(),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = output();
+        if want.iter().all(|w| text.contains(w.as_str())) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "missing {:?} in the collector's output:\n{text}\nherald:\n{}",
+            want.iter()
+                .filter(|w| !text.contains(w.as_str()))
+                .collect::<Vec<_>>(),
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
