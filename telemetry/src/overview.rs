@@ -69,22 +69,20 @@ struct Reading {
 
 fn read() -> Reading {
     let m = &*METRICS;
-    let http_5xx = m
-        .http_requests
-        .collect()
-        .iter()
-        .flat_map(|f| f.get_metric())
-        .filter(|metric| {
-            metric
-                .get_label()
-                .iter()
-                .any(|l| l.name() == "status" && l.value().starts_with('5'))
-        })
-        .map(|metric| metric.get_counter().get_value() as u64)
-        .sum();
+    let http_5xx = sum(&m.http_requests, |metric| {
+        let server_error = metric
+            .get_label()
+            .iter()
+            .any(|l| l.name() == "status" && l.value().starts_with('5'));
+        if server_error {
+            metric.get_counter().get_value()
+        } else {
+            0.0
+        }
+    }) as u64;
     Reading {
         at: Some(std::time::Instant::now()),
-        accepted: sum_counters(&m.accepted),
+        accepted: sum(&m.accepted, |c| c.get_counter().get_value()) as u64,
         sent: m.publishes.get(),
         acked: m.acks.get(),
         http_5xx,
@@ -93,11 +91,12 @@ fn read() -> Reading {
     }
 }
 
-fn sum_counters(v: &prometheus::IntCounterVec) -> u64 {
-    v.collect()
+/// The sum of `value` over every labelled child of `vec`.
+fn sum<C: Collector>(vec: &C, value: fn(&prometheus::proto::Metric) -> f64) -> f64 {
+    vec.collect()
         .iter()
         .flat_map(|f| f.get_metric())
-        .map(|m| m.get_counter().get_value() as u64)
+        .map(value)
         .sum()
 }
 
@@ -235,13 +234,7 @@ fn sample(readings: &VecDeque<Reading>, now: &Reading) -> Sample {
     let rate = |a: u64, b: u64| b.saturating_sub(a) as f64 / secs;
     let ms = |v: Option<f64>| v.map(|s| (s * 1000.0 * 100.0).round() / 100.0);
     let m = &*METRICS;
-    let lag = m
-        .lag
-        .collect()
-        .iter()
-        .flat_map(|f| f.get_metric())
-        .map(|g| g.get_gauge().get_value() as i64)
-        .sum();
+    let lag = sum(&m.lag, |g| g.get_gauge().get_value()) as i64;
     Sample {
         ts_ms: now_ms(),
         accepted_per_s: rate(last.accepted, now.accepted),
