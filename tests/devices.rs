@@ -558,7 +558,10 @@ fn paho_sub(
     let mut cmd = Command::new(python);
     cmd.arg(script)
         .args(["--transport", transport, "--port", &port.to_string()])
-        .args(["--device-id", &dev.device_id, "--token", &dev.device_token])
+        .args(["--device-id", &dev.device_id])
+        // `--token=…` in one argument: a token may start with `-`, which argparse would
+        // take for an option.
+        .arg(format!("--token={}", dev.device_token))
         .args(extra);
     Lines::spawn(cmd)
 }
