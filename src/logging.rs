@@ -56,34 +56,42 @@ pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> anyhow::Result<Tr
     let filter = EnvFilter::try_from_env("HERALD_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new("info,fjall=warn,lsm_tree=warn,scylla=warn"));
+    let Some(endpoint) = otlp_endpoint.filter(|e| !e.trim().is_empty()) else {
+        // One filter for the whole subscriber. (`EnvFilter` as a per-layer filter was
+        // seen to drop some info lines when a directive enabled debug for another
+        // target, so it is a per-layer filter only where it must be: beside OTLP.)
+        let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+        let registry = tracing_subscriber::registry().with(filter);
+        match format {
+            LogFormat::Text => registry.with(fmt).init(),
+            LogFormat::Json => registry.with(fmt.json()).init(),
+        }
+        return Ok(Tracing { otel: None });
+    };
+    let url = traces_url(endpoint);
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_endpoint(&url)
+        .build()
+        .with_context(|| format!("cannot export traces to {url} (otlp_endpoint)"))?;
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(Resource::builder().with_service_name("herald").build())
+        .build();
+    let otel_filter = EnvFilter::try_from_env("HERALD_OTLP_FILTER")
+        .unwrap_or_else(|_| EnvFilter::new(OTLP_FILTER));
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("herald"))
+        .with_filter(otel_filter);
+    // The log lines and the exported spans have filters of their own.
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let fmt = match format {
         LogFormat::Text => fmt.boxed(),
         LogFormat::Json => fmt.json().boxed(),
     }
     .with_filter(filter);
-    let (otel, provider) = match otlp_endpoint.filter(|e| !e.trim().is_empty()) {
-        Some(endpoint) => {
-            let url = traces_url(endpoint);
-            let exporter = opentelemetry_otlp::SpanExporter::builder()
-                .with_http()
-                .with_endpoint(&url)
-                .build()
-                .with_context(|| format!("cannot export traces to {url} (otlp_endpoint)"))?;
-            let provider = SdkTracerProvider::builder()
-                .with_batch_exporter(exporter)
-                .with_resource(Resource::builder().with_service_name("herald").build())
-                .build();
-            let filter = EnvFilter::try_from_env("HERALD_OTLP_FILTER")
-                .unwrap_or_else(|_| EnvFilter::new(OTLP_FILTER));
-            let layer = tracing_opentelemetry::layer()
-                .with_tracer(provider.tracer("herald"))
-                .with_filter(filter);
-            (Some(layer), Some(provider))
-        }
-        None => (None, None),
-    };
     tracing_subscriber::registry().with(fmt).with(otel).init();
+    let provider = Some(provider);
     Ok(Tracing { otel: provider })
 }
 
