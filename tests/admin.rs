@@ -453,6 +453,10 @@ async fn admin_console_in_headless_chromium() {
         "{timeline}"
     );
     assert_eq!(timeline["counts"], "1 / 1", "targeted / acked: {timeline}");
+    assert_eq!(
+        timeline["state"], "delivered",
+        "as the app's status says: {timeline}"
+    );
 
     let device = step(page.next().await, "device");
     assert!(
@@ -729,4 +733,93 @@ async fn spans_reach_an_opentelemetry_collector_over_otlp() {
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// The console's entry points answer bad input with herald's JSON errors: a malformed or
+/// oversized log-in, an unknown field in a log-in or a query, an overview query that is
+/// not a number, ids that name nothing.
+#[tokio::test]
+async fn the_console_api_answers_bad_input_with_clear_errors() {
+    let server = Server::start().await;
+    let http = reqwest::Client::new();
+    let base = server.base();
+    let check = |r: reqwest::Response, status: u16, code: &'static str| async move {
+        assert_eq!(r.status(), status, "{}", r.url());
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], code, "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
+    };
+    let login = |body: String| {
+        http.post(format!("{base}/admin/login"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    check(
+        login("{\"token\":".into()).await.unwrap(),
+        400,
+        "malformed_json",
+    )
+    .await;
+    check(
+        login(format!("{{\"token\":\"{ADMIN}\",\"remember\":true}}"))
+            .await
+            .unwrap(),
+        422,
+        "invalid_request",
+    )
+    .await;
+    check(
+        login(format!("{{\"token\":\"{}\"}}", "x".repeat(100_000)))
+            .await
+            .unwrap(),
+        413,
+        "body_too_large",
+    )
+    .await;
+    let admin_get = |path: String| http.get(format!("{base}{path}")).bearer_auth(ADMIN).send();
+    check(
+        admin_get("/v1/admin/overview?since_ms=yesterday".into())
+            .await
+            .unwrap(),
+        400,
+        "invalid_query",
+    )
+    .await;
+    check(
+        admin_get("/v1/admin/overview?limit=3".into())
+            .await
+            .unwrap(),
+        400,
+        "invalid_query",
+    )
+    .await;
+    for path in [
+        "/v1/admin/devices/no-such-device",
+        "/v1/admin/messages/no-such-message",
+    ] {
+        check(admin_get(path.into()).await.unwrap(), 404, "not_found").await;
+    }
+    check(
+        admin_get("/v1/admin/devices/%00%FF".into()).await.unwrap(),
+        400,
+        "invalid_path",
+    )
+    .await;
+    let r = http
+        .post(format!("{base}/v1/admin/apps/no-such-app/secret"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    check(r, 404, "not_found").await;
+    // Still serving.
+    assert_eq!(
+        admin_get("/v1/admin/apps".into()).await.unwrap().status(),
+        200
+    );
 }

@@ -97,7 +97,7 @@ impl EventsQuery {
     }
 }
 
-fn invalid_query(e: impl std::fmt::Display) -> ApiError {
+pub(crate) fn invalid_query(e: impl std::fmt::Display) -> ApiError {
     ApiError::bad_request("invalid_query", e.to_string())
 }
 

@@ -273,6 +273,21 @@ impl FromRequestParts<Arc<Ingest>> for AppAuth {
     }
 }
 
+/// A path parameter whose rejections (e.g. bytes that are not UTF-8) are herald's JSON
+/// errors.
+#[derive(Debug)]
+pub struct ApiPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let axum::extract::Path(v) = axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))?;
+        Ok(ApiPath(v))
+    }
+}
+
 /// JSON body whose rejections are herald's JSON errors.
 #[derive(Debug)]
 pub struct ApiJson<T>(pub T);

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, SET_COOKIE};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -26,7 +26,7 @@ use serde_json::Value;
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use crate::Ingest;
-use crate::auth::{Admin, ApiJson, SESSION_COOKIE};
+use crate::auth::{Admin, ApiJson, ApiPath, SESSION_COOKIE};
 use crate::error::{ApiError, ErrorBody};
 use crate::replay::{Filter, Replay};
 use crate::routes::now_ms;
@@ -121,7 +121,7 @@ async fn page() -> impl IntoResponse {
     (page_headers("text/html; charset=utf-8"), PAGE)
 }
 
-async fn asset(Path(file): Path<String>) -> Result<Response, ApiError> {
+async fn asset(ApiPath(file): ApiPath<String>) -> Result<Response, ApiError> {
     let (_, content_type, body) = ASSETS
         .iter()
         .find(|(name, _, _)| *name == file)
@@ -283,7 +283,7 @@ pub struct RotatedSecret {
 async fn rotate_secret(
     State(ingest): State<Arc<Ingest>>,
     _admin: Admin,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<RotatedSecret>, ApiError> {
     use herald_schemas::events::{AppSecretRotated, Event, Kind};
     let app = ingest
@@ -385,7 +385,7 @@ impl InboxRow {
 async fn device(
     State(ingest): State<Arc<Ingest>>,
     _admin: Admin,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<DeviceView>, ApiError> {
     let store = ingest.store.clone();
     let view = tokio::task::spawn_blocking(move || -> Result<Option<DeviceView>, ApiError> {
@@ -427,8 +427,13 @@ const TIMELINE_SLACK_MS: u64 = 5 * 60 * 1000;
 #[derive(Debug, Serialize, ToSchema)]
 pub struct MessageView {
     /// Its status, as `GET /v1/messages/{id}` shows it to its app.
-    #[schema(value_type = Object)]
-    pub status: Value,
+    pub status: crate::routes::MessageStatusResponse,
+    /// The app that pushed it.
+    pub app_id: String,
+    /// Whether it went to every device of the app.
+    pub broadcast: bool,
+    /// The device of a unicast message.
+    pub unicast_device: Option<String>,
     /// The events about it by time: `PushAccepted`, `FanOut` shares, `DeviceReceived`,
     /// `DeviceAcked` (with the device and gateway), `MessageRecalled`; and two rows that
     /// are not events of their own: `Stored` (the entries the push's fold put in inboxes:
@@ -453,7 +458,7 @@ pub struct MessageView {
 async fn message(
     State(ingest): State<Arc<Ingest>>,
     _admin: Admin,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<MessageView>, ApiError> {
     let store = ingest.store.clone();
     let lookup = id.clone();
@@ -491,32 +496,24 @@ async fn message(
             }),
         );
     }
-    let now = now_ms();
-    let outstanding = status.outstanding();
-    let expired = status.expires_at_ms <= now && outstanding > 0 && !status.recalled;
-    if expired {
+    let (app_id, broadcast, unicast_device) = (
+        status.app_id.clone(),
+        status.broadcast,
+        status.unicast_device.clone(),
+    );
+    let status = crate::routes::MessageStatusResponse::new(status, now_ms());
+    if status.expired > 0 {
         timeline.push(serde_json::json!({
             "type": "Expired",
             "ts_ms": status.expires_at_ms,
-            "outstanding": outstanding,
+            "outstanding": status.expired,
         }));
     }
-    let status = serde_json::json!({
-        "message_id": status.message_id,
-        "app_id": status.app_id,
-        "ts_ms": status.ts_ms,
-        "expires_at_ms": status.expires_at_ms,
-        "broadcast": status.broadcast,
-        "targeted": status.targeted,
-        "acked": status.acked,
-        "replaced": status.replaced,
-        "recalled": status.recalled,
-        "outstanding": outstanding,
-        "expired": expired,
-        "unicast_device": status.unicast_device,
-    });
     Ok(Json(MessageView {
         status,
+        app_id,
+        broadcast,
+        unicast_device,
         timeline,
         complete,
     }))
@@ -598,6 +595,7 @@ fn read_failed(e: herald_eventlog::Error) -> ApiError {
 /// The query of `GET /v1/admin/overview`.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct OverviewQuery {
     /// Only samples after this time (ms since the Unix epoch).
     pub since_ms: Option<u64>,
@@ -609,23 +607,25 @@ pub struct OverviewQuery {
 #[utoipa::path(get, path = "/v1/admin/overview", params(OverviewQuery),
     responses(
         (status = 200, description = "The samples, oldest first", body = [Object]),
+        (status = 400, description = "Invalid query", body = ErrorBody),
         (status = 401, description = "Not the admin", body = ErrorBody),
         (status = 403, description = "An app's or a device's credentials", body = ErrorBody)),
     security(("admin_token" = [])))]
 async fn overview(
     State(ingest): State<Arc<Ingest>>,
     _admin: Admin,
-    Query(q): Query<OverviewQuery>,
-) -> Json<Vec<Sample>> {
+    query: Result<Query<OverviewQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<Sample>>, ApiError> {
+    let Query(q) = query.map_err(|e| crate::admin::invalid_query(e.body_text()))?;
     let since = q.since_ms.unwrap_or(0);
-    Json(
+    Ok(Json(
         ingest
             .overview()
             .history()
             .into_iter()
             .filter(|s| s.ts_ms > since)
             .collect(),
-    )
+    ))
 }
 
 /// The overview as Server-Sent Events: one `history` event with the samples kept, then

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::header::AUTHORIZATION;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
@@ -20,7 +20,7 @@ use utoipa::{Modify, OpenApi, ToSchema};
 use uuid::Uuid;
 
 use crate::Ingest;
-use crate::auth::{Admin, ApiJson, AppAuth, sha256};
+use crate::auth::{Admin, ApiJson, ApiPath, AppAuth, sha256};
 use crate::error::{ApiError, ErrorBody};
 use herald_schemas::seal::constant_time_eq;
 
@@ -634,7 +634,8 @@ pub struct MessageStatusResponse {
 }
 
 impl MessageStatusResponse {
-    fn new(m: herald_projections::model::MessageStatus, now_ms: u64) -> Self {
+    /// The status of `m` at `now_ms`.
+    pub(crate) fn new(m: herald_projections::model::MessageStatus, now_ms: u64) -> Self {
         let outstanding = m.outstanding();
         let expired_now = now_ms >= m.expires_at_ms;
         let state = if m.recalled {
@@ -701,7 +702,7 @@ async fn own_message(
 async fn message_status(
     State(ingest): State<Arc<Ingest>>,
     AppAuth(app_id): AppAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<MessageStatusResponse>, ApiError> {
     let m = own_message(&ingest, &app_id, &id).await?;
     Ok(Json(MessageStatusResponse::new(m, now_ms())))
@@ -720,7 +721,7 @@ async fn message_status(
 async fn recall(
     State(ingest): State<Arc<Ingest>>,
     AppAuth(app_id): AppAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<MessageStatusResponse>, ApiError> {
     let m = own_message(&ingest, &app_id, &id).await?;
     if !m.recalled {

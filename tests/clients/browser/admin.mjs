@@ -96,7 +96,11 @@ await page.click("#message-form button[type=submit]");
 await page.waitForSelector("#timeline tr[data-type=DeviceAcked]", { timeout: 20000 });
 const types = await page.$$eval("#timeline tbody tr", (rows) => rows.map((r) => r.dataset.type));
 await shot(page, "timeline");
-say("timeline", { types, counts: (await page.textContent("#message-counts")).trim() });
+say("timeline", {
+  types,
+  counts: (await page.textContent("#message-counts")).trim(),
+  state: (await page.textContent("#message-state")).trim(),
+});
 
 // 5. The device's presence and (empty, all acknowledged) inbox.
 await page.click("#tabs button[data-tab=devices]");
