@@ -233,10 +233,7 @@ async fn list_apps(
     State(ingest): State<Arc<Ingest>>,
     _admin: Admin,
 ) -> Result<Json<Vec<AppSummary>>, ApiError> {
-    let store = ingest.store.clone();
-    let apps = tokio::task::spawn_blocking(move || store.apps(1000))
-        .await
-        .map_err(|_| ApiError::unavailable("the app list could not be read"))??;
+    let apps = ingest.store.apps(1000)?;
     let usage = herald_telemetry::metrics::per_app();
     let mut out: Vec<AppSummary> = apps
         .into_iter()
@@ -387,32 +384,29 @@ async fn device(
     _admin: Admin,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<DeviceView>, ApiError> {
-    let store = ingest.store.clone();
-    let view = tokio::task::spawn_blocking(move || -> Result<Option<DeviceView>, ApiError> {
-        let Some(d) = store.device(&id)? else {
-            return Ok(None);
-        };
-        let presence = store.presence(&id)?;
-        let head = store.inbox_head(&id)?;
-        let mut entries = store.inbox_page(&id, 0, INBOX_SHOWN + 1)?;
-        let more = entries.len() > INBOX_SHOWN;
-        entries.truncate(INBOX_SHOWN);
-        let now = now_ms();
-        Ok(Some(DeviceView {
-            device_id: d.device_id,
-            app_id: d.app_id,
-            platform: d.platform,
-            network: d.network,
-            registered_ms: d.registered_ms,
-            presence,
-            next_seq: head.next_seq,
-            inbox: entries.into_iter().map(|e| InboxRow::of(e, now)).collect(),
-            more,
-        }))
-    })
-    .await
-    .map_err(|_| ApiError::unavailable("the device could not be read"))??;
-    view.map(Json).ok_or_else(|| ApiError::not_found("device"))
+    // The stores may be called from a handler (a CQL store moves its wait off the
+    // runtime's workers), as the other routes do.
+    let store = &ingest.store;
+    let d = store
+        .device(&id)?
+        .ok_or_else(|| ApiError::not_found("device"))?;
+    let presence = store.presence(&id)?;
+    let head = store.inbox_head(&id)?;
+    let mut entries = store.inbox_page(&id, 0, INBOX_SHOWN + 1)?;
+    let more = entries.len() > INBOX_SHOWN;
+    entries.truncate(INBOX_SHOWN);
+    let now = now_ms();
+    Ok(Json(DeviceView {
+        device_id: d.device_id,
+        app_id: d.app_id,
+        platform: d.platform,
+        network: d.network,
+        registered_ms: d.registered_ms,
+        presence,
+        next_seq: head.next_seq,
+        inbox: entries.into_iter().map(|e| InboxRow::of(e, now)).collect(),
+        more,
+    }))
 }
 
 // ---------------------------------------------------------------------- messages
@@ -460,11 +454,9 @@ async fn message(
     _admin: Admin,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<MessageView>, ApiError> {
-    let store = ingest.store.clone();
-    let lookup = id.clone();
-    let status = tokio::task::spawn_blocking(move || store.message_status(&lookup))
-        .await
-        .map_err(|_| ApiError::unavailable("the message could not be read"))??
+    let status = ingest
+        .store
+        .message_status(&id)?
         .ok_or_else(|| ApiError::not_found("message"))?;
     let from_ts = status.ts_ms.saturating_sub(TIMELINE_SLACK_MS);
     let until_ts = status.expires_at_ms.saturating_add(TIMELINE_SLACK_MS);
