@@ -71,6 +71,28 @@ pub struct FileConfig {
     pub connect_timeout_s: Option<u64>,
     /// Most device connections held at once.
     pub max_connections: Option<usize>,
+    /// Most device connections not yet past CONNACK, over both device listeners.
+    pub max_unauthenticated: Option<usize>,
+    /// Most device connections not yet past CONNACK from one source address.
+    pub max_unauthenticated_per_source: Option<usize>,
+    /// File descriptors kept out of the connections' budget.
+    pub reserved_fds: Option<u64>,
+    /// Most connections the REST listener holds.
+    pub http_max_connections: Option<usize>,
+    /// Most REST connections from one source address.
+    pub http_max_connections_per_source: Option<usize>,
+    /// How long a request's headers may take, in milliseconds.
+    pub http_header_timeout_ms: Option<u64>,
+    /// How long a REST connection may move no byte, in seconds.
+    pub http_idle_timeout_s: Option<u64>,
+    /// Most links a gateway process holds.
+    pub link_max_connections: Option<usize>,
+    /// Most link handshakes in progress.
+    pub link_max_handshakes: Option<usize>,
+    /// Most link handshakes in progress from one source address.
+    pub link_max_handshakes_per_source: Option<usize>,
+    /// Segment size of the embedded event log, in bytes.
+    pub log_segment_bytes: Option<u64>,
     /// Where a gateway in its own process listens for delivery workers (QUIC).
     pub link_addr: Option<SocketAddr>,
     /// Where `herald gateway` and `herald deliver` serve /metrics and /healthz (they
@@ -171,6 +193,28 @@ pub struct Config {
     pub connect_timeout_s: u64,
     /// Connection limit.
     pub max_connections: usize,
+    /// Device connections not yet past CONNACK, in all.
+    pub max_unauthenticated: usize,
+    /// Device connections not yet past CONNACK, per source.
+    pub max_unauthenticated_per_source: usize,
+    /// Descriptors kept out of the connections' budget.
+    pub reserved_fds: u64,
+    /// REST connections.
+    pub http_max_connections: usize,
+    /// REST connections per source.
+    pub http_max_connections_per_source: usize,
+    /// Request header deadline, ms.
+    pub http_header_timeout_ms: u64,
+    /// REST idle timeout, s.
+    pub http_idle_timeout_s: u64,
+    /// Links a gateway process holds.
+    pub link_max_connections: usize,
+    /// Link handshakes in progress.
+    pub link_max_handshakes: usize,
+    /// Link handshakes in progress per source.
+    pub link_max_handshakes_per_source: usize,
+    /// Embedded log segment size, bytes.
+    pub log_segment_bytes: u64,
     /// Where a gateway process listens for workers.
     pub link_addr: SocketAddr,
     /// Where a gateway or delivery process serves /metrics, if anywhere.
@@ -356,6 +400,17 @@ impl Config {
             max_packet_bytes: file.max_packet_bytes.unwrap_or(64 * 1024),
             connect_timeout_s: file.connect_timeout_s.unwrap_or(10),
             max_connections: file.max_connections.unwrap_or(100_000),
+            max_unauthenticated: file.max_unauthenticated.unwrap_or(4096),
+            max_unauthenticated_per_source: file.max_unauthenticated_per_source.unwrap_or(64),
+            reserved_fds: file.reserved_fds.unwrap_or(1024),
+            http_max_connections: file.http_max_connections.unwrap_or(8192),
+            http_max_connections_per_source: file.http_max_connections_per_source.unwrap_or(1024),
+            http_header_timeout_ms: file.http_header_timeout_ms.unwrap_or(10_000),
+            http_idle_timeout_s: file.http_idle_timeout_s.unwrap_or(60),
+            link_max_connections: file.link_max_connections.unwrap_or(256),
+            link_max_handshakes: file.link_max_handshakes.unwrap_or(64),
+            link_max_handshakes_per_source: file.link_max_handshakes_per_source.unwrap_or(8),
+            log_segment_bytes: file.log_segment_bytes.unwrap_or(64 << 20),
             metrics_addr: o.metrics_addr.or(file.metrics_addr),
             link_addr: o
                 .link_addr
@@ -447,6 +502,56 @@ impl Config {
         }
         if self.max_connections == 0 {
             bail!("max_connections must be at least 1");
+        }
+        for (key, value, total_key, total) in [
+            (
+                "max_unauthenticated_per_source",
+                self.max_unauthenticated_per_source,
+                "max_unauthenticated",
+                self.max_unauthenticated,
+            ),
+            (
+                "max_unauthenticated",
+                self.max_unauthenticated,
+                "max_connections",
+                self.max_connections,
+            ),
+            (
+                "http_max_connections_per_source",
+                self.http_max_connections_per_source,
+                "http_max_connections",
+                self.http_max_connections,
+            ),
+            (
+                "link_max_handshakes_per_source",
+                self.link_max_handshakes_per_source,
+                "link_max_handshakes",
+                self.link_max_handshakes,
+            ),
+            (
+                "link_max_handshakes",
+                self.link_max_handshakes,
+                "link_max_connections",
+                self.link_max_connections,
+            ),
+        ] {
+            if value == 0 || value > total {
+                bail!("{key} must be between 1 and {total_key} ({total})");
+            }
+        }
+        if !(100..=600_000).contains(&self.http_header_timeout_ms) {
+            bail!("http_header_timeout_ms must be between 100 and 600000");
+        }
+        if !(1..=86_400).contains(&self.http_idle_timeout_s) {
+            bail!("http_idle_timeout_s must be between 1 and 86400");
+        }
+        if self.reserved_fds < 64 {
+            bail!(
+                "reserved_fds must be at least 64: the log, the store and outbound clients need descriptors"
+            );
+        }
+        if !(4096..=(1 << 30)).contains(&self.log_segment_bytes) {
+            bail!("log_segment_bytes must be between 4096 and 1073741824");
         }
         if !(1..=1024).contains(&self.kafka_partitions) {
             bail!("kafka_partitions must be between 1 and 1024");

@@ -75,10 +75,13 @@ async fn open_kafka(config: &Config) -> anyhow::Result<(Partitions, Vec<Arc<Orde
     Ok((topic, logs))
 }
 
-/// Runs `serve_http` and the follower `workers` until a signal or a failure.
+/// Runs the API on `http` (with `router`) and the follower `workers` until a signal or a
+/// failure.
 async fn run_until_signal(
     workers: Vec<Worker>,
-    http: Option<(TcpListener, axum::Router)>,
+    config: &Config,
+    ingest: &Arc<Ingest>,
+    http: (TcpListener, axum::Router),
     shutdown_tx: watch::Sender<bool>,
 ) -> anyhow::Result<()> {
     let shutdown = shutdown_tx.subscribe();
@@ -86,16 +89,17 @@ async fn run_until_signal(
     for w in workers {
         tasks.spawn(w.run(shutdown.clone()));
     }
-    let http_task = http.map(|(listener, router)| {
-        let mut stop = shutdown.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
-        })
-    });
+    let fds = crate::serve::fd_budget(config, false)?;
+    let (listener, router) = http;
+    let http_task = Some(crate::serve::serve_http(
+        "http",
+        listener,
+        router,
+        config,
+        &fds,
+        ingest.health(),
+        shutdown.clone(),
+    ));
     let result = tokio::select! {
         _ = shutdown_signal() => { tracing::info!("shutting down"); Ok(()) }
         Some(r) = tasks.join_next() => match r {
@@ -169,24 +173,16 @@ async fn api_process(
 pub async fn ingest(config: Config) -> anyhow::Result<()> {
     let (workers, ingest, shutdown_tx, http) = api_process(&config).await?;
     tracing::info!(http = %http.local_addr()?, topic = %config.kafka_topic, partitions = workers.len(), "herald ingest serving");
-    run_until_signal(
-        workers,
-        Some((http, herald_ingest::router(ingest))),
-        shutdown_tx,
-    )
-    .await
+    let router = herald_ingest::router(ingest.clone());
+    run_until_signal(workers, &config, &ingest, (http, router), shutdown_tx).await
 }
 
 /// `herald nav`: `GET /v1/nav` alone, from the gateways' heartbeats in the log.
 pub async fn nav(config: Config) -> anyhow::Result<()> {
     let (workers, ingest, shutdown_tx, http) = api_process(&config).await?;
     tracing::info!(http = %http.local_addr()?, "herald nav serving");
-    run_until_signal(
-        workers,
-        Some((http, herald_ingest::nav_router(ingest))),
-        shutdown_tx,
-    )
-    .await
+    let router = herald_ingest::nav_router(ingest.clone());
+    run_until_signal(workers, &config, &ingest, (http, router), shutdown_tx).await
 }
 
 /// How often a process reading a shared store asks how far each partition is applied.
@@ -274,7 +270,7 @@ pub async fn deliver(config: Config) -> anyhow::Result<()> {
         .link_certs
         .clone()
         .context("herald deliver needs link_certs (--link-certs)")?;
-    crate::serve::serve_metrics(&config).await?;
+    let fds = crate::serve::fd_budget(&config, false)?;
     let (topic, kafka_logs) = open_kafka(&config).await?;
     let kafka = kafka_logs[0].clone();
     let (_db, store) = open_store(&config, &topic).await?;
@@ -293,6 +289,8 @@ pub async fn deliver(config: Config) -> anyhow::Result<()> {
             .waiting_for_registrations(),
     );
     let (shutdown_tx, shutdown) = watch::channel(false);
+    let health = herald_ingest::health::Health::new(Some(topic.clone()), Some(store.clone()));
+    crate::serve::serve_metrics(&config, &fds, &health, shutdown.clone()).await?;
     quic.run(directory.clone(), Arc::new(topic.clone()), shutdown.clone());
     let member = kafka
         .kafka()

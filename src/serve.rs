@@ -14,7 +14,10 @@ use herald_eventlog::embedded::EmbeddedLog;
 use herald_eventlog::{EventLog, Partitions};
 use herald_gateway::link::LinkTls;
 use herald_gateway::{Gateway, GatewayConfig, Hub, SessionLimits, Tls, transport};
+use herald_ingest::health::Health;
 use herald_ingest::{Ingest, IngestConfig};
+use herald_net::http::HttpTimeouts;
+use herald_net::{Caps, FdBudget, Gate};
 use herald_projections::embedded::{EmbeddedStore, open_database};
 use herald_projections::view::Store;
 use herald_schemas::seal::{KEY_BYTES, Keyring};
@@ -258,39 +261,93 @@ async fn open_cql(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     }
 }
 
-/// The API settings of `config`.
-/// Serves `/metrics` and `/healthz` on `config.metrics_addr`, if set, for the processes
-/// without a REST API (`herald gateway`, `herald deliver`); it stops with the process.
-pub async fn serve_metrics(config: &Config) -> anyhow::Result<()> {
+/// The file descriptors this process's connections may hold: its open-files limit
+/// (raised to the hard limit) less `reserved_fds`. Warns when the listeners' caps add up
+/// to more, since connections beyond it are refused.
+pub fn fd_budget(config: &Config, device_listeners: bool) -> anyhow::Result<FdBudget> {
+    let (fds, limits) = FdBudget::for_process(config.reserved_fds).map_err(anyhow::Error::msg)?;
+    let caps = config.http_max_connections
+        + if device_listeners {
+            config.max_connections
+        } else {
+            0
+        };
+    if caps > fds.capacity() {
+        tracing::warn!(
+            open_files_limit = limits.limit,
+            reserved_fds = limits.reserved,
+            for_connections = fds.capacity(),
+            listeners_caps = caps,
+            "the listeners' caps exceed the file descriptors left for connections: connections beyond them are refused (raise the open-files limit to hold more)"
+        );
+    }
+    Ok(fds)
+}
+
+/// The REST listener's caps: every HTTP connection counts as unauthenticated (requests
+/// authenticate, not connections), so the per-source cap covers all of a source's.
+fn http_caps(config: &Config) -> Caps {
+    Caps {
+        max_connections: config.http_max_connections,
+        max_unauthenticated: config.http_max_connections,
+        max_unauthenticated_per_source: config.http_max_connections_per_source,
+    }
+}
+
+/// Serves `router` on `listener` with the HTTP limits of `config`, as listener `name`
+/// (reported by `health`), until `shutdown`.
+pub fn serve_http(
+    name: &'static str,
+    listener: TcpListener,
+    router: axum::Router,
+    config: &Config,
+    fds: &FdBudget,
+    health: &Health,
+    shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let gate = Gate::new(name, http_caps(config), Some(fds.clone()));
+    health.listener(gate.clone());
+    let timeouts = HttpTimeouts {
+        header: Duration::from_millis(config.http_header_timeout_ms),
+        idle: Duration::from_secs(config.http_idle_timeout_s),
+    };
+    tokio::spawn(herald_net::http::serve(
+        listener, gate, router, timeouts, shutdown,
+    ))
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `config.metrics_addr`, if set, for the
+/// processes without a REST API (`herald gateway`, `herald deliver`), until `shutdown`.
+pub async fn serve_metrics(
+    config: &Config,
+    fds: &FdBudget,
+    health: &Arc<Health>,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let Some(addr) = config.metrics_addr else {
         return Ok(());
     };
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} (metrics_addr)"))?;
-    let app = axum::Router::new()
-        .route(
-            "/metrics",
-            axum::routing::get(|| async {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        herald_telemetry::metrics::CONTENT_TYPE,
-                    )],
-                    herald_telemetry::metrics::render(),
-                )
-            }),
-        )
-        .route("/healthz", axum::routing::get(|| async { "ok" }));
-    tracing::info!(%addr, "serving /metrics");
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "the metrics listener stopped");
-        }
-    });
+    let app = health.router().route(
+        "/metrics",
+        axum::routing::get(|| async {
+            (
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    herald_telemetry::metrics::CONTENT_TYPE,
+                )],
+                herald_telemetry::metrics::render(),
+            )
+        }),
+    );
+    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    serve_http("metrics", listener, app, config, fds, health, shutdown);
     Ok(())
 }
 
+/// The API settings of `config`.
 pub fn ingest_config(config: &Config, admin_token: String) -> IngestConfig {
     IngestConfig {
         admin_token,
@@ -318,6 +375,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         jwt_secret,
     } = load_secrets(&config, false)?;
     let dir = &config.data_dir;
+    let fds = fd_budget(&config, true)?;
     let log = open_log(&config).await?;
     let (db, store) = open_store(&config, &Partitions::single(log.clone())).await?;
 
@@ -364,7 +422,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // The overview's history starts now, not when the console is first opened.
     ingest.overview();
     let gateway = Gateway::new(
-        gateway_config(&config)?,
+        gateway_config(&config, &fds)?,
         hub,
         Arc::new(
             StoreDirectory::new(store.clone(), keyring)
@@ -396,15 +454,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         });
     }
+    let health = ingest.health().clone();
+    health.listener(gateway.gate().clone());
     let gateway_task = devices.serve(gateway, shutdown.clone());
-    let mut http_shutdown = shutdown.clone();
-    let http_task = tokio::spawn(async move {
-        axum::serve(http, herald_ingest::router(ingest))
-            .with_graceful_shutdown(async move {
-                let _ = http_shutdown.wait_for(|s| *s).await;
-            })
-            .await
-    });
+    let http_task = serve_http(
+        "http",
+        http,
+        herald_ingest::router(ingest),
+        &config,
+        &fds,
+        &health,
+        shutdown.clone(),
+    );
 
     let mut worker_task = worker_task;
     tokio::select! {
@@ -437,8 +498,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// The event log: on Kafka when `kafka_brokers` is set, else in the data dir.
 pub async fn open_log(config: &Config) -> anyhow::Result<Arc<dyn EventLog>> {
     let Some(brokers) = &config.kafka_brokers else {
+        let options = herald_eventlog::embedded::Options {
+            segment_bytes: config.log_segment_bytes,
+        };
         return Ok(Arc::new(
-            EmbeddedLog::open(&config.data_dir.join("log")).context("cannot open the event log")?,
+            EmbeddedLog::open_with(&config.data_dir.join("log"), options)
+                .context("cannot open the event log")?,
         ));
     };
     #[cfg(feature = "kafka")]
@@ -458,8 +523,9 @@ pub async fn open_log(config: &Config) -> anyhow::Result<Arc<dyn EventLog>> {
     }
 }
 
-/// The gateway settings of `config` (shared by `herald serve` and `herald gateway`).
-pub fn gateway_config(config: &Config) -> anyhow::Result<GatewayConfig> {
+/// The gateway settings of `config` (shared by `herald serve` and `herald gateway`); its
+/// connections draw on `fds`.
+pub fn gateway_config(config: &Config, fds: &FdBudget) -> anyhow::Result<GatewayConfig> {
     let tls = match &config.tls {
         Some((cert, key)) => Some(Tls(transport::tls_acceptor(cert, key)?)),
         None => None,
@@ -468,7 +534,12 @@ pub fn gateway_config(config: &Config) -> anyhow::Result<GatewayConfig> {
         gateway_id: config.gateway_id.clone(),
         max_packet_bytes: config.max_packet_bytes,
         connect_timeout: Duration::from_secs(config.connect_timeout_s),
-        max_connections: config.max_connections,
+        caps: Caps {
+            max_connections: config.max_connections,
+            max_unauthenticated: config.max_unauthenticated,
+            max_unauthenticated_per_source: config.max_unauthenticated_per_source,
+        },
+        fds: Some(fds.clone()),
         limits: SessionLimits {
             max_inflight: config.max_inflight,
             max_pending: config.max_pending,

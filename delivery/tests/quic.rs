@@ -79,6 +79,7 @@ fn setup() -> Setup {
         &LinkTls::in_dir(&certs, "gateway"),
         hub.clone(),
         "gw-test",
+        herald_gateway::link::LinkLimits::default(),
     )
     .expect("bind");
     let (stop, shutdown) = watch::channel(false);
@@ -374,6 +375,7 @@ async fn a_device_that_moves_gateways_is_routed_to_the_new_one_whatever_order_re
         &LinkTls::in_dir(&a.certs, "gateway"),
         b_hub.clone(),
         "gw-b",
+        herald_gateway::link::LinkLimits::default(),
     )
     .expect("bind");
     let (_stop_b, shutdown_b) = watch::channel(false);

@@ -23,6 +23,16 @@
 //! failed fsync the kernel may have dropped the dirty pages and a retry that "succeeds"
 //! would lie.
 //!
+//! # Resources
+//! What the log needs before it writes anything is had first, and lacking it is not a
+//! durability failure: the append fails with [`Error::Exhausted`], nothing was written,
+//! and the next append tries again. The committer writes through descriptors it already
+//! holds (the active segment, the directory) and keeps the next segment's file open
+//! ahead of time (`next.spare`, renamed into place when the active segment is full), so
+//! a process out of file descriptors still appends and even rolls a segment; it
+//! reserves the disk blocks of a group (`fallocate`, where the file system has it)
+//! before writing it, so a full disk refuses the append instead of failing the write.
+//!
 //! # Recovery
 //! Opening the log reads every record and checks its checksum and offset. A damaged
 //! record in the last segment after which no record of a *later* group commit is intact
@@ -40,19 +50,41 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use futures::future::BoxFuture;
 use tokio::sync::{oneshot, watch};
 
-use crate::{Append, Error, EventLog, Offset, Record, Stored};
+use crate::{Append, Error, EventLog, Health, Offset, Record, Stored};
 
 /// The largest record (key + value) the log accepts.
 pub const MAX_RECORD_BYTES: usize = 1 << 20;
 /// The most records one group commit writes before syncing.
 pub const MAX_BATCH_RECORDS: usize = 8192;
-/// A segment is closed once it holds this many bytes.
+/// A segment is closed once it holds this many bytes (the default of
+/// [`Options::segment_bytes`]).
 pub const SEGMENT_BYTES: u64 = 64 << 20;
+
+/// The file that becomes the next segment, created ahead of time.
+const SPARE: &str = "next.spare";
+
+/// How often at most the committer tries again to create a spare segment it could not.
+const SPARE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How the log is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// A segment is closed once it holds this many bytes.
+    pub segment_bytes: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            segment_bytes: SEGMENT_BYTES,
+        }
+    }
+}
 
 const HEADER: usize = 8;
 const BODY_FIXED: usize = 20;
@@ -68,7 +100,8 @@ pub struct Recovery {
 struct Segment {
     base: Offset,
     path: PathBuf,
-    file: File,
+    /// Shared with the committer, which writes through it without a descriptor of its own.
+    file: Arc<File>,
     /// Byte position of each record; the record `base + i` starts at `positions[i]`.
     positions: Vec<u64>,
     /// Bytes of intact records.
@@ -105,6 +138,8 @@ pub struct EmbeddedLog {
     requests: Option<std_mpsc::SyncSender<AppendRequest>>,
     end: watch::Receiver<Offset>,
     poisoned: Arc<AtomicBool>,
+    /// Why the last group was refused for want of a resource, until one succeeds.
+    refusing: Arc<Mutex<Option<String>>>,
     fsyncs: Arc<AtomicU64>,
     recovery: Recovery,
     _lock: Option<File>,
@@ -120,6 +155,32 @@ impl std::fmt::Debug for EmbeddedLog {
 
 fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
     Error::Storage(format!("{what} {}: {e}", path.display()))
+}
+
+/// The resource `e` says the process or the machine lacks (descriptors, disk space,
+/// memory), if it is that rather than the storage failing. Also the metric's label.
+fn lacking(e: &std::io::Error) -> Option<&'static str> {
+    use rustix::io::Errno;
+    let errno = Errno::from_raw_os_error(e.raw_os_error()?);
+    if errno == Errno::MFILE || errno == Errno::NFILE {
+        Some("files")
+    } else if errno == Errno::NOSPC || errno == Errno::DQUOT {
+        Some("disk")
+    } else if errno == Errno::NOMEM {
+        Some("memory")
+    } else {
+        None
+    }
+}
+
+/// An error of a step taken before anything was written: [`Error::Exhausted`] (its
+/// text starts with what was lacking) when a resource was lacking, else a storage
+/// failure.
+fn before_write(what: &str, path: &Path, e: std::io::Error) -> Error {
+    match lacking(&e) {
+        Some(resource) => Error::Exhausted(format!("{resource}: {what} {}: {e}", path.display())),
+        None => io(what, path, e),
+    }
 }
 
 fn segment_name(base: Offset) -> String {
@@ -329,7 +390,7 @@ fn scan(dir: &Path, repair: bool) -> Result<(Vec<Segment>, Recovery), Error> {
         segments.push(Segment {
             base,
             path,
-            file,
+            file: Arc::new(file),
             positions,
             len,
         });
@@ -337,28 +398,16 @@ fn scan(dir: &Path, repair: bool) -> Result<(Vec<Segment>, Recovery), Error> {
     Ok((segments, recovery))
 }
 
-fn sync_dir(dir: &Path) -> Result<(), Error> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io("cannot sync directory", dir, e))
-}
-
-fn new_segment(dir: &Path, base: Offset) -> Result<Segment, Error> {
-    let path = dir.join(segment_name(base));
-    let file = OpenOptions::new()
+/// Opens `path` for reading and writing, created empty.
+fn create_segment_file(path: &Path) -> std::io::Result<File> {
+    // Truncating is safe: a file at the next segment's name or the spare's holds no
+    // durable record (a segment is named by the durable end when it starts).
+    OpenOptions::new()
         .read(true)
         .write(true)
-        .create_new(true)
-        .open(&path)
-        .map_err(|e| io("cannot create", &path, e))?;
-    sync_dir(dir)?;
-    Ok(Segment {
-        base,
-        path,
-        file,
-        positions: Vec::new(),
-        len: 0,
-    })
+        .create(true)
+        .truncate(true)
+        .open(path)
 }
 
 impl EmbeddedLog {
@@ -366,6 +415,17 @@ impl EmbeddedLog {
     /// the module docs) and starts its committer thread. One process at a time: the
     /// directory is locked.
     pub fn open(dir: &Path) -> Result<Self, Error> {
+        Self::open_with(dir, Options::default())
+    }
+
+    /// [`EmbeddedLog::open`] with `options`.
+    pub fn open_with(dir: &Path, options: Options) -> Result<Self, Error> {
+        if options.segment_bytes < 1024 {
+            return Err(Error::Storage(format!(
+                "a segment must hold at least 1024 bytes, not {}",
+                options.segment_bytes
+            )));
+        }
         std::fs::create_dir_all(dir).map_err(|e| io("cannot create", dir, e))?;
         let lock_path = dir.join("lock");
         let lock = OpenOptions::new()
@@ -380,10 +440,8 @@ impl EmbeddedLog {
                 dir.display()
             ))
         })?;
-        let (mut segments, recovery) = scan(dir, true)?;
-        if segments.is_empty() {
-            segments.push(new_segment(dir, 0)?);
-        }
+        let dir_handle = File::open(dir).map_err(|e| io("cannot open", dir, e))?;
+        let (segments, recovery) = scan(dir, true)?;
         let next = segments.last().map(Segment::end).unwrap_or(0);
         let shared = Arc::new(Shared {
             segments: RwLock::new(segments),
@@ -393,16 +451,28 @@ impl EmbeddedLog {
         // without limit.
         let (requests, rx) = std_mpsc::sync_channel(4096);
         let poisoned = Arc::new(AtomicBool::new(false));
+        let refusing = Arc::new(Mutex::new(None));
         let fsyncs = Arc::new(AtomicU64::new(0));
-        let committer = Committer {
+        let mut committer = Committer {
             dir: dir.to_owned(),
+            dir_handle,
+            options,
             shared: shared.clone(),
             next,
             end: end_tx,
             poisoned: poisoned.clone(),
+            refusing: refusing.clone(),
             fsyncs: fsyncs.clone(),
             buf: Vec::new(),
+            spare: None,
+            spare_tried: None,
+            fallocate: true,
         };
+        // The first segment of a new log, and the spare that will follow the active one.
+        if committer.shared.read().is_empty() {
+            committer.roll()?;
+        }
+        committer.make_spare();
         std::thread::Builder::new()
             .name("herald-log-commit".into())
             .spawn(move || committer.run(rx))
@@ -412,6 +482,7 @@ impl EmbeddedLog {
             requests: Some(requests),
             end,
             poisoned,
+            refusing,
             fsyncs,
             recovery,
             _lock: Some(lock),
@@ -436,6 +507,7 @@ impl EmbeddedLog {
             requests: None,
             end,
             poisoned: Arc::new(AtomicBool::new(false)),
+            refusing: Arc::new(Mutex::new(None)),
             fsyncs: Arc::new(AtomicU64::new(0)),
             recovery,
             _lock: None,
@@ -568,16 +640,37 @@ impl EventLog for EmbeddedLog {
     fn durable_end(&self) -> watch::Receiver<Offset> {
         self.end.clone()
     }
+
+    fn health(&self) -> Health {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Health::Failed(Error::Poisoned.to_string());
+        }
+        match &*self.refusing.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(why) => Health::Degraded(why.clone()),
+            None => Health::Ok,
+        }
+    }
 }
 
 struct Committer {
     dir: PathBuf,
+    /// The log's directory, held open to sync it after a segment starts.
+    dir_handle: File,
+    options: Options,
     shared: Arc<Shared>,
     next: Offset,
     end: watch::Sender<Offset>,
     poisoned: Arc<AtomicBool>,
+    refusing: Arc<Mutex<Option<String>>>,
     fsyncs: Arc<AtomicU64>,
     buf: Vec<u8>,
+    /// The next segment's file, open ahead of time ([`SPARE`]).
+    spare: Option<File>,
+    /// When creating the spare last failed.
+    spare_tried: Option<std::time::Instant>,
+    /// Whether the file system reserves blocks (`fallocate`); off after it said it
+    /// does not.
+    fallocate: bool,
 }
 
 impl Committer {
@@ -606,6 +699,7 @@ impl Committer {
             let began = std::time::Instant::now();
             match self.commit(&group) {
                 Ok(()) => {
+                    self.set_refusing(None);
                     herald_telemetry::metrics::log_synced(count, began.elapsed());
                     // Readers see the records before their appenders hear back, so a
                     // reader started after an answer always finds the record.
@@ -618,6 +712,18 @@ impl Committer {
                     }
                     assert_eq!(offset, self.next, "group commit assigned offsets densely");
                 }
+                Err(Error::Exhausted(why)) => {
+                    // Nothing was written: refuse this group, keep the log.
+                    let resource = ["files", "disk", "memory"]
+                        .into_iter()
+                        .find(|r| why.starts_with(r))
+                        .unwrap_or("other");
+                    herald_telemetry::metrics::log_refused(resource);
+                    self.set_refusing(Some(why.clone()));
+                    for req in group {
+                        let _ = req.reply.send(Err(Error::Exhausted(why.clone())));
+                    }
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "event log write failed; poisoning the log");
                     self.poisoned.store(true, Ordering::Release);
@@ -629,17 +735,102 @@ impl Committer {
         }
     }
 
+    /// Notes (or clears) why appends are refused, logging only the changes.
+    fn set_refusing(&self, why: Option<String>) {
+        let mut r = self.refusing.lock().unwrap_or_else(|e| e.into_inner());
+        match (&*r, &why) {
+            (None, Some(w)) => tracing::warn!(
+                reason = %w,
+                "the event log is refusing appends (nothing written, not poisoned) until the resource is back"
+            ),
+            (Some(_), None) => tracing::info!("the event log takes appends again"),
+            _ => {}
+        }
+        *r = why;
+    }
+
+    /// Creates the spare segment file if there is none, at most once a second after a
+    /// failure. A failure here costs nothing yet: the roll tries again.
+    fn make_spare(&mut self) {
+        if self.spare.is_some() || self.spare_tried.is_some_and(|t| t.elapsed() < SPARE_RETRY) {
+            return;
+        }
+        let path = self.dir.join(SPARE);
+        match create_segment_file(&path) {
+            Ok(f) => {
+                self.spare = Some(f);
+                self.spare_tried = None;
+            }
+            Err(e) => {
+                if self.spare_tried.is_none() {
+                    tracing::warn!(error = %e, path = %path.display(), "cannot create the next segment ahead of time; will try again");
+                }
+                self.spare_tried = Some(std::time::Instant::now());
+            }
+        }
+    }
+
+    /// Starts the segment at `self.next`: the spare renamed into place, or a new file
+    /// when there is no spare; the directory is synced either way. A file that could not
+    /// be had is [`Error::Exhausted`]: nothing was written.
+    fn roll(&mut self) -> Result<(), Error> {
+        let path = self.dir.join(segment_name(self.next));
+        let file = match self.spare.take() {
+            Some(spare) => match std::fs::rename(self.dir.join(SPARE), &path) {
+                Ok(()) => spare,
+                Err(e) => return Err(before_write("cannot start segment", &path, e)),
+            },
+            None => {
+                create_segment_file(&path).map_err(|e| before_write("cannot create", &path, e))?
+            }
+        };
+        // The segment's name must be durable before any record in it is acknowledged.
+        self.dir_handle
+            .sync_all()
+            .map_err(|e| io("cannot sync directory", &self.dir, e))?;
+        self.shared.write().push(Segment {
+            base: self.next,
+            path,
+            file: Arc::new(file),
+            positions: Vec::new(),
+            len: 0,
+        });
+        Ok(())
+    }
+
+    /// Reserves the disk blocks of `len` bytes at `at` of `file`, so a full disk shows
+    /// before the write. Off for good on a file system that cannot.
+    fn reserve(&mut self, file: &File, at: u64, len: u64, path: &Path) -> Result<(), Error> {
+        use rustix::fs::{FallocateFlags, fallocate};
+        use rustix::io::Errno;
+        if !self.fallocate || len == 0 {
+            return Ok(());
+        }
+        match fallocate(file, FallocateFlags::KEEP_SIZE, at, len) {
+            Ok(()) => Ok(()),
+            Err(Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL) => {
+                self.fallocate = false;
+                Ok(())
+            }
+            Err(e) => Err(before_write(
+                "cannot reserve space in",
+                path,
+                std::io::Error::from(e),
+            )),
+        }
+    }
+
     fn commit(&mut self, group: &[AppendRequest]) -> Result<(), Error> {
         // Close the active segment once it is full.
         let full = self
             .shared
             .read()
             .last()
-            .is_none_or(|s| s.len >= SEGMENT_BYTES);
+            .is_none_or(|s| s.len >= self.options.segment_bytes);
         if full {
-            let seg = new_segment(&self.dir, self.next)?;
-            self.shared.write().push(seg);
+            self.roll()?;
         }
+        self.make_spare();
         self.buf.clear();
         let mut positions = Vec::with_capacity(group.iter().map(|r| r.records.len()).sum());
         let mut offset = self.next;
@@ -654,14 +845,9 @@ impl Committer {
         let (file, at, path) = {
             let segs = self.shared.read();
             let seg = segs.last().ok_or(Error::Closed)?;
-            (
-                seg.file
-                    .try_clone()
-                    .map_err(|e| io("cannot use", &seg.path, e))?,
-                seg.len,
-                seg.path.clone(),
-            )
+            (seg.file.clone(), seg.len, seg.path.clone())
         };
+        self.reserve(&file, at, self.buf.len() as u64, &path)?;
         file.write_all_at(&self.buf, at)
             .map_err(|e| io("cannot write", &path, e))?;
         file.sync_data().map_err(|e| io("cannot sync", &path, e))?;

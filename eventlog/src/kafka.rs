@@ -578,6 +578,8 @@ struct TopicShared {
     reader_config: ClientConfig,
     /// Each partition's durable end.
     ends: Vec<tokio::sync::watch::Sender<crate::Offset>>,
+    /// Why the last append failed, until one succeeds (for health checks).
+    append_failure: std::sync::Mutex<Option<String>>,
 }
 
 impl TopicShared {
@@ -693,6 +695,7 @@ impl OrderedKafkaLog {
             watermarks: std::sync::Mutex::new(watermarks),
             reader_config: reader.clone(),
             ends,
+            append_failure: std::sync::Mutex::new(None),
         });
         let mut out = Vec::new();
         for p in 0..topic.log.partitions() {
@@ -797,7 +800,13 @@ impl crate::Append for OrderedKafkaLog {
         let partition = self.partition;
         let topic = self.topic.clone();
         Box::pin(async move {
-            let positions = produce(&producer, &name, timeout, records, |_| partition).await?;
+            let produced = produce(&producer, &name, timeout, records, |_| partition).await;
+            *topic
+                .append_failure
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) =
+                produced.as_ref().err().map(ToString::to_string);
+            let positions = produced?;
             let offsets: Vec<crate::Offset> = positions
                 .iter()
                 .map(|p| u64::try_from(p.offset).unwrap_or(0))
@@ -811,6 +820,18 @@ impl crate::Append for OrderedKafkaLog {
 }
 
 impl crate::EventLog for OrderedKafkaLog {
+    fn health(&self) -> crate::Health {
+        match &*self
+            .topic
+            .append_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+        {
+            Some(why) => crate::Health::Degraded(why.clone()),
+            None => crate::Health::Ok,
+        }
+    }
+
     fn read(
         &self,
         from: crate::Offset,

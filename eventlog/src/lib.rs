@@ -76,6 +76,11 @@ pub enum Error {
         /// The limit.
         max: usize,
     },
+    /// A resource the log needed before writing anything could not be had (a file
+    /// descriptor to start a segment, disk space for the records). Nothing was written
+    /// and the log is not poisoned: appends succeed again once the resource is back.
+    #[error("event log cannot take appends now: {0}; nothing was written")]
+    Exhausted(String),
     /// A stored record failed its checksum or offset check: the log is corrupt.
     #[error("the event log is corrupt at offset {offset}: {reason}")]
     Corrupt {
@@ -84,6 +89,31 @@ pub enum Error {
         /// What was wrong, and where in which file.
         reason: String,
     },
+}
+
+/// Whether the log can take appends, for health checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Health {
+    /// Appends succeed.
+    Ok,
+    /// The last append was refused for a reason that passes by itself (a resource the
+    /// log lacked, brokers out of reach); the next may succeed.
+    Degraded(String),
+    /// The log accepts nothing until the process restarts (a failed write or fsync
+    /// poisoned it).
+    Failed(String),
+}
+
+impl Health {
+    /// The worse of two.
+    pub fn worst(self, other: Health) -> Health {
+        match (self, other) {
+            (f @ Health::Failed(_), _) | (_, f @ Health::Failed(_)) => f,
+            (d @ Health::Degraded(_), _) | (_, d @ Health::Degraded(_)) => d,
+            _ => Health::Ok,
+        }
+    }
 }
 
 /// Appending to the log: all a writer needs (ingest, a gateway). A gateway in its own
@@ -104,6 +134,11 @@ pub trait EventLog: Append {
     /// The durable end: the offset the next record will get. Changes whenever an append
     /// becomes durable, so followers can wait on it to tail the log.
     fn durable_end(&self) -> watch::Receiver<Offset>;
+
+    /// Whether appends succeed now, as far as the log knows without trying one.
+    fn health(&self) -> Health {
+        Health::Ok
+    }
 }
 
 /// The log as a topic of partitions, each an [`EventLog`] with offsets of its own.
@@ -151,6 +186,13 @@ impl Partitions {
     /// Every partition, in order.
     pub fn all(&self) -> &[std::sync::Arc<dyn EventLog>] {
         &self.logs
+    }
+
+    /// The worst health of any partition.
+    pub fn health(&self) -> Health {
+        self.logs
+            .iter()
+            .fold(Health::Ok, |h, log| h.worst(log.health()))
     }
 }
 

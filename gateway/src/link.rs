@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use herald_eventlog::{Append, Offset, Record};
+use herald_net::{Caps, Gate};
 use herald_schemas::link::wire::{self, down, reply, up};
 use herald_schemas::link::{self as frames, BacklogPage};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
@@ -352,9 +353,34 @@ impl Links {
     }
 }
 
+/// What the link listener admits: it is a UDP socket, so its connections hold no file
+/// descriptor, but a handshake costs CPU and memory until it completes or times out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkLimits {
+    /// Links held, handshakes that have not completed, and handshakes from one source.
+    pub caps: Caps,
+    /// How long a QUIC + TLS handshake (the worker's certificate checked) may take.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for LinkLimits {
+    fn default() -> Self {
+        LinkLimits {
+            caps: Caps {
+                max_connections: 256,
+                max_unauthenticated: 64,
+                max_unauthenticated_per_source: 8,
+            },
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// The gateway's link listener.
 pub struct LinkServer {
     endpoint: quinn::Endpoint,
+    gate: Arc<Gate>,
+    handshake_timeout: Duration,
     hub: Arc<Hub>,
     gateway_id: String,
     links: Arc<Links>,
@@ -362,16 +388,19 @@ pub struct LinkServer {
 }
 
 impl LinkServer {
-    /// Listens on `addr` (UDP) with `tls`.
+    /// Listens on `addr` (UDP) with `tls`, admitting links within `limits`.
     pub fn bind(
         addr: SocketAddr,
         tls: &LinkTls,
         hub: Arc<Hub>,
         gateway_id: impl Into<String>,
+        limits: LinkLimits,
     ) -> Result<Arc<Self>, LinkError> {
         let endpoint = quinn::Endpoint::server(tls.server_config()?, addr)?;
         Ok(Arc::new(LinkServer {
             endpoint,
+            gate: Gate::new("link", limits.caps, None),
+            handshake_timeout: limits.handshake_timeout,
             hub,
             gateway_id: gateway_id.into(),
             links: Arc::new(Links::default()),
@@ -398,6 +427,11 @@ impl LinkServer {
         })
     }
 
+    /// The admission state of the link listener (for `/readyz`).
+    pub fn gate(&self) -> &Arc<Gate> {
+        &self.gate
+    }
+
     /// How many workers are linked.
     pub fn linked(&self) -> usize {
         self.links
@@ -409,28 +443,47 @@ impl LinkServer {
 
     /// Accepts links until `shutdown` turns true.
     pub async fn serve(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        self.gate.set_accepting(true);
         loop {
             tokio::select! {
                 incoming = self.endpoint.accept() => {
-                    let Some(incoming) = incoming else { return };
+                    let Some(incoming) = incoming else { break };
+                    let remote = incoming.remote_address();
+                    let Ok(mut ticket) = self.gate.admit(remote) else {
+                        // Over a cap: refused at once, before any cryptography.
+                        incoming.refuse();
+                        continue;
+                    };
                     let server = self.clone();
                     tokio::spawn(async move {
-                        let remote = incoming.remote_address();
-                        match incoming.await {
-                            Ok(conn) => server.run_link(conn).await,
+                        match tokio::time::timeout(server.handshake_timeout, incoming).await {
+                            Ok(Ok(conn)) => {
+                                // Mutual TLS checked the worker's certificate.
+                                ticket.authenticated();
+                                server.run_link(conn).await;
+                            }
                             // Includes peers whose certificate the CA did not sign.
-                            Err(e) => tracing::warn!(%remote, error = %e, "link refused"),
+                            Ok(Err(e)) => {
+                                herald_telemetry::metrics::listener_refused("link", "handshake_failed");
+                                tracing::debug!(%remote, error = %e, "link refused");
+                            }
+                            Err(_) => {
+                                herald_telemetry::metrics::listener_refused("link", "handshake_timeout");
+                                tracing::debug!(%remote, "link handshake timed out");
+                            }
                         }
+                        drop(ticket);
                     });
                 }
                 _ = shutdown.changed() => {
                     if *shutdown.borrow() {
                         self.endpoint.close(quinn::VarInt::from_u32(CLOSE_NORMAL), b"shutting down");
-                        return;
+                        break;
                     }
                 }
             }
         }
+        self.gate.set_accepting(false);
     }
 
     async fn run_link(self: Arc<Self>, conn: quinn::Connection) {

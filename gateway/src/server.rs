@@ -9,13 +9,14 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use herald_eventlog::{Append, Record};
+use herald_net::{Caps, FdBudget, Gate, Ticket};
 use herald_schemas::events::{
     self, DeviceAcked, DeviceConnected, DeviceDisconnected, DeviceReceived, Event,
     GatewayHeartbeat, Kind,
 };
 use herald_schemas::link::BacklogPage;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 
 use crate::codec::{
     self, CONNACK_ACCEPTED, CodecError, ConnAck, LEVEL_5, Packet, Properties, Value, properties,
@@ -68,8 +69,12 @@ pub struct GatewayConfig {
     pub max_packet_bytes: usize,
     /// How long a new connection may take to send CONNECT.
     pub connect_timeout: Duration,
-    /// Most connections held at once.
-    pub max_connections: usize,
+    /// Caps on device connections over both listeners: held, not yet past CONNACK, and
+    /// not yet past CONNACK from one source.
+    pub caps: Caps,
+    /// The process's descriptors for connections, if the gateway draws on a shared
+    /// budget (see [`herald_net::FdBudget`]).
+    pub fds: Option<FdBudget>,
     /// Per-session limits.
     pub limits: SessionLimits,
     /// How long a write to a device may take before the connection is closed.
@@ -102,7 +107,12 @@ impl Default for GatewayConfig {
             gateway_id: "gateway-1".into(),
             max_packet_bytes: 64 * 1024,
             connect_timeout: Duration::from_secs(10),
-            max_connections: 100_000,
+            caps: Caps {
+                max_connections: 100_000,
+                max_unauthenticated: 4096,
+                max_unauthenticated_per_source: 64,
+            },
+            fds: None,
             limits: SessionLimits::default(),
             write_timeout: Duration::from_secs(30),
             advertised_mqtt: "mqtt://127.0.0.1:9493".into(),
@@ -121,8 +131,8 @@ pub struct Gateway {
     directory: Arc<dyn DeviceDirectory>,
     events: mpsc::Sender<Event>,
     log: Arc<dyn Append>,
-    /// One per connection held, over every listener.
-    permits: Arc<Semaphore>,
+    /// Admission over both device listeners.
+    gate: Arc<Gate>,
 }
 
 /// How many events the gateway queues for the log before connections wait.
@@ -166,7 +176,7 @@ impl Gateway {
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
         tokio::spawn(append_events(rx, log.clone()));
         Arc::new(Gateway {
-            permits: Arc::new(Semaphore::new(config.max_connections)),
+            gate: Gate::new("devices", config.caps, config.fds.clone()),
             config,
             hub,
             directory,
@@ -188,6 +198,11 @@ impl Gateway {
         self.listen(listener, true, shutdown).await;
     }
 
+    /// The admission state of the device listeners (for `/readyz`).
+    pub fn gate(&self) -> &Arc<Gate> {
+        &self.gate
+    }
+
     async fn listen(
         self: Arc<Self>,
         listener: TcpListener,
@@ -196,31 +211,18 @@ impl Gateway {
     ) {
         loop {
             let accepted = tokio::select! {
-                a = listener.accept() => a,
+                a = herald_net::accept(&listener, &self.gate) => a,
                 _ = shutdown.changed() => break,
             };
-            let (stream, peer) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, keep serving.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-                tracing::warn!(%peer, "connection limit reached; refusing");
-                drop(stream);
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
+            let _ = accepted.stream.set_nodelay(true);
             let gw = self.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                gw.accept(stream, ws, shutdown).await;
-                drop(permit);
+                gw.accept(accepted.stream, ws, accepted.ticket, shutdown)
+                    .await;
             });
         }
+        self.gate.set_accepting(false);
     }
 
     /// Tells navigation, through the log, that this gateway is alive, every
@@ -261,7 +263,13 @@ impl Gateway {
 
     /// Sets up a new connection's transport (TLS, WebSocket), then serves it; the
     /// handshakes and the CONNECT together must take less than `connect_timeout`.
-    async fn accept(&self, stream: TcpStream, ws: bool, shutdown: watch::Receiver<bool>) {
+    async fn accept(
+        &self,
+        stream: TcpStream,
+        ws: bool,
+        mut ticket: Ticket,
+        shutdown: watch::Receiver<bool>,
+    ) {
         let deadline = tokio::time::Instant::now() + self.config.connect_timeout;
         // A WebSocket message holds at most one packet's worth more than the limit.
         let max_message = self.config.max_packet_bytes + READ_CHUNK;
@@ -283,13 +291,19 @@ impl Gateway {
                 // Every event of the session carries the device (once it is known).
                 let span = tracing::debug_span!("device", device_id = tracing::field::Empty, ws);
                 tracing::Instrument::instrument(
-                    self.connection(transport, deadline, shutdown),
+                    self.connection(transport, deadline, &mut ticket, shutdown),
                     span,
                 )
                 .await
             }
-            Ok(Err(e)) => tracing::debug!(error = %e, ws, "handshake failed; closing"),
-            Err(_) => tracing::debug!(ws, "no handshake in time; closing"),
+            Ok(Err(e)) => {
+                herald_telemetry::metrics::gateway_refused("handshake_failed");
+                tracing::debug!(error = %e, ws, "handshake failed; closing");
+            }
+            Err(_) => {
+                herald_telemetry::metrics::gateway_refused("handshake_timeout");
+                tracing::debug!(ws, "no handshake in time; closing");
+            }
         }
     }
 
@@ -306,6 +320,7 @@ impl Gateway {
         let connect = match first {
             Ok(Ok(Packet::Connect(c))) => c,
             Ok(Err(ReadError::Codec(e, level))) => {
+                herald_telemetry::metrics::gateway_refused("malformed_connect");
                 tracing::debug!(error = %e, "bad CONNECT; closing");
                 // A level this codec does not speak gets the 3.1.1 answer; a bad MQTT 5
                 // CONNECT the reason code of what is wrong with it.
@@ -322,14 +337,17 @@ impl Gateway {
                 return None;
             }
             Ok(Ok(other)) => {
+                herald_telemetry::metrics::gateway_refused("not_connect");
                 tracing::debug!(packet = ?other, "first packet is not CONNECT; closing");
                 return None;
             }
             Ok(Err(e)) => {
+                herald_telemetry::metrics::gateway_refused("no_connect");
                 tracing::debug!(error = %e, "no CONNECT; closing");
                 return None;
             }
             Err(_) => {
+                herald_telemetry::metrics::gateway_refused("connect_timeout");
                 tracing::debug!("no CONNECT in time; closing");
                 return None;
             }
@@ -339,10 +357,12 @@ impl Gateway {
         let refuse = |v311: u8, v5_code: u8| if v5 { v5_code } else { v311 };
         if v5 && connect.properties.has(properties::AUTH_METHOD) {
             // Enhanced authentication is not offered: the device token is the password.
+            herald_telemetry::metrics::gateway_refused("auth_method");
             let _ = send_connack(stream, level, reason::BAD_AUTH_METHOD, None).await;
             return None;
         }
         if connect.client_id.is_empty() {
+            herald_telemetry::metrics::gateway_refused("client_id");
             let code = refuse(codec::CONNACK_ID_REJECTED, reason::CLIENT_ID_NOT_VALID);
             let _ = send_connack(stream, level, code, None).await;
             return None;
@@ -357,12 +377,14 @@ impl Gateway {
         let device = match authentic {
             Ok(Some(device)) => device,
             Ok(None) => {
-                tracing::info!(device_id = %device_id, "device refused: not authorized");
+                herald_telemetry::metrics::gateway_refused("not_authorized");
+                tracing::debug!(device_id = %device_id, "device refused: not authorized");
                 let code = refuse(codec::CONNACK_NOT_AUTHORIZED, reason::NOT_AUTHORIZED);
                 let _ = send_connack(stream, level, code, None).await;
                 return None;
             }
             Err(e) => {
+                herald_telemetry::metrics::gateway_refused("unavailable");
                 tracing::warn!(error = %e, "cannot authenticate device");
                 let code = refuse(codec::CONNACK_UNAVAILABLE, reason::SERVER_UNAVAILABLE);
                 let _ = send_connack(stream, level, code, None).await;
@@ -426,6 +448,7 @@ impl Gateway {
         &self,
         mut stream: Transport,
         deadline: tokio::time::Instant,
+        ticket: &mut Ticket,
         mut shutdown: watch::Receiver<bool>,
     ) {
         // Boxed for the same reason: the CONNECT's state is not kept for the connection's
@@ -436,6 +459,8 @@ impl Gateway {
             stream.close().await;
             return;
         };
+        // Past CONNACK: no longer counted against the unauthenticated caps.
+        ticket.authenticated();
         tracing::Span::current().record("device_id", &*device_id);
         let reg = self.hub.register(device_id.clone());
         herald_telemetry::metrics::connected();

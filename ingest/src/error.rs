@@ -117,6 +117,12 @@ impl From<herald_eventlog::Error> for ApiError {
             herald_eventlog::Error::RecordTooLarge { .. } => {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.to_string())
             }
+            herald_eventlog::Error::Exhausted(reason) => {
+                tracing::debug!(%reason, "event log refused an append");
+                ApiError::unavailable(
+                    "the event log cannot take writes right now; nothing was accepted; retry later",
+                )
+            }
             herald_eventlog::Error::Unavailable(reason) => {
                 tracing::warn!(%reason, "event log unavailable");
                 ApiError::unavailable(

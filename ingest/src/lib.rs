@@ -20,6 +20,7 @@ pub mod admin;
 pub mod auth;
 pub mod console;
 pub mod error;
+pub mod health;
 pub mod nav;
 pub mod replay;
 pub mod routes;
@@ -107,6 +108,7 @@ pub struct Ingest {
     overview: std::sync::OnceLock<Arc<herald_telemetry::overview::Overview>>,
     idempotency_locks: Vec<tokio::sync::Mutex<()>>,
     nav: Arc<nav::Navigator>,
+    health: Arc<health::Health>,
 }
 
 /// How many locks serialize requests with an Idempotency-Key (by hash of app and key).
@@ -164,7 +166,9 @@ impl Ingest {
             mqtt: config.gateway_mqtt.clone(),
             ws: config.gateway_ws.clone(),
         }));
+        let health = health::Health::new(Some(log.clone()), Some(store.clone()));
         Arc::new(Ingest {
+            health,
             config,
             log,
             store,
@@ -188,6 +192,11 @@ impl Ingest {
                 herald_telemetry::overview::Overview::start(std::time::Duration::from_secs(1))
             })
             .clone()
+    }
+
+    /// What `/healthz` and `/readyz` report; add the process's listeners to it.
+    pub fn health(&self) -> &Arc<health::Health> {
+        &self.health
     }
 
     /// Navigation: feed it with [`nav::Navigator::follow`] over the log, or devices are

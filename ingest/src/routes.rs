@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::header::AUTHORIZATION;
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
@@ -742,10 +742,22 @@ async fn recall(
 
 // ---------------------------------------------------------------------------- misc
 
-/// Liveness.
-#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "Serving")))]
-async fn healthz() -> impl IntoResponse {
-    Json(serde_json::json!({"status": "ok"}))
+/// Liveness: 503 only when a restart is what the process needs (its event log was
+/// poisoned by a failed write or fsync).
+#[utoipa::path(get, path = "/healthz", responses(
+    (status = 200, description = "Alive", body = crate::health::HealthReport),
+    (status = 503, description = "Needs a restart: the event log is poisoned", body = crate::health::HealthReport)))]
+async fn healthz(State(ingest): State<Arc<Ingest>>) -> Response {
+    ingest.health.respond(false)
+}
+
+/// Readiness: 503 while the process cannot serve (the event log refusing or failed, the
+/// store not answering, a listener not accepting); the body names each part's state.
+#[utoipa::path(get, path = "/readyz", responses(
+    (status = 200, description = "Ready", body = crate::health::HealthReport),
+    (status = 503, description = "Not ready: the body says what is not", body = crate::health::HealthReport)))]
+async fn readyz(State(ingest): State<Arc<Ingest>>) -> Response {
+    ingest.health.respond(true)
 }
 
 async fn not_found(method: axum::http::Method) -> ApiError {
@@ -847,7 +859,7 @@ async fn navigate(
 #[derive(OpenApi)]
 #[openapi(
     info(title = "herald", description = "Durable, real-time push-message delivery."),
-    paths(create_app, oauth_token, register_device, push, message_status, recall, navigate, healthz, metrics),
+    paths(create_app, oauth_token, register_device, push, message_status, recall, navigate, healthz, readyz, metrics),
     modifiers(&SecuritySchemes)
 )]
 pub struct ApiDoc;
@@ -869,6 +881,7 @@ pub(crate) fn nav_router(ingest: Arc<Ingest>) -> Router {
     Router::new()
         .route("/v1/nav", get(navigate))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route_layer(axum::middleware::from_fn(track))
         .fallback(not_found)
@@ -885,6 +898,7 @@ pub(crate) fn router(ingest: Arc<Ingest>) -> Router {
         .route("/v1/messages/{id}", get(message_status).delete(recall))
         .route("/v1/nav", get(navigate))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi_json))
         .route("/metrics", get(metrics))
         .merge(crate::admin::routes())

@@ -19,6 +19,11 @@
 //! | `herald_gateway_backlog_entries_total` | counter | | entries read back from a stored inbox: missed while offline, or resent after a reconnect |
 //! | `herald_gateway_acks_total` | counter | | PUBACKs / PUBCOMPs from devices |
 //! | `herald_gateway_inflight` | gauge | | entries sent and not yet acknowledged |
+//! | `herald_gateway_refused_total` | counter | reason | device connections refused before CONNACK accepted them |
+//! | `herald_listener_connections` | gauge | listener | connections a listener holds |
+//! | `herald_listener_refused_total` | counter | listener, reason | connections closed at accept: over a cap, or no descriptor to spare |
+//! | `herald_listener_accept_errors_total` | counter | listener | accepts that failed for want of a resource (EMFILE, ENFILE, ...) |
+//! | `herald_log_refused_appends_total` | counter | reason | appends refused before anything was written (the log is not poisoned) |
 
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -76,6 +81,11 @@ pub(crate) struct Metrics {
     pub(crate) backlog: IntCounter,
     pub(crate) acks: IntCounter,
     pub(crate) inflight: IntGauge,
+    pub(crate) gateway_refused: IntCounterVec,
+    pub(crate) listener_connections: IntGaugeVec,
+    pub(crate) listener_refused: IntCounterVec,
+    pub(crate) accept_errors: IntCounterVec,
+    pub(crate) log_refused: IntCounterVec,
 }
 
 /// Registers `m` in `r` and hands it back. A name registered twice is a bug in the list
@@ -199,6 +209,38 @@ pub(crate) static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         inflight: gauge(
             "herald_gateway_inflight",
             "Entries sent to devices and not yet acknowledged",
+        ),
+        gateway_refused: counter_vec(
+            "herald_gateway_refused_total",
+            "Device connections refused before a CONNACK accepted them, by reason",
+            &["reason"],
+        ),
+        listener_connections: reg(
+            &r,
+            IntGaugeVec::new(
+                opts(
+                    "herald_listener_connections",
+                    "Connections a listener holds, by listener",
+                ),
+                &["listener"],
+            )
+            .expect("valid"),
+        ),
+        listener_refused: counter_vec(
+            "herald_listener_refused_total",
+            "Connections closed as soon as accepted, by listener and the cap they were over",
+            &["listener", "reason"],
+        ),
+        accept_errors: counter_vec(
+            "herald_listener_accept_errors_total",
+            "Accepts that failed for want of a resource (file descriptors, buffer memory)",
+            &["listener"],
+        ),
+        log_refused: counter_vec(
+            "herald_log_refused_appends_total",
+            "Appends the event log refused before writing anything, by the resource it lacked \
+             (the log stays usable)",
+            &["reason"],
         ),
         registry: r,
     }
@@ -352,6 +394,42 @@ pub fn acked() {
 /// must come back to zero.
 pub fn inflight(delta: i64) {
     METRICS.inflight.add(delta);
+}
+
+/// A device connection was refused before its CONNACK accepted it, for `reason`.
+pub fn gateway_refused(reason: &'static str) {
+    when_enabled!();
+    METRICS.gateway_refused.with_label_values(&[reason]).inc();
+}
+
+/// `listener` holds `delta` more connections. Always recorded: a gauge must come back
+/// to zero.
+pub fn listener_connections(listener: &'static str, delta: i64) {
+    METRICS
+        .listener_connections
+        .with_label_values(&[listener])
+        .add(delta);
+}
+
+/// `listener` closed a connection at accept because it was over the cap `reason`.
+pub fn listener_refused(listener: &'static str, reason: &'static str) {
+    when_enabled!();
+    METRICS
+        .listener_refused
+        .with_label_values(&[listener, reason])
+        .inc();
+}
+
+/// An accept of `listener` failed for want of a resource.
+pub fn listener_accept_error(listener: &'static str) {
+    when_enabled!();
+    METRICS.accept_errors.with_label_values(&[listener]).inc();
+}
+
+/// The event log refused an append before writing anything, lacking `reason`.
+pub fn log_refused(reason: &'static str) {
+    when_enabled!();
+    METRICS.log_refused.with_label_values(&[reason]).inc();
 }
 
 #[cfg(test)]
