@@ -373,6 +373,17 @@ async fn the_log_out_of_files_answers_503_and_recovers_without_a_restart() {
     }
     let refused = refused.expect("a push was refused once the log needed a file");
     assert_eq!(refused["error"]["code"], "unavailable", "{refused}");
+    // Still refused while no file can be had, with a time to try again.
+    let again = app
+        .http
+        .post(format!("{}/v1/messages", server.base()))
+        .bearer_auth(&app.token)
+        .json(&json!({"to": {"device_id": dev.device_id}, "data": {"n": "again"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 503);
+    assert_eq!(again.headers()["retry-after"], "1");
     println!(
         "{} pushes accepted before the log needed a file: {refused}",
         accepted.len()
@@ -401,13 +412,23 @@ async fn the_log_out_of_files_answers_503_and_recovers_without_a_restart() {
         .await;
     assert_eq!(status, 202, "{body}");
     accepted.push(body["message_id"].as_str().unwrap().to_owned());
-    let ready = app
-        .http
-        .get(format!("{}/readyz", server.base()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 200, "{}", ready.text().await.unwrap());
+    // Ready again once every listener has taken what waited for a descriptor (an accept
+    // loop backs off for a second at most).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let ready = app
+            .http
+            .get(format!("{}/readyz", server.base()))
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = (ready.status(), ready.text().await.unwrap());
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still not ready: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // Every push answered 202 reaches the device, once each, in order.
     let got = recv_n(&mut conn, accepted.len()).await;
     let ids: Vec<String> = got.iter().map(|e| e.id.clone()).collect();
