@@ -5,6 +5,8 @@
 //! The 24,000-socket flood comes from two child processes (this test binary run again
 //! with `HERALD_ABUSE_CHILD` set), since one process may hold at most 20,000 files here.
 
+#![allow(clippy::unwrap_used, missing_docs)]
+
 mod common;
 
 use std::io::{Read, Write};
