@@ -93,6 +93,12 @@ pub struct FileConfig {
     pub link_max_handshakes_per_source: Option<usize>,
     /// Segment size of the embedded event log, in bytes.
     pub log_segment_bytes: Option<u64>,
+    /// Pushes per second an app may make, unless the admin set its own.
+    pub app_pushes_per_s: Option<u32>,
+    /// Broadcasts per minute an app may make, unless the admin set its own.
+    pub app_broadcasts_per_min: Option<u32>,
+    /// How many `herald ingest` processes share the apps' rates.
+    pub ingest_processes: Option<u32>,
     /// Where a gateway in its own process listens for delivery workers (QUIC).
     pub link_addr: Option<SocketAddr>,
     /// Where `herald gateway` and `herald deliver` serve /metrics and /healthz (they
@@ -215,6 +221,12 @@ pub struct Config {
     pub link_max_handshakes_per_source: usize,
     /// Embedded log segment size, bytes.
     pub log_segment_bytes: u64,
+    /// Default pushes per second per app.
+    pub app_pushes_per_s: u32,
+    /// Default broadcasts per minute per app.
+    pub app_broadcasts_per_min: u32,
+    /// Ingest processes sharing each app's rates.
+    pub ingest_processes: u32,
     /// Where a gateway process listens for workers.
     pub link_addr: SocketAddr,
     /// Where a gateway or delivery process serves /metrics, if anywhere.
@@ -411,6 +423,9 @@ impl Config {
             link_max_handshakes: file.link_max_handshakes.unwrap_or(64),
             link_max_handshakes_per_source: file.link_max_handshakes_per_source.unwrap_or(8),
             log_segment_bytes: file.log_segment_bytes.unwrap_or(64 << 20),
+            app_pushes_per_s: file.app_pushes_per_s.unwrap_or(20_000),
+            app_broadcasts_per_min: file.app_broadcasts_per_min.unwrap_or(60),
+            ingest_processes: file.ingest_processes.unwrap_or(1),
             metrics_addr: o.metrics_addr.or(file.metrics_addr),
             link_addr: o
                 .link_addr
@@ -549,6 +564,15 @@ impl Config {
             bail!(
                 "reserved_fds must be at least 64: the log, the store and outbound clients need descriptors"
             );
+        }
+        if self.app_pushes_per_s == 0 {
+            bail!("app_pushes_per_s must be at least 1");
+        }
+        if self.app_broadcasts_per_min == 0 {
+            bail!("app_broadcasts_per_min must be at least 1");
+        }
+        if !(1..=1024).contains(&self.ingest_processes) {
+            bail!("ingest_processes must be between 1 and 1024");
         }
         if !(4096..=(1 << 30)).contains(&self.log_segment_bytes) {
             bail!("log_segment_bytes must be between 4096 and 1073741824");

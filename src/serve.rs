@@ -360,6 +360,14 @@ pub fn ingest_config(config: &Config, admin_token: String) -> IngestConfig {
         gateway_mqtt: config.advertised_mqtt.clone(),
         gateway_ws: config.advertised_ws.clone(),
         idempotency_window_s: config.idempotency_window_s,
+        default_limits: herald_projections::model::AppLimits {
+            pushes_per_s: Some(config.app_pushes_per_s),
+            broadcasts_per_min: Some(config.app_broadcasts_per_min),
+            max_devices: None,
+            max_data_bytes: u32::try_from(config.max_data_bytes).ok(),
+            max_inbox_entries: None,
+        },
+        rate_share: config.ingest_processes,
         keep_alive_by_network: herald_schemas::events::NETWORKS
             .iter()
             .map(|n| (n.to_string(), config.keep_alive.suggest(n)))

@@ -42,6 +42,10 @@ pub fn routes() -> Router<Arc<Ingest>> {
         .route("/v1/admin/session", get(session))
         .route("/v1/admin/apps", get(list_apps))
         .route("/v1/admin/apps/{id}/secret", post(rotate_secret))
+        .route(
+            "/v1/admin/apps/{id}/limits",
+            get(app_limits).put(set_app_limits),
+        )
         .route("/v1/admin/devices/{id}", get(device))
         .route("/v1/admin/messages/{id}", get(message))
         .route("/v1/admin/overview", get(overview))
@@ -56,6 +60,8 @@ pub fn routes() -> Router<Arc<Ingest>> {
     session,
     list_apps,
     rotate_secret,
+    app_limits,
+    set_app_limits,
     device,
     message,
     overview,
@@ -303,6 +309,145 @@ async fn rotate_secret(
         client_id: app.client_id,
         client_secret,
     }))
+}
+
+/// An app's limits. In a request, an absent or `null` field follows the deployment's
+/// default (the config's `app_*` keys); in an answer, `null` means unlimited.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Pushes accepted per second (a burst may use one second's worth at once; the
+    /// excess is answered 429 with `Retry-After`).
+    #[schema(minimum = 1, maximum = 1_000_000)]
+    pub pushes_per_s: Option<u32>,
+    /// Broadcasts accepted per minute (a burst may use one minute's worth).
+    #[schema(minimum = 1, maximum = 100_000)]
+    pub broadcasts_per_min: Option<u32>,
+    /// Largest push `data`, bytes of compact JSON (at most the deployment's
+    /// `max_data_bytes`; 413 beyond).
+    #[schema(minimum = 1)]
+    pub max_data_bytes: Option<u32>,
+}
+
+impl Limits {
+    fn of(l: herald_projections::model::AppLimits) -> Self {
+        Limits {
+            pushes_per_s: l.pushes_per_s,
+            broadcasts_per_min: l.broadcasts_per_min,
+            max_data_bytes: l.max_data_bytes,
+        }
+    }
+}
+
+/// What limits an app: those the admin set, and those in force (the set ones, the
+/// deployment's defaults for the rest).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AppLimitsView {
+    /// The app.
+    pub app_id: String,
+    /// Set by the admin for this app (`null`: the default).
+    pub set: Limits,
+    /// In force now.
+    pub effective: Limits,
+    /// How many ingest processes share the rates (each admits its share).
+    pub rate_share: u32,
+}
+
+fn limits_view(ingest: &Ingest, app: &herald_projections::model::App) -> AppLimitsView {
+    AppLimitsView {
+        app_id: app.app_id.clone(),
+        set: Limits::of(app.limits),
+        effective: Limits::of(app.limits.or(ingest.config.default_limits)),
+        rate_share: ingest.config.rate_share,
+    }
+}
+
+/// An app's limits, set and in force.
+#[utoipa::path(get, path = "/v1/admin/apps/{id}/limits",
+    params(("id" = String, Path, description = "The app id")),
+    responses(
+        (status = 200, description = "The app's limits", body = AppLimitsView),
+        (status = 401, description = "Not the admin", body = ErrorBody),
+        (status = 403, description = "An app's or a device's credentials", body = ErrorBody),
+        (status = 404, description = "No such app", body = ErrorBody)),
+    security(("admin_token" = [])))]
+async fn app_limits(
+    State(ingest): State<Arc<Ingest>>,
+    _admin: Admin,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<AppLimitsView>, ApiError> {
+    let app = ingest
+        .store
+        .app(&id)?
+        .ok_or_else(|| ApiError::not_found("app"))?;
+    Ok(Json(limits_view(&ingest, &app)))
+}
+
+/// Sets an app's limits, replacing those set before (an `AppLimitsSet` event): every
+/// field absent or `null` follows the deployment's default. In force for the app's next
+/// request once answered.
+#[utoipa::path(put, path = "/v1/admin/apps/{id}/limits",
+    params(("id" = String, Path, description = "The app id")),
+    request_body = Limits,
+    responses(
+        (status = 200, description = "The app's limits now", body = AppLimitsView),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "Not the admin", body = ErrorBody),
+        (status = 403, description = "An app's or a device's credentials", body = ErrorBody),
+        (status = 404, description = "No such app", body = ErrorBody),
+        (status = 415, description = "Not JSON", body = ErrorBody),
+        (status = 422, description = "A limit out of range, or an unknown field", body = ErrorBody),
+        (status = 503, description = "Not made durable; retry", body = ErrorBody)),
+    security(("admin_token" = [])))]
+async fn set_app_limits(
+    State(ingest): State<Arc<Ingest>>,
+    _admin: Admin,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(limits): ApiJson<Limits>,
+) -> Result<Json<AppLimitsView>, ApiError> {
+    use herald_schemas::events::{AppLimits, AppLimitsSet, Event, Kind};
+    let max_data = ingest.config.max_data_bytes;
+    for (key, value, max) in [
+        ("pushes_per_s", limits.pushes_per_s, 1_000_000),
+        ("broadcasts_per_min", limits.broadcasts_per_min, 100_000),
+        (
+            "max_data_bytes",
+            limits.max_data_bytes,
+            u32::try_from(max_data).unwrap_or(u32::MAX),
+        ),
+    ] {
+        if let Some(v) = value
+            && !(1..=max).contains(&v)
+        {
+            return Err(ApiError::invalid(format!(
+                "{key} must be between 1 and {max}, or null for the default"
+            )));
+        }
+    }
+    let app = ingest
+        .store
+        .app(&id)?
+        .ok_or_else(|| ApiError::not_found("app"))?;
+    let event = Event::new(
+        now_ms(),
+        Kind::AppLimitsSet(AppLimitsSet {
+            app_id: app.app_id.clone(),
+            limits: Some(AppLimits {
+                pushes_per_s: limits.pushes_per_s.unwrap_or(0),
+                broadcasts_per_min: limits.broadcasts_per_min.unwrap_or(0),
+                max_data_bytes: limits.max_data_bytes.unwrap_or(0),
+                ..AppLimits::default()
+            }),
+        }),
+    );
+    let at = ingest.append(&app.app_id, &event).await?;
+    ingest.wait_applied(at).await?;
+    let app = ingest
+        .store
+        .app(&id)?
+        .ok_or_else(|| ApiError::not_found("app"))?;
+    tracing::info!(app_id = %app.app_id, ?limits, "admin: set an app's limits");
+    Ok(Json(limits_view(&ingest, &app)))
 }
 
 // ----------------------------------------------------------------------- devices

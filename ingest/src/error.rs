@@ -17,6 +17,8 @@ pub struct ApiError {
     pub code: &'static str,
     /// A sentence for the human reading it.
     pub message: String,
+    /// When to try again, in seconds (`Retry-After`); 503s say 1 when unset.
+    pub retry_after_s: Option<u64>,
 }
 
 /// The JSON body of every error.
@@ -42,7 +44,15 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after_s: None,
         }
+    }
+    /// 429: over a rate limit; a token is there again after `retry_after`.
+    pub fn rate_limited(message: impl Into<String>, retry_after: std::time::Duration) -> Self {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message);
+        // Whole seconds, rounded up: never "0", which would invite an immediate retry.
+        e.retry_after_s = Some(retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0));
+        e
     }
     /// 400.
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
@@ -78,12 +88,17 @@ impl IntoResponse for ApiError {
                 message: self.message,
             },
         };
-        let mut response = (self.status, Json(body)).into_response();
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+        let retry_after = match (self.retry_after_s, self.status) {
+            (Some(s), _) => Some(s.max(1)),
             // What herald could not do now it can do shortly: say when to try again.
+            (None, StatusCode::SERVICE_UNAVAILABLE) => Some(1),
+            _ => None,
+        };
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(s) = retry_after {
             response.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from_static("1"),
+                axum::http::HeaderValue::from(s),
             );
         }
         response

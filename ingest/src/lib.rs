@@ -21,6 +21,7 @@ pub mod auth;
 pub mod console;
 pub mod error;
 pub mod health;
+pub mod limits;
 pub mod nav;
 pub mod replay;
 pub mod routes;
@@ -63,6 +64,11 @@ pub struct IngestConfig {
     pub idempotency_window_s: u32,
     /// The keep-alive suggested per network type, in seconds (the gateways' policy).
     pub keep_alive_by_network: std::collections::BTreeMap<String, u16>,
+    /// Every app's limits where the admin set none (every field set).
+    pub default_limits: herald_projections::model::AppLimits,
+    /// How many ingest processes share each app's rates: each admits `1 / rate_share`
+    /// of them (see [`limits`]).
+    pub rate_share: u32,
 }
 
 impl IngestConfig {
@@ -90,6 +96,14 @@ impl Default for IngestConfig {
             gateway_ws: "ws://127.0.0.1:8083/mqtt".into(),
             idempotency_window_s: 24 * 3600,
             keep_alive_by_network: Default::default(),
+            default_limits: herald_projections::model::AppLimits {
+                pushes_per_s: Some(20_000),
+                broadcasts_per_min: Some(60),
+                max_devices: None,
+                max_data_bytes: Some(4096),
+                max_inbox_entries: None,
+            },
+            rate_share: 1,
         }
     }
 }
@@ -109,6 +123,7 @@ pub struct Ingest {
     idempotency_locks: Vec<tokio::sync::Mutex<()>>,
     nav: Arc<nav::Navigator>,
     health: Arc<health::Health>,
+    limiter: limits::Limiter,
 }
 
 /// How many locks serialize requests with an Idempotency-Key (by hash of app and key).
@@ -169,6 +184,7 @@ impl Ingest {
         let health = health::Health::new(Some(log.clone()), Some(store.clone()));
         Arc::new(Ingest {
             health,
+            limiter: limits::Limiter::default(),
             config,
             log,
             store,
@@ -239,6 +255,61 @@ impl Ingest {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         (app_id, key).hash(&mut h);
         &self.idempotency_locks[(h.finish() as usize) % self.idempotency_locks.len()]
+    }
+
+    /// `app_id`'s limits: what the admin set, the deployment's defaults for the rest.
+    pub(crate) fn limits_of(
+        &self,
+        app_id: &str,
+    ) -> Result<herald_projections::model::AppLimits, ApiError> {
+        let set = self
+            .store
+            .app(app_id)?
+            .map(|a| a.limits)
+            .unwrap_or_default();
+        Ok(set.or(self.config.default_limits))
+    }
+
+    /// Takes a token of `app_id`'s `rate` bucket (`per_window` per window; none: not
+    /// limited), or answers 429 with when to try again.
+    pub(crate) fn take(
+        &self,
+        app_id: &str,
+        rate: limits::Rate,
+        per_window: Option<u32>,
+    ) -> Result<(), ApiError> {
+        let Some(per_window) = per_window else {
+            return Ok(());
+        };
+        let share = self.config.rate_share;
+        match self
+            .limiter
+            .take(app_id, rate, per_window, share, std::time::Instant::now())
+        {
+            Ok(()) => Ok(()),
+            Err(wait) => {
+                herald_telemetry::metrics::app_limited(app_id, rate.as_str());
+                let what = match rate {
+                    limits::Rate::Pushes => "pushes a second",
+                    limits::Rate::Broadcasts => "broadcasts a minute",
+                };
+                let shared = if share > 1 {
+                    format!(
+                        " ({} of them through this ingest process)",
+                        per_window / share
+                    )
+                } else {
+                    String::new()
+                };
+                Err(ApiError::rate_limited(
+                    format!(
+                        "this app may make {per_window} {what}{shared}; retry in {} ms",
+                        wait.as_millis().max(1)
+                    ),
+                    wait,
+                ))
+            }
+        }
     }
 
     /// Waits until the projections have applied everything durable now, briefly.

@@ -328,6 +328,15 @@ fn visit<'e>(kind: &'e Kind, f: &mut impl Fields<'e>) {
             f.str("app_id", &e.app_id);
             f.bytes("client_secret_sha256", &e.client_secret_sha256);
         }
+        Kind::AppLimitsSet(e) => {
+            f.str("app_id", &e.app_id);
+            let l = e.limits.unwrap_or_default();
+            f.u64("pushes_per_s", l.pushes_per_s.into());
+            f.u64("broadcasts_per_min", l.broadcasts_per_min.into());
+            f.u64("max_devices", l.max_devices);
+            f.u64("max_data_bytes", l.max_data_bytes.into());
+            f.u64("max_inbox_entries", l.max_inbox_entries.into());
+        }
         Kind::GatewayHeartbeat(e) => {
             f.str("gateway_id", &e.gateway_id);
             f.str("mqtt_url", &e.mqtt_url);

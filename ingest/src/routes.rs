@@ -542,16 +542,27 @@ async fn accept(
     }
     let data = serde_json::to_vec(&req.data)
         .map_err(|e| ApiError::invalid(format!("data is not serializable: {e}")))?;
-    if data.len() > cfg.max_data_bytes {
+    let limits = ingest.limits_of(app_id)?;
+    let max_data_bytes = limits
+        .max_data_bytes
+        .map_or(cfg.max_data_bytes, |m| (m as usize).min(cfg.max_data_bytes));
+    if data.len() > max_data_bytes {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "data_too_large",
             format!(
-                "data is {} bytes; the limit is {} bytes",
-                data.len(),
-                cfg.max_data_bytes
+                "data is {} bytes; the limit is {max_data_bytes} bytes",
+                data.len()
             ),
         ));
+    }
+    ingest.take(app_id, crate::limits::Rate::Pushes, limits.pushes_per_s)?;
+    if matches!(to, To::Broadcast(_)) {
+        ingest.take(
+            app_id,
+            crate::limits::Rate::Broadcasts,
+            limits.broadcasts_per_min,
+        )?;
     }
     let message_id = Uuid::now_v7().to_string();
     let key = match &to {

@@ -51,6 +51,7 @@ pub fn apply(tx: &mut Tx<'_>, event: &Event) -> Result<(), StoreError> {
                         client_id: e.client_id.clone(),
                         client_secret_sha256: e.client_secret_sha256.clone(),
                         created_ms: ts,
+                        limits: Default::default(),
                     },
                 );
                 true
@@ -110,6 +111,14 @@ pub fn apply(tx: &mut Tx<'_>, event: &Event) -> Result<(), StoreError> {
         Some(Kind::FanOut(_)) => false,
         // Navigation's soft state (which gateways are alive), not a projection.
         Some(Kind::GatewayHeartbeat(_)) => true,
+        Some(Kind::AppLimitsSet(e)) => match tx.app(&e.app_id)? {
+            Some(mut app) => {
+                app.limits = limits_of(e.limits.unwrap_or_default());
+                tx.writes.apps.insert(e.app_id.clone(), app);
+                true
+            }
+            None => false,
+        },
         Some(Kind::AppSecretRotated(e)) => match tx.app(&e.app_id)? {
             Some(mut app) => {
                 app.client_secret_sha256 = e.client_secret_sha256.clone();
@@ -460,4 +469,16 @@ fn put_entry(
     tx.writes.heads.insert(device_id.to_owned(), head);
     tx.put_new_entry(device_id, entry_for(seq));
     Ok(())
+}
+
+/// The event's limits as the model keeps them: 0 is "the default".
+fn limits_of(l: herald_schemas::events::AppLimits) -> crate::model::AppLimits {
+    let set32 = |v: u32| (v > 0).then_some(v);
+    crate::model::AppLimits {
+        pushes_per_s: set32(l.pushes_per_s),
+        broadcasts_per_min: set32(l.broadcasts_per_min),
+        max_devices: (l.max_devices > 0).then_some(l.max_devices),
+        max_data_bytes: set32(l.max_data_bytes),
+        max_inbox_entries: set32(l.max_inbox_entries),
+    }
 }

@@ -18,6 +18,38 @@ pub struct App {
     pub client_secret_sha256: Vec<u8>,
     /// When it was created (ms since the Unix epoch).
     pub created_ms: u64,
+    /// The limits the admin set (`AppLimitsSet`); unset fields follow the deployment's
+    /// defaults.
+    #[serde(default)]
+    pub limits: AppLimits,
+}
+
+/// What an app may use, as the admin set it. `None`: the deployment's default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppLimits {
+    /// Pushes accepted per second.
+    pub pushes_per_s: Option<u32>,
+    /// Broadcasts accepted per minute.
+    pub broadcasts_per_min: Option<u32>,
+    /// Devices registered.
+    pub max_devices: Option<u64>,
+    /// Largest push `data`, in bytes of compact JSON.
+    pub max_data_bytes: Option<u32>,
+    /// Entries waiting in one device's inbox.
+    pub max_inbox_entries: Option<u32>,
+}
+
+impl AppLimits {
+    /// These limits with every unset one taken from `defaults`.
+    pub fn or(self, defaults: AppLimits) -> AppLimits {
+        AppLimits {
+            pushes_per_s: self.pushes_per_s.or(defaults.pushes_per_s),
+            broadcasts_per_min: self.broadcasts_per_min.or(defaults.broadcasts_per_min),
+            max_devices: self.max_devices.or(defaults.max_devices),
+            max_data_bytes: self.max_data_bytes.or(defaults.max_data_bytes),
+            max_inbox_entries: self.max_inbox_entries.or(defaults.max_inbox_entries),
+        }
+    }
 }
 
 /// A registered device.

@@ -133,6 +133,11 @@ fn every_kind() -> Writes {
             client_id: "c1".into(),
             client_secret_sha256: vec![1, 2, 3],
             created_ms: 7,
+            limits: herald_projections::model::AppLimits {
+                pushes_per_s: Some(10),
+                max_devices: Some(3),
+                ..Default::default()
+            },
         },
     );
     w.app_by_client.insert("c1".into(), "a1".into());

@@ -18,7 +18,7 @@ pub use event::Kind;
 pub use target::To;
 
 /// The revision of `events.proto` this build writes.
-pub const CURRENT_SCHEMA_VERSION: u32 = 5;
+pub const CURRENT_SCHEMA_VERSION: u32 = 6;
 
 /// Why bytes could not be read as an event.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +62,7 @@ impl Event {
             Some(Kind::GatewayHeartbeat(_)) => "GatewayHeartbeat",
             Some(Kind::FanOut(_)) => "FanOut",
             Some(Kind::AppSecretRotated(_)) => "AppSecretRotated",
+            Some(Kind::AppLimitsSet(_)) => "AppLimitsSet",
             None => "Empty",
         }
     }

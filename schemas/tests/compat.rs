@@ -218,6 +218,22 @@ fn newer_samples(ts: u64) -> Vec<(&'static str, Event)> {
             ),
         ),
         (
+            "app_limits_set",
+            Event::new(
+                ts,
+                Kind::AppLimitsSet(AppLimitsSet {
+                    app_id: "app-1".into(),
+                    limits: Some(AppLimits {
+                        pushes_per_s: 100,
+                        broadcasts_per_min: 2,
+                        max_devices: 5000,
+                        max_data_bytes: 2048,
+                        max_inbox_entries: 300,
+                    }),
+                }),
+            ),
+        ),
+        (
             "fan_out_recall",
             Event::new(
                 ts,

@@ -24,6 +24,7 @@
 //! | `herald_listener_refused_total` | counter | listener, reason | connections closed at accept: over a cap, or no descriptor to spare |
 //! | `herald_listener_accept_errors_total` | counter | listener | accepts that failed for want of a resource (EMFILE, ENFILE, ...) |
 //! | `herald_log_refused_appends_total` | counter | reason | appends refused before anything was written (the log is not poisoned) |
+//! | `herald_app_limited_total` | counter | app_id, limit | requests refused over an app's limit (429, 413, 403) |
 
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -86,6 +87,7 @@ pub(crate) struct Metrics {
     pub(crate) listener_refused: IntCounterVec,
     pub(crate) accept_errors: IntCounterVec,
     pub(crate) log_refused: IntCounterVec,
+    pub(crate) app_limited: IntCounterVec,
 }
 
 /// Registers `m` in `r` and hands it back. A name registered twice is a bug in the list
@@ -241,6 +243,11 @@ pub(crate) static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Appends the event log refused before writing anything, by the resource it lacked \
              (the log stays usable)",
             &["reason"],
+        ),
+        app_limited: counter_vec(
+            "herald_app_limited_total",
+            "Requests refused because the app was over one of its limits, by app and limit",
+            &["app_id", "limit"],
         ),
         registry: r,
     }
@@ -424,6 +431,15 @@ pub fn listener_refused(listener: &'static str, reason: &'static str) {
 pub fn listener_accept_error(listener: &'static str) {
     when_enabled!();
     METRICS.accept_errors.with_label_values(&[listener]).inc();
+}
+
+/// A request of `app_id` was refused over its limit `limit`.
+pub fn app_limited(app_id: &str, limit: &'static str) {
+    when_enabled!();
+    METRICS
+        .app_limited
+        .with_label_values(&[app_id, limit])
+        .inc();
 }
 
 /// The event log refused an append before writing anything, lacking `reason`.

@@ -20,6 +20,7 @@ pub enum Op {
     Recall(u8, u8),
     Received(u8, u8, u8),
     Keyed(u8, u8, u8, u8, u8),
+    Limits(u8, u8),
 }
 
 pub fn op() -> impl Strategy<Value = Op> {
@@ -35,6 +36,7 @@ pub fn op() -> impl Strategy<Value = Op> {
         (0..6u8, 1..8u8, 0..50u8).prop_map(|(d, s, m)| Op::Received(d, s, m)),
         (0..3u8, 0..6u8, 0..50u8, 0..3u8, 0..3u8)
             .prop_map(|(a, d, m, k, c)| Op::Keyed(a, d, m, k, c)),
+        (0..3u8, 0..4u8).prop_map(|(a, l)| Op::Limits(a, l)),
     ]
 }
 
@@ -125,6 +127,15 @@ pub fn event(i: usize, op: &Op) -> Event {
             request_sha256: vec![*m],
             idempotency_window_s: 20,
         }),
+        // Limits with some fields left to the default (0).
+        Op::Limits(a, l) => Kind::AppLimitsSet(AppLimitsSet {
+            app_id: format!("a{a}"),
+            limits: Some(AppLimits {
+                pushes_per_s: u32::from(*l) * 10,
+                max_devices: u64::from(*l % 2),
+                ..Default::default()
+            }),
+        }),
     };
     Event::new(ts, kind)
 }
@@ -171,6 +182,7 @@ pub fn key_of(ev: &Event, away: bool) -> String {
         Kind::MessageRecalled(e) => e.message_id.clone(),
         Kind::GatewayHeartbeat(e) => e.gateway_id.clone(),
         Kind::AppSecretRotated(e) => e.app_id.clone(),
+        Kind::AppLimitsSet(e) => e.app_id.clone(),
         Kind::FanOut(_) => unreachable!("appended by the worker"),
     }
 }
