@@ -99,6 +99,8 @@ pub struct FileConfig {
     pub app_broadcasts_per_min: Option<u32>,
     /// How many `herald ingest` processes share the apps' rates.
     pub ingest_processes: Option<u32>,
+    /// Devices an app may register, unless the admin set its own limit.
+    pub app_max_devices: Option<u64>,
     /// Where a gateway in its own process listens for delivery workers (QUIC).
     pub link_addr: Option<SocketAddr>,
     /// Where `herald gateway` and `herald deliver` serve /metrics and /healthz (they
@@ -227,6 +229,8 @@ pub struct Config {
     pub app_broadcasts_per_min: u32,
     /// Ingest processes sharing each app's rates.
     pub ingest_processes: u32,
+    /// Default devices per app.
+    pub app_max_devices: u64,
     /// Where a gateway process listens for workers.
     pub link_addr: SocketAddr,
     /// Where a gateway or delivery process serves /metrics, if anywhere.
@@ -426,6 +430,7 @@ impl Config {
             app_pushes_per_s: file.app_pushes_per_s.unwrap_or(20_000),
             app_broadcasts_per_min: file.app_broadcasts_per_min.unwrap_or(60),
             ingest_processes: file.ingest_processes.unwrap_or(1),
+            app_max_devices: file.app_max_devices.unwrap_or(10_000_000),
             metrics_addr: o.metrics_addr.or(file.metrics_addr),
             link_addr: o
                 .link_addr
@@ -570,6 +575,9 @@ impl Config {
         }
         if self.app_broadcasts_per_min == 0 {
             bail!("app_broadcasts_per_min must be at least 1");
+        }
+        if !(1..=1_000_000_000).contains(&self.app_max_devices) {
+            bail!("app_max_devices must be between 1 and 1000000000");
         }
         if !(1..=1024).contains(&self.ingest_processes) {
             bail!("ingest_processes must be between 1 and 1024");

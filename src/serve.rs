@@ -363,7 +363,7 @@ pub fn ingest_config(config: &Config, admin_token: String) -> IngestConfig {
         default_limits: herald_projections::model::AppLimits {
             pushes_per_s: Some(config.app_pushes_per_s),
             broadcasts_per_min: Some(config.app_broadcasts_per_min),
-            max_devices: None,
+            max_devices: Some(config.app_max_devices),
             max_data_bytes: u32::try_from(config.max_data_bytes).ok(),
             max_inbox_entries: None,
         },

@@ -250,3 +250,63 @@ async fn setting_limits_answers_bad_input_with_clear_errors() {
     assert_eq!(view["set"]["pushes_per_s"], Value::Null);
     assert_eq!(view["effective"]["pushes_per_s"], 20_000);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_devices_per_app_cap_refuses_registration_with_a_clear_error() {
+    let server = Server::start().await;
+    let app = create_app(&server).await;
+    let other = create_app(&server).await;
+    app.register().await;
+    let (status, view) = put_limits(&server, &app.app_id, json!({"max_devices": 5})).await;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["effective"]["max_devices"], 5);
+    // 20 at once: exactly four more are let in (one was there), whatever the race.
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let (http, base, key) = (app.http.clone(), app.base.clone(), app.app_key.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = http
+                .post(format!("{base}/v1/devices"))
+                .json(&json!({"app_key": key}))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }));
+    }
+    let (mut created, mut refused) = (0, 0);
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        match status {
+            201 => created += 1,
+            403 => {
+                refused += 1;
+                assert_eq!(body["error"]["code"], "device_limit_reached", "{body}");
+                assert!(
+                    body["error"]["message"]
+                        .as_str()
+                        .unwrap()
+                        .contains("at most 5 devices"),
+                    "{body}"
+                );
+            }
+            other => panic!("registration answered {other}: {body}"),
+        }
+    }
+    assert_eq!((created, refused), (4, 16));
+    // Another app is not limited by this one's cap; raising the cap lets devices in.
+    other.register().await;
+    let (status, _) = put_limits(&server, &app.app_id, json!({"max_devices": 6})).await;
+    assert_eq!(status, 200);
+    app.register().await;
+    // The count survives a restart (it is a projection of the log).
+    let mut server = server;
+    server.restart().await;
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/devices", server.base()))
+        .json(&json!({"app_key": app.app_key}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+}

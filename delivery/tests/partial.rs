@@ -74,6 +74,9 @@ impl View for HalfCommit {
     fn collapse(&self, id: &str, key: &str) -> Result<Option<u64>, StoreError> {
         self.inner.collapse(id, key)
     }
+    fn app_device_count(&self, app_id: &str, partition: u32) -> Result<u64, StoreError> {
+        self.inner.app_device_count(app_id, partition)
+    }
 }
 
 impl Store for HalfCommit {
@@ -105,6 +108,9 @@ impl Store for HalfCommit {
     }
     fn apps(&self, limit: usize) -> Result<Vec<herald_projections::model::App>, StoreError> {
         self.inner.apps(limit)
+    }
+    fn app_device_total(&self, app_id: &str) -> Result<u64, StoreError> {
+        self.inner.app_device_total(app_id)
     }
     fn inbox_page(
         &self,

@@ -327,6 +327,10 @@ pub struct Limits {
     /// `max_data_bytes`; 413 beyond).
     #[schema(minimum = 1)]
     pub max_data_bytes: Option<u32>,
+    /// Devices the app may register (403 `device_limit_reached` beyond). Lowering it
+    /// below what the app has removes no device; it only stops new ones.
+    #[schema(minimum = 1, maximum = 1_000_000_000)]
+    pub max_devices: Option<u64>,
 }
 
 impl Limits {
@@ -335,6 +339,7 @@ impl Limits {
             pushes_per_s: l.pushes_per_s,
             broadcasts_per_min: l.broadcasts_per_min,
             max_data_bytes: l.max_data_bytes,
+            max_devices: l.max_devices,
         }
     }
 }
@@ -424,6 +429,13 @@ async fn set_app_limits(
             )));
         }
     }
+    if let Some(v) = limits.max_devices
+        && !(1..=1_000_000_000).contains(&v)
+    {
+        return Err(ApiError::invalid(
+            "max_devices must be between 1 and 1000000000, or null for the default",
+        ));
+    }
     let app = ingest
         .store
         .app(&id)?
@@ -436,6 +448,7 @@ async fn set_app_limits(
                 pushes_per_s: limits.pushes_per_s.unwrap_or(0),
                 broadcasts_per_min: limits.broadcasts_per_min.unwrap_or(0),
                 max_data_bytes: limits.max_data_bytes.unwrap_or(0),
+                max_devices: limits.max_devices.unwrap_or(0),
                 ..AppLimits::default()
             }),
         }),

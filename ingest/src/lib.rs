@@ -99,7 +99,7 @@ impl Default for IngestConfig {
             default_limits: herald_projections::model::AppLimits {
                 pushes_per_s: Some(20_000),
                 broadcasts_per_min: Some(60),
-                max_devices: None,
+                max_devices: Some(10_000_000),
                 max_data_bytes: Some(4096),
                 max_inbox_entries: None,
             },
@@ -124,6 +124,8 @@ pub struct Ingest {
     nav: Arc<nav::Navigator>,
     health: Arc<health::Health>,
     limiter: limits::Limiter,
+    /// Registrations in flight in this process, per app.
+    registering: Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
 }
 
 /// How many locks serialize requests with an Idempotency-Key (by hash of app and key).
@@ -185,6 +187,7 @@ impl Ingest {
         Arc::new(Ingest {
             health,
             limiter: limits::Limiter::default(),
+            registering: Default::default(),
             config,
             log,
             store,
@@ -312,6 +315,36 @@ impl Ingest {
         }
     }
 
+    /// A place for one more device of `app_id`, or 403 when its devices (registered,
+    /// and being registered in this process) reach its limit. Exact within one process;
+    /// with several ingest processes registering devices of one app at once, each
+    /// counts only its own registrations in flight, so together they may pass the limit
+    /// by those.
+    pub(crate) fn device_slot(&self, app_id: &str) -> Result<DeviceSlot, ApiError> {
+        let max = self.limits_of(app_id)?.max_devices;
+        let registered = match max {
+            Some(_) => self.store.app_device_total(app_id)?,
+            None => 0,
+        };
+        let mut in_flight = self.registering.lock().unwrap_or_else(|e| e.into_inner());
+        let n = in_flight.entry(app_id.to_owned()).or_insert(0);
+        if let Some(max) = max
+            && registered + *n >= max
+        {
+            herald_telemetry::metrics::app_limited(app_id, "max_devices");
+            return Err(ApiError::new(
+                axum::http::StatusCode::FORBIDDEN,
+                "device_limit_reached",
+                format!("this app may have at most {max} devices, and has {registered}"),
+            ));
+        }
+        *n += 1;
+        Ok(DeviceSlot {
+            app_id: app_id.to_owned(),
+            registering: self.registering.clone(),
+        })
+    }
+
     /// Waits until the projections have applied everything durable now, briefly.
     async fn catch_up(&self) {
         // Every partition at once, within one APPLY_WAIT.
@@ -325,6 +358,24 @@ impl Ingest {
             })
         });
         let _ = futures::future::join_all(waits).await;
+    }
+}
+
+/// A registration in flight, counted against its app's device limit until dropped.
+pub(crate) struct DeviceSlot {
+    app_id: String,
+    registering: Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
+}
+
+impl Drop for DeviceSlot {
+    fn drop(&mut self) {
+        let mut in_flight = self.registering.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = in_flight.get_mut(&self.app_id) {
+            *n -= 1;
+            if *n == 0 {
+                in_flight.remove(&self.app_id);
+            }
+        }
     }
 }
 

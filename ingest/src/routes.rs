@@ -258,6 +258,7 @@ pub struct RegisterDeviceResponse {
     responses(
         (status = 201, description = "The device was registered", body = RegisterDeviceResponse),
         (status = 401, description = "Unknown app key", body = ErrorBody),
+        (status = 403, description = "The app has as many devices as its limit allows (`device_limit_reached`)", body = ErrorBody),
         (status = 422, description = "Invalid body", body = ErrorBody)))]
 async fn register_device(
     State(ingest): State<Arc<Ingest>>,
@@ -278,6 +279,9 @@ async fn register_device(
         .store
         .app_id_by_key(&req.app_key)?
         .ok_or_else(|| ApiError::unauthorized("invalid_app_key", "unknown app key"))?;
+    // Held until this registration is applied (or failed), so that the ones in flight
+    // count against the app's limit too.
+    let _slot = ingest.device_slot(&app_id)?;
     let device_id = Uuid::new_v4().to_string();
     let device_token = random_token::<32>()?;
     let event = Event::new(

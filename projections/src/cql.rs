@@ -143,25 +143,38 @@ impl CqlConfig {
 
 /// The migrations, in order: a version, what it does, and its statements (`{ks}` is the
 /// keyspace). Only ever append; an applied migration is never changed.
-const MIGRATIONS: &[(i32, &str, &[&str])] = &[(
-    1,
-    "projection tables, progress and journal",
-    &[
-        "CREATE TABLE IF NOT EXISTS {ks}.apps (app_id text PRIMARY KEY, v blob)",
-        "CREATE TABLE IF NOT EXISTS {ks}.app_by_client (client_id text PRIMARY KEY, app_id text)",
-        "CREATE TABLE IF NOT EXISTS {ks}.app_by_key (app_key text PRIMARY KEY, app_id text)",
-        "CREATE TABLE IF NOT EXISTS {ks}.devices (device_id text PRIMARY KEY, v blob)",
-        "CREATE TABLE IF NOT EXISTS {ks}.app_devices (app_id text, device_id text, PRIMARY KEY (app_id, device_id))",
-        "CREATE TABLE IF NOT EXISTS {ks}.inbox_heads (device_id text PRIMARY KEY, next_seq bigint)",
-        "CREATE TABLE IF NOT EXISTS {ks}.inbox (device_id text, seq bigint, v blob, PRIMARY KEY (device_id, seq))",
-        "CREATE TABLE IF NOT EXISTS {ks}.messages (message_id text, part int, v blob, PRIMARY KEY (message_id, part))",
-        "CREATE TABLE IF NOT EXISTS {ks}.payloads (message_id text PRIMARY KEY, v blob)",
-        "CREATE TABLE IF NOT EXISTS {ks}.presence (device_id text PRIMARY KEY, v blob)",
-        "CREATE TABLE IF NOT EXISTS {ks}.idempotency (app_id text, key text, part int, v blob, PRIMARY KEY ((app_id, key), part))",
-        "CREATE TABLE IF NOT EXISTS {ks}.collapse (device_id text, collapse_key text, seq bigint, PRIMARY KEY (device_id, collapse_key))",
-        "CREATE TABLE IF NOT EXISTS {ks}.progress (part int, writer bigint, next bigint, chunk int, data blob, epoch bigint static, checkpoint bigint static, journal_next bigint static, journal_writer bigint static, journal_chunks int static, PRIMARY KEY (part, writer, next, chunk)) WITH gc_grace_seconds = 10800",
-    ],
-)];
+const MIGRATIONS: &[(i32, &str, &[&str])] = &[
+    (
+        1,
+        "projection tables, progress and journal",
+        &[
+            "CREATE TABLE IF NOT EXISTS {ks}.apps (app_id text PRIMARY KEY, v blob)",
+            "CREATE TABLE IF NOT EXISTS {ks}.app_by_client (client_id text PRIMARY KEY, app_id text)",
+            "CREATE TABLE IF NOT EXISTS {ks}.app_by_key (app_key text PRIMARY KEY, app_id text)",
+            "CREATE TABLE IF NOT EXISTS {ks}.devices (device_id text PRIMARY KEY, v blob)",
+            "CREATE TABLE IF NOT EXISTS {ks}.app_devices (app_id text, device_id text, PRIMARY KEY (app_id, device_id))",
+            "CREATE TABLE IF NOT EXISTS {ks}.inbox_heads (device_id text PRIMARY KEY, next_seq bigint)",
+            "CREATE TABLE IF NOT EXISTS {ks}.inbox (device_id text, seq bigint, v blob, PRIMARY KEY (device_id, seq))",
+            "CREATE TABLE IF NOT EXISTS {ks}.messages (message_id text, part int, v blob, PRIMARY KEY (message_id, part))",
+            "CREATE TABLE IF NOT EXISTS {ks}.payloads (message_id text PRIMARY KEY, v blob)",
+            "CREATE TABLE IF NOT EXISTS {ks}.presence (device_id text PRIMARY KEY, v blob)",
+            "CREATE TABLE IF NOT EXISTS {ks}.idempotency (app_id text, key text, part int, v blob, PRIMARY KEY ((app_id, key), part))",
+            "CREATE TABLE IF NOT EXISTS {ks}.collapse (device_id text, collapse_key text, seq bigint, PRIMARY KEY (device_id, collapse_key))",
+            "CREATE TABLE IF NOT EXISTS {ks}.progress (part int, writer bigint, next bigint, chunk int, data blob, epoch bigint static, checkpoint bigint static, journal_next bigint static, journal_writer bigint static, journal_chunks int static, PRIMARY KEY (part, writer, next, chunk)) WITH gc_grace_seconds = 10800",
+        ],
+    ),
+    (
+        2,
+        "devices per app and partition (the devices registered before counted once, in part -1)",
+        &[
+            "CREATE TABLE IF NOT EXISTS {ks}.app_device_counts (app_id text, part int, n bigint, PRIMARY KEY (app_id, part))",
+        ],
+    ),
+];
+
+/// The `part` of the row that counts an app's devices registered before the keyspace
+/// kept counts (migration 2): no partition folds it.
+const COUNTED_BEFORE: i32 = -1;
 
 /// The projection tables, for `truncate`.
 const TABLES: &[&str] = &[
@@ -177,6 +190,7 @@ const TABLES: &[&str] = &[
     "presence",
     "idempotency",
     "collapse",
+    "app_device_counts",
     "progress",
 ];
 
@@ -328,10 +342,42 @@ async fn migrate_on(session: &Session, config: &CqlConfig) -> Result<Vec<i32>, S
             )
             .await
             .map_err(exec)?;
+        if *version == 2 {
+            count_devices_held(session, ks).await?;
+        }
         tracing::info!(keyspace = %ks, version, description, "applied a CQL migration");
         applied.push(*version);
     }
     Ok(applied)
+}
+
+/// Counts the devices of each app the keyspace already holds into the app's
+/// [`COUNTED_BEFORE`] row (migration 2, once). Rows of one app come together: `app_id` is
+/// the partition key of `app_devices`.
+async fn count_devices_held(session: &Session, ks: &str) -> Result<(), StoreError> {
+    use futures::StreamExt;
+    let pager = session
+        .query_iter(format!("SELECT app_id FROM {ks}.app_devices"), ())
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    let mut rows = pager
+        .rows_stream::<(String,)>()
+        .map_err(|e| corrupt("app_devices")(e.to_string()))?;
+    let mut totals: std::collections::BTreeMap<String, i64> = Default::default();
+    while let Some(r) = rows.next().await {
+        let (app,) = r.map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        *totals.entry(app).or_insert(0) += 1;
+    }
+    for (app, n) in &totals {
+        session
+            .query_unpaged(
+                format!("INSERT INTO {ks}.app_device_counts (app_id, part, n) VALUES (?, ?, ?)"),
+                (app, COUNTED_BEFORE, *n),
+            )
+            .await
+            .map_err(exec)?;
+    }
+    Ok(())
 }
 
 /// The prepared statements.
@@ -365,6 +411,9 @@ struct Stmts {
     idempotency_rows: PreparedStatement,
     put_collapse: PreparedStatement,
     get_collapse: PreparedStatement,
+    put_device_count: PreparedStatement,
+    get_device_count: PreparedStatement,
+    device_count_rows: PreparedStatement,
     progress: PreparedStatement,
     checkpoint: PreparedStatement,
     claim_first: PreparedStatement,
@@ -433,6 +482,9 @@ impl Stmts {
             idempotency_rows: p("SELECT v FROM {ks}.idempotency WHERE app_id = ? AND key = ?").await?,
             put_collapse: p("INSERT INTO {ks}.collapse (device_id, collapse_key, seq) VALUES (?, ?, ?) USING TIMESTAMP ?").await?,
             get_collapse: p("SELECT seq FROM {ks}.collapse WHERE device_id = ? AND collapse_key = ?").await?,
+            put_device_count: p("INSERT INTO {ks}.app_device_counts (app_id, part, n) VALUES (?, ?, ?) USING TIMESTAMP ?").await?,
+            get_device_count: p("SELECT n FROM {ks}.app_device_counts WHERE app_id = ? AND part = ?").await?,
+            device_count_rows: p("SELECT n FROM {ks}.app_device_counts WHERE app_id = ?").await?,
             progress,
             checkpoint: p("SELECT checkpoint FROM {ks}.progress WHERE part = ? LIMIT 1").await?,
             claim_first: p("UPDATE {ks}.progress SET epoch = ?, checkpoint = 0 WHERE part = ? IF epoch = null").await?,
@@ -1021,6 +1073,9 @@ impl Inner {
         for ((d, k), v) in &w.collapse {
             op!(rest, &s.put_collapse, (d, k, as_i64(*v), ts));
         }
+        for (a, n) in &w.app_device_counts {
+            op!(rest, &s.put_device_count, (a, part, as_i64(*n), ts));
+        }
         run_all(payloads).await?;
         run_all(entries).await?;
         run_all(rest).await
@@ -1155,6 +1210,16 @@ impl Inner {
             }
         );
         scan!(
+            "SELECT app_id, part, n FROM {ks}.app_device_counts",
+            (String, i32, i64),
+            "app_device_counts",
+            |r| {
+                // part -1 (the devices counted at migration 2) is u32::MAX, as in the
+                // embedded store.
+                s.app_device_counts.insert((r.0, r.1 as u32), as_u64(r.2));
+            }
+        );
+        scan!(
             "SELECT DISTINCT part, checkpoint FROM {ks}.progress",
             (i32, Option<i64>),
             "progress",
@@ -1267,6 +1332,19 @@ impl View for CqlStore {
             Ok(r.and_then(|(s,)| s).map(as_u64))
         })
     }
+    fn app_device_count(&self, app_id: &str, partition: u32) -> Result<u64, StoreError> {
+        let a = app_id.to_owned();
+        self.run(move |i| async move {
+            let r = i
+                .one::<(Option<i64>,)>(
+                    &i.s.get_device_count,
+                    (a, partition as i32),
+                    "app_device_counts",
+                )
+                .await?;
+            Ok(r.and_then(|(n,)| n).map_or(0, as_u64))
+        })
+    }
 }
 
 impl Store for CqlStore {
@@ -1306,6 +1384,16 @@ impl Store for CqlStore {
 
     fn apps(&self, limit_n: usize) -> Result<Vec<App>, StoreError> {
         self.run(|i| async move { i.blobs(&i.s.all_apps, (limit(limit_n),), "apps").await })
+    }
+
+    fn app_device_total(&self, app_id: &str) -> Result<u64, StoreError> {
+        let a = app_id.to_owned();
+        self.run(|i| async move {
+            let rows = i
+                .rows::<(Option<i64>,)>(&i.s.device_count_rows, (a,), "app_device_counts")
+                .await?;
+            Ok(rows.into_iter().filter_map(|(n,)| n).map(as_u64).sum())
+        })
     }
 
     fn message_status(&self, message_id: &str) -> Result<Option<MessageStatus>, StoreError> {

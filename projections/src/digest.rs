@@ -87,7 +87,19 @@ pub fn digests(state: &MemState, now_ms: u64) -> Vec<Digest> {
         table("payloads", &state.payloads),
         table("presence", &state.presence),
         table("idempotency", &state.idempotency),
+        // Totals per app, not rows per partition: a store that counted the devices it
+        // had when it began keeping counts (in one row) equals one folded from scratch.
+        table("app_device_counts", &app_device_totals(state)),
     ]
+}
+
+/// Devices registered per app, summed over every partition's row.
+fn app_device_totals(state: &MemState) -> std::collections::BTreeMap<&str, u64> {
+    let mut totals = std::collections::BTreeMap::new();
+    for ((app, _), n) in &state.app_device_counts {
+        *totals.entry(app.as_str()).or_insert(0) += n;
+    }
+    totals
 }
 
 #[cfg(test)]

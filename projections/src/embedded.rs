@@ -41,6 +41,20 @@ fn message_key(message_id: &str, partition: u32) -> Vec<u8> {
     k
 }
 
+/// An app's device count in a partition: the app id, a NUL, the partition (u32,
+/// big-endian). [`COUNTED_BEFORE`] is the row of devices a store held when it began to
+/// keep counts.
+fn count_key(app_id: &str, partition: u32) -> Vec<u8> {
+    message_key(app_id, partition)
+}
+
+/// The partition of the row that counts the devices registered before the store kept
+/// counts (no fold writes it: partitions are fewer than this).
+pub const COUNTED_BEFORE: u32 = u32::MAX;
+
+/// The `meta` key that says the store keeps device counts.
+const COUNTS_MARKER: &[u8] = b"app-device-counts-v1";
+
 /// Opens (or creates) the fjall database that holds the projections.
 ///
 /// Each committed batch is handed to the operating system at once (fjall's default), so
@@ -71,6 +85,7 @@ pub struct EmbeddedStore {
     presence: Keyspace,
     idempotency: Keyspace,
     collapse: Keyspace,
+    app_device_counts: Keyspace,
     meta: Keyspace,
 }
 
@@ -121,9 +136,49 @@ impl EmbeddedStore {
             presence: ks("presence")?,
             idempotency: ks("idempotency")?,
             collapse: ks("collapse")?,
+            app_device_counts: ks("app_device_counts")?,
             meta: ks("meta")?,
             db,
         })
+        .and_then(|s| {
+            s.count_devices_held()?;
+            Ok(s)
+        })
+    }
+
+    /// Once per store: counts the devices it already holds per app into the
+    /// [`COUNTED_BEFORE`] rows (a store written before herald kept counts), and marks
+    /// the store as counting, in one batch.
+    fn count_devices_held(&self) -> Result<(), StoreError> {
+        if self.meta.get(COUNTS_MARKER).map_err(storage)?.is_some() {
+            return Ok(());
+        }
+        let mut totals: std::collections::BTreeMap<String, u64> = Default::default();
+        for g in self.app_devices.iter() {
+            let k = g.key().map_err(storage)?;
+            if let Some(app) = k.split(|b| *b == 0).next() {
+                *totals
+                    .entry(String::from_utf8_lossy(app).into_owned())
+                    .or_insert(0) += 1;
+            }
+        }
+        let mut b = self.db.batch();
+        for (app, n) in &totals {
+            b.insert(
+                &self.app_device_counts,
+                count_key(app, COUNTED_BEFORE),
+                encode(n),
+            );
+        }
+        b.insert(&self.meta, COUNTS_MARKER, b"".to_vec());
+        b.commit().map_err(storage)?;
+        if !totals.is_empty() {
+            tracing::info!(
+                apps = totals.len(),
+                "counted the devices registered before device counts were kept"
+            );
+        }
+        Ok(())
     }
 
     fn get<T: DeserializeOwned>(
@@ -138,7 +193,7 @@ impl EmbeddedStore {
     }
 
     /// Every keyspace of this store with its name (without the prefix), in a fixed order.
-    fn keyspaces(&self) -> [(&'static str, &Keyspace); 13] {
+    fn keyspaces(&self) -> [(&'static str, &Keyspace); 14] {
         [
             ("apps", &self.apps),
             ("app_by_client", &self.app_by_client),
@@ -152,6 +207,7 @@ impl EmbeddedStore {
             ("payloads", &self.payloads),
             ("presence", &self.presence),
             ("idempotency", &self.idempotency),
+            ("app_device_counts", &self.app_device_counts),
             ("meta", &self.meta),
         ]
     }
@@ -262,6 +318,14 @@ impl EmbeddedStore {
                 s.collapse.insert((d.to_owned(), key.to_owned()), v);
             }
         }
+        for (k, v) in all::<u64>(&self.app_device_counts, "app_device_counts")? {
+            let (app, p) = k.split_at(k.len().saturating_sub(5));
+            let p = p.get(1..).and_then(|p| <[u8; 4]>::try_from(p).ok());
+            if let Some(p) = p {
+                s.app_device_counts
+                    .insert((text(app), u32::from_be_bytes(p)), v);
+            }
+        }
         for g in self.meta.prefix(b"checkpoint") {
             let (k, v) = g.into_inner().map_err(storage)?;
             let p = k.get(10..).and_then(|p| <[u8; 4]>::try_from(p).ok());
@@ -356,6 +420,14 @@ impl View for EmbeddedStore {
             &pair_key(device_id, collapse_key),
         )
     }
+    fn app_device_count(&self, app_id: &str, partition: u32) -> Result<u64, StoreError> {
+        Ok(Self::get(
+            &self.app_device_counts,
+            "app_device_counts",
+            &count_key(app_id, partition),
+        )?
+        .unwrap_or(0))
+    }
 }
 
 impl Store for EmbeddedStore {
@@ -409,6 +481,9 @@ impl Store for EmbeddedStore {
         for ((d, k), v) in &w.collapse {
             b.insert(&self.collapse, pair_key(d, k), encode(v));
         }
+        for (a, n) in &w.app_device_counts {
+            b.insert(&self.app_device_counts, count_key(a, partition), encode(n));
+        }
         b.insert(
             &self.meta,
             checkpoint_key(partition),
@@ -426,6 +501,15 @@ impl Store for EmbeddedStore {
         let records =
             Self::partition_rows(&self.idempotency, "idempotency", pair_key(app_id, key))?;
         Ok(crate::model::earliest(records, now_ms))
+    }
+
+    fn app_device_total(&self, app_id: &str) -> Result<u64, StoreError> {
+        let rows: Vec<u64> = Self::partition_rows(
+            &self.app_device_counts,
+            "app_device_counts",
+            app_id.as_bytes().to_vec(),
+        )?;
+        Ok(rows.iter().sum())
     }
 
     fn apps(&self, limit: usize) -> Result<Vec<App>, StoreError> {
@@ -486,6 +570,31 @@ impl Store for EmbeddedStore {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_store_from_before_device_counts_counts_what_it_holds_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_database(dir.path()).unwrap();
+        let store = EmbeddedStore::open(db.clone(), "").unwrap();
+        let mut w = Writes::default();
+        for (a, d) in [("a1", "d1"), ("a1", "d2"), ("a2", "d3")] {
+            w.app_devices.insert((a.into(), d.into()));
+        }
+        store.commit(&w, 0, 3).unwrap();
+        // As a herald that kept no counts left it.
+        store.meta.remove(COUNTS_MARKER).unwrap();
+        drop(store);
+        let store = EmbeddedStore::open(db.clone(), "").unwrap();
+        assert_eq!(store.app_device_total("a1").unwrap(), 2);
+        assert_eq!(store.app_device_total("a2").unwrap(), 1);
+        // Folds count on from there, and opening again counts nothing twice.
+        let mut w = Writes::default();
+        w.app_device_counts.insert("a1".into(), 1);
+        store.commit(&w, 0, 4).unwrap();
+        drop(store);
+        let store = EmbeddedStore::open(db, "").unwrap();
+        assert_eq!(store.app_device_total("a1").unwrap(), 3);
+    }
 
     #[test]
     fn a_store_of_the_layout_before_partitions_is_recognised() {

@@ -64,7 +64,9 @@ pub fn apply(tx: &mut Tx<'_>, event: &Event) -> Result<(), StoreError> {
             {
                 false
             } else {
+                let counted = tx.app_device_count(&e.app_id, tx.scope.partition)?;
                 let w = &mut tx.writes;
+                w.app_device_counts.insert(e.app_id.clone(), counted + 1);
                 w.app_devices
                     .insert((e.app_id.clone(), e.device_id.clone()));
                 w.devices.insert(

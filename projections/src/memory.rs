@@ -36,6 +36,8 @@ pub struct MemState {
     pub idempotency: BTreeMap<(String, String, u32), IdempotencyRecord>,
     /// Collapse keys.
     pub collapse: BTreeMap<(String, String), u64>,
+    /// Devices registered per (app id, partition).
+    pub app_device_counts: BTreeMap<(String, u32), u64>,
     /// The checkpoint of each partition that has one.
     pub checkpoints: BTreeMap<u32, u64>,
 }
@@ -135,6 +137,14 @@ impl View for MemStore {
             .get(&(device_id.to_owned(), collapse_key.to_owned()))
             .copied())
     }
+    fn app_device_count(&self, app_id: &str, partition: u32) -> Result<u64, StoreError> {
+        Ok(self
+            .lock()
+            .app_device_counts
+            .get(&(app_id.to_owned(), partition))
+            .copied()
+            .unwrap_or(0))
+    }
 }
 
 impl Store for MemStore {
@@ -165,6 +175,11 @@ impl Store for MemStore {
                 .map(|((a, k), v)| ((a.clone(), k.clone(), partition), v.clone())),
         );
         s.collapse.extend(w.collapse.clone());
+        s.app_device_counts.extend(
+            w.app_device_counts
+                .iter()
+                .map(|(a, n)| ((a.clone(), partition), *n)),
+        );
         let checkpoint = s.checkpoints.entry(partition).or_default();
         assert!(next_offset >= *checkpoint, "checkpoints never go back");
         *checkpoint = next_offset;
@@ -195,6 +210,15 @@ impl Store for MemStore {
     }
     fn apps(&self, limit: usize) -> Result<Vec<App>, StoreError> {
         Ok(self.lock().apps.values().take(limit).cloned().collect())
+    }
+    fn app_device_total(&self, app_id: &str) -> Result<u64, StoreError> {
+        let a = app_id.to_owned();
+        Ok(self
+            .lock()
+            .app_device_counts
+            .range((a.clone(), 0)..=(a, u32::MAX))
+            .map(|(_, n)| n)
+            .sum())
     }
     fn message_status(&self, message_id: &str) -> Result<Option<MessageStatus>, StoreError> {
         let s = self.lock();

@@ -56,6 +56,9 @@ pub trait View {
     ) -> Result<Option<IdempotencyRecord>, StoreError>;
     /// The seq of the newest entry of a device with this collapse key.
     fn collapse(&self, device_id: &str, collapse_key: &str) -> Result<Option<u64>, StoreError>;
+    /// How many devices of an app `partition` has registered (see
+    /// [`Store::app_device_total`] for the whole app).
+    fn app_device_count(&self, app_id: &str, partition: u32) -> Result<u64, StoreError>;
 }
 
 /// The writes of one batch, ready to be committed with their checkpoint. Every value is the row's
@@ -99,6 +102,9 @@ pub struct Writes {
     /// (device id, collapse key) -> seq of the newest entry with that key.
     #[serde(with = "pairs")]
     pub collapse: BTreeMap<(String, String), u64>,
+    /// app id -> devices registered in the batch's partition.
+    #[serde(with = "pairs", default)]
+    pub app_device_counts: BTreeMap<String, u64>,
 }
 
 /// Maps as lists of pairs: JSON has only string keys, and these maps have tuple keys.
@@ -322,6 +328,13 @@ impl View for Tx<'_> {
             None => self.base.collapse(device_id, collapse_key),
         }
     }
+
+    fn app_device_count(&self, app_id: &str, partition: u32) -> Result<u64, StoreError> {
+        match self.writes.app_device_counts.get(app_id) {
+            Some(n) if partition == self.scope.partition => Ok(*n),
+            _ => self.base.app_device_count(app_id, partition),
+        }
+    }
 }
 
 /// A projection store: committed state, plus what readers outside the folds need. An API
@@ -358,6 +371,9 @@ pub trait Store: View + Send + Sync {
     ) -> Result<Option<IdempotencyRecord>, StoreError>;
     /// A message's whole status: the sum of its rows in every partition.
     fn message_status(&self, message_id: &str) -> Result<Option<MessageStatus>, StoreError>;
+    /// How many devices an app has registered: the sum over every partition (and, in a
+    /// store that counted from before it kept counts, what it counted then).
+    fn app_device_total(&self, app_id: &str) -> Result<u64, StoreError>;
     /// Up to `limit` apps (for the admin console; in no promised order on CQL).
     fn apps(&self, limit: usize) -> Result<Vec<App>, StoreError>;
     /// Up to `limit` unacknowledged entries of a device with seq > `after_seq`, in order.

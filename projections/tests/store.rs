@@ -185,6 +185,7 @@ fn every_kind() -> Writes {
         },
     );
     w.collapse.insert(("d1".into(), "news".into()), 2);
+    w.app_device_counts.insert("a1".into(), 1);
     w
 }
 
@@ -210,6 +211,8 @@ fn an_empty_store_answers_nothing() {
         assert_eq!(s.idempotency("a", "k", 0).unwrap(), None);
         assert_eq!(s.idempotency_record("a", "k", 0).unwrap(), None);
         assert_eq!(s.collapse("d", "k").unwrap(), None);
+        assert_eq!(s.app_device_count("a", 0).unwrap(), 0);
+        assert_eq!(s.app_device_total("a").unwrap(), 0);
         assert_eq!((b.state)(), MemState::default(), "{}", b.name);
     }
 }
@@ -254,6 +257,8 @@ fn committed_rows_read_back_through_every_method() {
         assert_eq!(s.idempotency_record("a1", "key", 2_000).unwrap(), rec);
         assert_eq!(s.idempotency_record("a1", "key", 61_000).unwrap(), None);
         assert_eq!(s.collapse("d1", "news").unwrap(), Some(2));
+        assert_eq!(s.app_device_count("a1", 1).unwrap(), 1, "{name}");
+        assert_eq!(s.app_device_count("a1", 0).unwrap(), 0, "{name}");
 
         // An acknowledged entry goes; a value written again is replaced.
         let mut w2 = Writes::default();
@@ -338,8 +343,14 @@ fn a_message_sums_its_partitions_and_a_key_takes_its_earliest_record() {
                 .insert("m".into(), status("m", targeted, acked, ts));
             w.idempotency
                 .insert(("a1".into(), "k".into()), record(&format!("m{p}"), rec_ts));
+            w.app_device_counts.insert("a1".into(), targeted);
             s.commit(&w, p, 1).unwrap();
         }
+        assert_eq!(
+            s.app_device_total("a1").unwrap(),
+            7,
+            "{name}: devices per app"
+        );
         let m = s.message_status("m").unwrap().unwrap();
         assert_eq!((m.targeted, m.acked, m.ts_ms), (7, 5, 5_000), "{name}");
         let at = |now| {
@@ -438,4 +449,55 @@ fn a_shared_store_recovers_a_half_done_commit_and_fences_the_old_writer() {
         first.commit(&Writes::default(), 1, 4).unwrap();
         assert_eq!(b.store.checkpoints(2).unwrap(), vec![20, 4]);
     }
+}
+
+/// A keyspace migrated before device counts (schema version 1, devices registered)
+/// counts its devices once when migration 2 is applied, and folds count on from there.
+#[cfg(feature = "cql")]
+#[test]
+fn a_keyspace_from_before_device_counts_counts_its_devices_once() {
+    use herald_projections::cql::{CqlConfig, CqlStore};
+    use scylla::client::session_builder::SessionBuilder;
+    let Some(addr) = cassandra() else {
+        return;
+    };
+    let keyspace = format!("suite_counts_{}", std::process::id());
+    let config = CqlConfig::new(&addr, &keyspace);
+    let store = CqlStore::connect(&config).unwrap();
+    store.truncate().unwrap();
+    let mut w = Writes::default();
+    for (a, d) in [("a1", "d1"), ("a1", "d2"), ("a2", "d3")] {
+        w.app_devices.insert((a.into(), d.into()));
+    }
+    store.take_partition(0).unwrap();
+    store.commit(&w, 0, 3).unwrap();
+    drop(store);
+    // Back to schema version 1, as an older herald left it.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let session = SessionBuilder::new()
+            .known_node(&addr)
+            .build()
+            .await
+            .unwrap();
+        for cql in [
+            format!("DROP TABLE {keyspace}.app_device_counts"),
+            format!("DELETE FROM {keyspace}.schema_migrations WHERE version = 2"),
+        ] {
+            session.query_unpaged(cql, ()).await.unwrap();
+        }
+        session.await_schema_agreement().await.unwrap();
+    });
+    let store = CqlStore::connect(&config).unwrap();
+    assert_eq!(store.app_device_total("a1").unwrap(), 2);
+    assert_eq!(store.app_device_total("a2").unwrap(), 1);
+    let mut w = Writes::default();
+    w.app_device_counts.insert("a1".into(), 1);
+    store.take_partition(0).unwrap();
+    store.commit(&w, 0, 4).unwrap();
+    assert_eq!(store.app_device_total("a1").unwrap(), 3);
+    drop(store);
+    // Connecting again applies nothing and counts nothing twice.
+    let store = CqlStore::connect(&config).unwrap();
+    assert_eq!(store.app_device_total("a1").unwrap(), 3);
 }
