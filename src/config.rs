@@ -101,6 +101,8 @@ pub struct FileConfig {
     pub ingest_processes: Option<u32>,
     /// Devices an app may register, unless the admin set its own limit.
     pub app_max_devices: Option<u64>,
+    /// Entries waiting per device of an app, unless the admin set its own limit.
+    pub app_max_inbox_entries: Option<u32>,
     /// Where a gateway in its own process listens for delivery workers (QUIC).
     pub link_addr: Option<SocketAddr>,
     /// Where `herald gateway` and `herald deliver` serve /metrics and /healthz (they
@@ -231,6 +233,8 @@ pub struct Config {
     pub ingest_processes: u32,
     /// Default devices per app.
     pub app_max_devices: u64,
+    /// Default entries waiting per device.
+    pub app_max_inbox_entries: u32,
     /// Where a gateway process listens for workers.
     pub link_addr: SocketAddr,
     /// Where a gateway or delivery process serves /metrics, if anywhere.
@@ -431,6 +435,7 @@ impl Config {
             app_broadcasts_per_min: file.app_broadcasts_per_min.unwrap_or(60),
             ingest_processes: file.ingest_processes.unwrap_or(1),
             app_max_devices: file.app_max_devices.unwrap_or(10_000_000),
+            app_max_inbox_entries: file.app_max_inbox_entries.unwrap_or(100_000),
             metrics_addr: o.metrics_addr.or(file.metrics_addr),
             link_addr: o
                 .link_addr
@@ -578,6 +583,9 @@ impl Config {
         }
         if !(1..=1_000_000_000).contains(&self.app_max_devices) {
             bail!("app_max_devices must be between 1 and 1000000000");
+        }
+        if !(1..=1_000_000).contains(&self.app_max_inbox_entries) {
+            bail!("app_max_inbox_entries must be between 1 and 1000000");
         }
         if !(1..=1024).contains(&self.ingest_processes) {
             bail!("ingest_processes must be between 1 and 1024");

@@ -365,7 +365,7 @@ pub fn ingest_config(config: &Config, admin_token: String) -> IngestConfig {
             broadcasts_per_min: Some(config.app_broadcasts_per_min),
             max_devices: Some(config.app_max_devices),
             max_data_bytes: u32::try_from(config.max_data_bytes).ok(),
-            max_inbox_entries: None,
+            max_inbox_entries: Some(config.app_max_inbox_entries),
         },
         rate_share: config.ingest_processes,
         keep_alive_by_network: herald_schemas::events::NETWORKS

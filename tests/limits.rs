@@ -310,3 +310,64 @@ async fn the_devices_per_app_cap_refuses_registration_with_a_clear_error() {
         .unwrap();
     assert_eq!(r.status(), 403);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_inbox_keeps_the_newest_entries_and_the_device_sees_the_gap() {
+    let server = Server::start().await;
+    let app = create_app(&server).await;
+    let (status, view) = put_limits(&server, &app.app_id, json!({"max_inbox_entries": 3})).await;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["effective"]["max_inbox_entries"], 3);
+    let dev = app.register().await;
+    // Five pushes to a device that is offline: its inbox keeps the newest three.
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(app.push(&dev.device_id, json!({"i": i})).await);
+    }
+    // (A push is answered once durable; its fold follows within moments.)
+    for id in &ids[..2] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let s = loop {
+            let (_, s) = app.status(id).await;
+            if s["state"] != "pending" || Instant::now() > deadline {
+                break s;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(s["state"], "dropped", "{s}");
+        assert_eq!(
+            (s["targeted"].as_u64(), s["dropped"].as_u64()),
+            (Some(1), Some(1))
+        );
+    }
+    let (_, s) = app.status(&ids[2]).await;
+    assert_eq!(s["state"], "pending", "{s}");
+    // The SDK shows the newest three, and that two were missed before them: the gap in
+    // the seqs is the signal.
+    let mut device = herald_client::Device::start(&dev, quick_options())
+        .await
+        .unwrap();
+    let first = device.next().await.unwrap();
+    assert_eq!((first.seq, first.missed()), (3, 2));
+    assert_eq!(first.id, ids[2]);
+    first.ack();
+    for (want, id) in [(4, &ids[3]), (5, &ids[4])] {
+        let m = device.next().await.unwrap();
+        assert_eq!((m.seq, m.missed(), &m.id), (want, 0, id));
+        m.ack();
+    }
+    app.wait_acked(&ids[4], 1).await;
+    drop(device);
+    let mut conn = connect(&dev).await;
+    // A connected device that acknowledges keeps up: nothing more is dropped.
+    let mut more = Vec::new();
+    for i in 5..10 {
+        let id = app.push(&dev.device_id, json!({"i": i})).await;
+        recv_n(&mut conn, 1).await;
+        more.push(id);
+    }
+    for id in &more {
+        let s = app.wait_acked(id, 1).await;
+        assert_eq!(s["dropped"], 0, "{s}");
+    }
+}

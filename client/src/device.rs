@@ -295,7 +295,7 @@ pub struct Device {
     saves: Arc<Mutex<u64>>,
     save_generation: u64,
     /// A new entry already recorded in `resume` whose state is not yet saved.
-    unsaved: Option<Incoming>,
+    unsaved: Option<(Incoming, u64)>,
     stopped: bool,
     error: Option<Error>,
 }
@@ -379,13 +379,17 @@ impl Device {
                     self.fail(e);
                     return None;
                 }
-                let Incoming {
-                    link,
-                    token,
-                    envelope,
-                } = self.unsaved.take()?;
+                let (
+                    Incoming {
+                        link,
+                        token,
+                        envelope,
+                    },
+                    missed,
+                ) = self.unsaved.take()?;
                 return Some(Message {
                     envelope,
+                    missed,
                     ack: Ack::new(link, token),
                 });
             }
@@ -395,20 +399,21 @@ impl Device {
                 self.finish().await;
                 return None;
             };
-            let verdict = {
+            let (verdict, missed) = {
                 let mut resume = lock(&self.resume);
                 let env = &incoming.envelope;
                 let verdict = resume.check(env.seq, &env.id);
+                let missed = env.seq.saturating_sub(resume.last_seq() + 1);
                 if verdict != Verdict::SeenSeq {
                     resume.record(env.seq, &env.id);
                 }
-                verdict
+                (verdict, missed)
             };
             if verdict == Verdict::New {
                 if self.state_file.is_some() {
                     self.save_generation += 1;
                 }
-                self.unsaved = Some(incoming);
+                self.unsaved = Some((incoming, missed));
             } else {
                 incoming.link.done(incoming.token);
             }
@@ -617,6 +622,7 @@ impl std::fmt::Debug for DeviceHandle {
 #[derive(Debug)]
 pub struct Message {
     envelope: Envelope,
+    missed: u64,
     ack: Ack,
 }
 
@@ -624,6 +630,16 @@ impl Message {
     /// The envelope: id, seq, ts and data.
     pub fn envelope(&self) -> &Envelope {
         &self.envelope
+    }
+
+    /// How many entries before this one the device will never be shown: the gap
+    /// between the last seq it remembers (in memory, or in its state file) and this
+    /// one's. Entries leave an inbox unseen when they expire, are recalled, are replaced
+    /// by a newer push with the same collapse key, or are dropped because the inbox
+    /// held the app's limit of newer entries (`max_inbox_entries`). An app that keeps
+    /// its own copy of what it was sent can resynchronise when this is not 0.
+    pub fn missed(&self) -> u64 {
+        self.missed
     }
 
     /// Acknowledges the entry (the same as dropping the message).

@@ -331,6 +331,12 @@ pub struct Limits {
     /// below what the app has removes no device; it only stops new ones.
     #[schema(minimum = 1, maximum = 1_000_000_000)]
     pub max_devices: Option<u64>,
+    /// Entries waiting in one device's inbox: storing a new entry drops the device's
+    /// entry this many seqs older if it is still waiting (the device sees the gap in its
+    /// seqs; the dropped message's status counts it as `dropped`). Applies to pushes
+    /// accepted from then on.
+    #[schema(minimum = 1, maximum = 1_000_000)]
+    pub max_inbox_entries: Option<u32>,
 }
 
 impl Limits {
@@ -340,6 +346,7 @@ impl Limits {
             broadcasts_per_min: l.broadcasts_per_min,
             max_data_bytes: l.max_data_bytes,
             max_devices: l.max_devices,
+            max_inbox_entries: l.max_inbox_entries,
         }
     }
 }
@@ -420,6 +427,7 @@ async fn set_app_limits(
             limits.max_data_bytes,
             u32::try_from(max_data).unwrap_or(u32::MAX),
         ),
+        ("max_inbox_entries", limits.max_inbox_entries, 1_000_000),
     ] {
         if let Some(v) = value
             && !(1..=max).contains(&v)
@@ -449,7 +457,7 @@ async fn set_app_limits(
                 broadcasts_per_min: limits.broadcasts_per_min.unwrap_or(0),
                 max_data_bytes: limits.max_data_bytes.unwrap_or(0),
                 max_devices: limits.max_devices.unwrap_or(0),
-                ..AppLimits::default()
+                max_inbox_entries: limits.max_inbox_entries.unwrap_or(0),
             }),
         }),
     );

@@ -101,7 +101,7 @@ impl Default for IngestConfig {
                 broadcasts_per_min: Some(60),
                 max_devices: Some(10_000_000),
                 max_data_bytes: Some(4096),
-                max_inbox_entries: None,
+                max_inbox_entries: Some(100_000),
             },
             rate_share: 1,
         }

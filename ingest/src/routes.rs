@@ -609,6 +609,7 @@ async fn accept(
             },
             idempotency_key,
             request_sha256,
+            max_inbox_entries: limits.max_inbox_entries.unwrap_or(0),
         }),
     );
     let span = tracing::debug_span!("push", app_id, message_id = %message_id);
@@ -624,9 +625,10 @@ pub struct MessageStatusResponse {
     /// The message id.
     pub message_id: String,
     /// `pending` (some targets have not confirmed), `delivered` (every target confirmed,
-    /// or lost it to a replacement), `replaced` (every target lost it to a newer push
-    /// with the same collapse key), `expired` (its TTL passed first), `recalled`, or
-    /// `no_targets`.
+    /// or lost it to a replacement or a drop), `replaced` (every target lost it to a
+    /// newer push with the same collapse key), `dropped` (every target's inbox dropped
+    /// it for newer entries, over the app's `max_inbox_entries`), `expired` (its TTL
+    /// passed first), `recalled`, or `no_targets`.
     pub state: String,
     /// Devices it was put in the inbox of.
     pub targeted: u64,
@@ -642,6 +644,9 @@ pub struct MessageStatusResponse {
     pub recalled: u64,
     /// Targets where a newer push with the same collapse key replaced it first.
     pub replaced: u64,
+    /// Targets whose inbox dropped it for newer entries before receipt (the app's limit
+    /// of entries waiting per device).
+    pub dropped: u64,
     /// When it was accepted (ms since the Unix epoch).
     pub accepted_at_ms: u64,
     /// When it expires (ms since the Unix epoch).
@@ -658,10 +663,10 @@ impl MessageStatusResponse {
         } else if m.targeted == 0 {
             "no_targets"
         } else if outstanding == 0 {
-            if m.acked == 0 {
-                "replaced"
-            } else {
-                "delivered"
+            match (m.acked, m.replaced) {
+                (0, 0) => "dropped",
+                (0, _) => "replaced",
+                _ => "delivered",
             }
         } else if expired_now {
             "expired"
@@ -681,6 +686,7 @@ impl MessageStatusResponse {
             },
             recalled: m.recalled_targets,
             replaced: m.replaced,
+            dropped: m.dropped,
             accepted_at_ms: m.ts_ms,
             expires_at_ms: m.expires_at_ms,
         }

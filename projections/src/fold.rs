@@ -173,7 +173,7 @@ pub fn apply(tx: &mut Tx<'_>, event: &Event) -> Result<(), StoreError> {
                         m.recalled_targets -= 1;
                     }
                     assert!(
-                        m.acked + m.replaced + m.recalled_targets <= m.targeted,
+                        m.acked + m.replaced + m.dropped + m.recalled_targets <= m.targeted,
                         "each target is counted once"
                     );
                     tx.writes.messages.insert(e.message_id.clone(), m);
@@ -276,6 +276,7 @@ fn apply_recall(
                     recalled: true,
                     recalled_targets: 0,
                     replaced: 0,
+                    dropped: 0,
                     unicast_device: None,
                 },
             );
@@ -336,8 +337,10 @@ fn apply_push(
         recalled: false,
         recalled_targets: 0,
         replaced: 0,
+        dropped: 0,
         unicast_device: None,
     };
+    let window = u64::from(e.max_inbox_entries);
     let entry_for = |seq| InboxEntry {
         seq,
         message_id: e.message_id.clone(),
@@ -361,7 +364,7 @@ fn apply_push(
             // log is the authority and may hold events from elsewhere.
             match tx.device(device_id)? {
                 Some(d) if d.app_id == e.app_id => {
-                    put_entry(tx, ts, device_id, &e.collapse_key, &entry_for)?;
+                    put_entry(tx, ts, device_id, &e.collapse_key, window, &entry_for)?;
                     status.targeted = 1;
                     status.unicast_device = Some(device_id.clone());
                 }
@@ -382,7 +385,7 @@ fn apply_push(
                 // The app's index holds every partition's devices a store has folded.
                 let scope = tx.scope;
                 for device_id in page.iter().filter(|d| scope.holds(d)) {
-                    put_entry(tx, ts, device_id, &e.collapse_key, &entry_for)?;
+                    put_entry(tx, ts, device_id, &e.collapse_key, window, &entry_for)?;
                     status.targeted += 1;
                 }
                 if page.len() < BROADCAST_PAGE {
@@ -432,33 +435,73 @@ fn live_entry(
 
 /// Puts the next entry of a device's inbox. With a collapse key, an older entry with the
 /// same key that the device has not confirmed is removed and reported replaced.
+/// Why an entry leaves a device's inbox before receipt.
+#[derive(Clone, Copy)]
+enum Loss {
+    /// A newer push with the same collapse key took its place.
+    Replaced,
+    /// The inbox keeps only the app's limit of the newest entries.
+    Dropped,
+}
+
+/// Takes the entry `seq` of `device_id` out of the inbox if it is still waiting (live,
+/// unexpired, not received), counting it on its message as `loss`, and tells the
+/// gateways to withdraw it.
+fn take_back(
+    tx: &mut Tx<'_>,
+    ts: u64,
+    device_id: &str,
+    seq: u64,
+    loss: Loss,
+) -> Result<(), StoreError> {
+    let Some(old) = live_entry(tx, device_id, seq, ts)? else {
+        return Ok(());
+    };
+    if old.received || (matches!(loss, Loss::Dropped) && old.expires_at_ms <= ts) {
+        // Received: the device has it. Expired: readers skip it already.
+        return Ok(());
+    }
+    tx.writes.entries.insert((device_id.to_owned(), seq), None);
+    // A recalled message's open targets are already counted as recalled.
+    if let Some(mut m) = tx.local_message(&old.message_id)?
+        && !m.recalled
+    {
+        match loss {
+            Loss::Replaced => m.replaced += 1,
+            Loss::Dropped => m.dropped += 1,
+        }
+        tx.writes.messages.insert(old.message_id.clone(), m);
+    }
+    tx.withdrawn.push(Withdrawn {
+        device_id: Some(device_id.to_owned()),
+        message_id: old.message_id,
+    });
+    Ok(())
+}
+
+/// Stores an entry for `device_id` with the next seq. A collapse key takes the place of
+/// the device's last entry with that key; a `window` (the app's limit of entries waiting
+/// per device; 0: none) drops the entry `window` seqs older if it is still waiting, so a
+/// device's inbox holds at most its newest `window` entries. The device sees the gap in
+/// its seqs; the dropped message's status counts it as `dropped`.
 fn put_entry(
     tx: &mut Tx<'_>,
     ts: u64,
     device_id: &str,
     collapse_key: &str,
+    window: u64,
     entry_for: &dyn Fn(u64) -> InboxEntry,
 ) -> Result<(), StoreError> {
     let mut head = tx.inbox_head(device_id)?;
+    if window > 0
+        && let Some(old_seq) = head.next_seq.checked_sub(window)
+        && old_seq >= 1
+    {
+        take_back(tx, ts, device_id, old_seq, Loss::Dropped)?;
+    }
     if !collapse_key.is_empty() {
-        if let Some(old_seq) = tx.collapse(device_id, collapse_key)?
-            && let Some(old) = live_entry(tx, device_id, old_seq, ts)?
-            && !old.received
-        {
-            tx.writes
-                .entries
-                .insert((device_id.to_owned(), old_seq), None);
-            // A recalled message's open targets are already counted as recalled.
-            if let Some(mut m) = tx.local_message(&old.message_id)?
-                && !m.recalled
-            {
-                m.replaced += 1;
-                tx.writes.messages.insert(old.message_id.clone(), m);
-            }
-            tx.withdrawn.push(Withdrawn {
-                device_id: Some(device_id.to_owned()),
-                message_id: old.message_id,
-            });
+        if let Some(old_seq) = tx.collapse(device_id, collapse_key)? {
+            take_back(tx, ts, device_id, old_seq, Loss::Replaced)?;
         }
         tx.writes.collapse.insert(
             (device_id.to_owned(), collapse_key.to_owned()),

@@ -125,17 +125,21 @@ pub struct MessageStatus {
     /// Targets where a newer push with the same collapse key replaced it before receipt.
     #[serde(default)]
     pub replaced: u64,
+    /// Targets whose inbox dropped it before receipt to keep within the app's limit of
+    /// entries waiting per device.
+    #[serde(default)]
+    pub dropped: u64,
     /// The device of a unicast message.
     #[serde(default)]
     pub unicast_device: Option<String>,
 }
 
 impl MessageStatus {
-    /// Targets that have neither confirmed receipt nor lost it to a replacement or a
-    /// recall.
+    /// Targets that have neither confirmed receipt nor lost it to a replacement, a drop
+    /// or a recall.
     pub fn outstanding(&self) -> u64 {
         self.targeted
-            .saturating_sub(self.acked + self.replaced + self.recalled_targets)
+            .saturating_sub(self.acked + self.replaced + self.dropped + self.recalled_targets)
     }
 
     /// Adds another partition's row of the same message: a message whose targets are in
@@ -146,6 +150,7 @@ impl MessageStatus {
         self.recalled |= other.recalled;
         self.recalled_targets += other.recalled_targets;
         self.replaced += other.replaced;
+        self.dropped += other.dropped;
         self.broadcast |= other.broadcast;
         if self.unicast_device.is_none() {
             self.unicast_device.clone_from(&other.unicast_device);

@@ -117,6 +117,7 @@ fn status(message: &str, targeted: u64, acked: u64, ts_ms: u64) -> MessageStatus
         recalled: false,
         recalled_targets: 0,
         replaced: 0,
+        dropped: 0,
         unicast_device: None,
     }
 }

@@ -68,6 +68,7 @@ fn samples() -> Vec<(&'static str, Event)> {
                     ttl_s: 3600,
                     priority: 1,
                     collapse_key: "score".into(),
+                    max_inbox_entries: 100,
                     ..Default::default()
                 }),
             ),
@@ -213,6 +214,7 @@ fn newer_samples(ts: u64) -> Vec<(&'static str, Event)> {
                         idempotency_key: String::new(),
                         request_sha256: Vec::new(),
                         idempotency_window_s: 0,
+                        max_inbox_entries: 0,
                     })),
                 }),
             ),

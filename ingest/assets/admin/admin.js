@@ -220,7 +220,7 @@ async function loadApps() {
       el("td", {}, a.name), el("td", {}, el("code", {}, a.app_id)), el("td", {}, el("code", {}, a.app_key)),
       el("td", {}, el("code", {}, a.client_id)), el("td", {}, time(a.created_ms)),
       el("td", {}, num(a.accepted)), el("td", {}, num(a.stored)), el("td", {}, num(a.delivered)),
-      el("td", {}, rotateButton(a)))));
+      el("td", {}, rotateButton(a), " ", limitsButton(a)))));
   } catch (e) {
     tbody.replaceChildren(el("tr", {}, el("td", { colspan: "9", class: "error" }, e.message)));
   }
@@ -244,6 +244,60 @@ function rotateButton(app) {
     box.hidden = false;
   });
   return b;
+}
+
+// What an app may use: each field blank is the deployment's default (shown as the
+// placeholder), as the admin API takes it (null).
+const LIMITS = [
+  ["pushes_per_s", "pushes / s"],
+  ["broadcasts_per_min", "broadcasts / min"],
+  ["max_data_bytes", "largest data (bytes)"],
+  ["max_devices", "devices"],
+  ["max_inbox_entries", "entries waiting per device"],
+];
+
+function limitsButton(app) {
+  const b = el("button", { class: "limits", type: "button" }, "Limits");
+  b.addEventListener("click", () => showLimits(app));
+  return b;
+}
+
+async function showLimits(app) {
+  const box = $("#app-limits");
+  const path = `/v1/admin/apps/${encodeURIComponent(app.app_id)}/limits`;
+  box.hidden = false;
+  try {
+    const view = await api("GET", path);
+    const defaults = { ...view.effective };
+    for (const [k] of LIMITS) if (view.set[k] != null) defaults[k] = null;
+    const inputs = LIMITS.map(([k, label]) => el("label", {}, label,
+      el("input", { name: k, type: "number", min: "1",
+        value: view.set[k] == null ? "" : String(view.set[k]),
+        placeholder: defaults[k] == null ? "default" : `default: ${defaults[k]}` })));
+    const status = el("span", { class: "limits-status" });
+    const form = el("form", { id: "limits-form", class: "row" },
+      el("strong", {}, `Limits of ${app.name}`), ...inputs, el("button", { type: "submit" }, "Save"), status);
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      const body = {};
+      for (const [k] of LIMITS) {
+        const v = form.elements[k].value.trim();
+        body[k] = v === "" ? null : Number(v);
+      }
+      try {
+        const saved = await api("PUT", path, body);
+        status.className = "limits-status saved";
+        status.textContent = "Saved: " + LIMITS.map(([k, label]) =>
+          `${label} ${saved.effective[k] == null ? "unlimited" : num(saved.effective[k])}`).join(", ");
+      } catch (e) {
+        status.className = "limits-status error";
+        status.textContent = e.message;
+      }
+    });
+    box.replaceChildren(form);
+  } catch (e) {
+    box.replaceChildren(el("span", { class: "error" }, e.message));
+  }
 }
 
 $("#app-form").addEventListener("submit", async (ev) => {

@@ -126,6 +126,8 @@ pub fn event(i: usize, op: &Op) -> Event {
             idempotency_key: format!("k{k}"),
             request_sha256: vec![*m],
             idempotency_window_s: 20,
+            // Small inbox windows (0: none), so folds drop old entries too.
+            max_inbox_entries: u32::from(*c) * 2,
         }),
         // Limits with some fields left to the default (0).
         Op::Limits(a, l) => Kind::AppLimitsSet(AppLimitsSet {

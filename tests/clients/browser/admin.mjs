@@ -87,6 +87,16 @@ await page.click(`#app-table tr[data-app-id="${created.app_id}"] button.rotate`)
 await page.waitForSelector("#rotated-client-secret");
 say("rotated", { client_secret: (await page.textContent("#rotated-client-secret")).trim() });
 
+// 3c. Set two of its limits; the rest stay at the deployment's defaults.
+await page.click(`#app-table tr[data-app-id="${created.app_id}"] button.limits`);
+await page.waitForSelector("#limits-form");
+await page.fill("#limits-form input[name=pushes_per_s]", "7");
+await page.fill("#limits-form input[name=max_devices]", "3");
+await page.click("#limits-form button[type=submit]");
+await page.waitForSelector("#limits-form .limits-status.saved");
+await shot(page, "limits");
+say("limits", { status: (await page.textContent("#limits-form .limits-status")).trim() });
+
 // 4. The test pushes through the REST API and a device acknowledges; then the
 // message's timeline shows it delivered and acked.
 const [, messageId, deviceId] = (await ask()).split(" ");
