@@ -322,3 +322,63 @@ async fn a_link_cut_and_restored_loses_nothing_and_shows_nothing_twice() {
     .await;
     assert_exactly(&mut device, &seen, &sent).await;
 }
+
+/// `/readyz` of a gateway process (its metrics address): the status and the body, once
+/// it answers at all.
+async fn gateway_readyz(gw: &GatewayProc, path: &str) -> (u16, Value) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{}{path}", gw.metrics_port)).await {
+            let status = r.status().as_u16();
+            return (status, r.json().await.unwrap());
+        }
+        assert!(Instant::now() < deadline, "{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_process_is_ready_only_while_a_worker_is_linked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = make_certs(tmp.path());
+    let gw = GatewayProc::start(&certs, "gw-ready", tmp.path());
+    // Alone it is alive, but it cannot authenticate a device: not ready, and it says why.
+    let (status, body) = gateway_readyz(&gw, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["checks"]["link"]["state"], "degraded", "{body}");
+    let (status, body) = gateway_readyz(&gw, "/healthz").await;
+    assert_eq!(status, 200, "{body}");
+    let names: Vec<&str> = body["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap())
+        .collect();
+    for name in ["devices", "link", "metrics"] {
+        assert!(names.contains(&name), "{name} in {body}");
+    }
+    // Linked: ready.
+    let mut server = serve_with(&[&gw], &certs).await;
+    gw.wait_linked(1).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = gateway_readyz(&gw, "/readyz").await;
+        if status == 200 {
+            assert_eq!(body["checks"]["link"]["state"], "ok", "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ready: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The worker gone: not ready again once the link times out.
+    server.kill9();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = gateway_readyz(&gw, "/readyz").await;
+        if status == 503 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still ready: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
