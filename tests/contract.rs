@@ -182,7 +182,7 @@ async fn expired_recalled_and_replaced_entries_are_never_sent() {
     // Recall: only by its own app; twice is harmless.
     let r = other
         .http
-        .delete(format!("{}/v1/messages/{recalled}", other.base))
+        .post(format!("{}/v1/messages/{recalled}/recall", other.base))
         .bearer_auth(&other.token)
         .send()
         .await
@@ -191,7 +191,7 @@ async fn expired_recalled_and_replaced_entries_are_never_sent() {
     for _ in 0..2 {
         let r = app
             .http
-            .delete(format!("{}/v1/messages/{recalled}", app.base))
+            .post(format!("{}/v1/messages/{recalled}/recall", app.base))
             .bearer_auth(&app.token)
             .send()
             .await
@@ -234,7 +234,7 @@ async fn expired_recalled_and_replaced_entries_are_never_sent() {
     let b = app.broadcast(json!("oops")).await;
     let r = app
         .http
-        .delete(format!("{}/v1/messages/{b}", app.base))
+        .post(format!("{}/v1/messages/{b}/recall", app.base))
         .bearer_auth(&app.token)
         .send()
         .await

@@ -73,7 +73,7 @@ async fn a_rebuild_into_the_cql_store_gives_the_embedded_stores_digests() {
     let all = app.broadcast(json!({"all": true})).await;
     let recalled = app.push(&devs[2].device_id, json!({"oops": true})).await;
     let r = reqwest::Client::new()
-        .delete(format!("{}/v1/messages/{recalled}", app.base))
+        .post(format!("{}/v1/messages/{recalled}/recall", app.base))
         .bearer_auth(&app.token)
         .send()
         .await

@@ -148,7 +148,7 @@ async fn run(device_kills: bool) {
             let i = accepted.len() - 1 - rng.below(accepted.len().min(20) as u64) as usize;
             let id = accepted[i].message_id.clone();
             let (s, body) = until_answered(&http, |c| {
-                c.delete(format!("{base}/v1/messages/{id}"))
+                c.post(format!("{base}/v1/messages/{id}/recall"))
                     .bearer_auth(&app.token)
             })
             .await;

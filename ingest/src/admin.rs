@@ -54,13 +54,16 @@ pub struct EventsQuery {
     /// partition's.
     pub partition: Option<u32>,
     /// First offset to read (default 0).
+    #[param(value_type = Option<u64>)]
     pub from: Option<Offset>,
     /// Offset to stop before (default: the durable end when the request arrives; larger
-    /// values are cut to it).
+    /// values are cut to it, and one before `from` reads nothing).
+    #[param(value_type = Option<u64>)]
     pub to: Option<Offset>,
     /// Only events with `ts_ms` at or after this (ms since the Unix epoch).
     pub from_ts: Option<u64>,
-    /// Only events with `ts_ms` before this (ms since the Unix epoch).
+    /// Only events with `ts_ms` before this (ms since the Unix epoch; one before
+    /// `from_ts` keeps nothing).
     pub to_ts: Option<u64>,
     /// Only events about this app (its own events and its devices').
     pub app: Option<String>,
@@ -71,7 +74,7 @@ pub struct EventsQuery {
     /// Only these event types, comma-separated (e.g. `PushAccepted,DeviceAcked`;
     /// ASCII case is ignored).
     #[serde(rename = "type")]
-    #[param(rename = "type")]
+    #[param(rename = "type", pattern = r"^[A-Za-z0-9]+(,[A-Za-z0-9]+)*$")]
     pub types: Option<String>,
 }
 
@@ -79,14 +82,24 @@ impl EventsQuery {
     /// The filter this query asks for.
     pub fn filter(&self) -> Result<Filter, ApiError> {
         let types = match &self.types {
+            Some(list) if list.contains(char::is_whitespace) => {
+                return Err(invalid_query(
+                    "type: names separated by commas, without spaces",
+                ));
+            }
             Some(list) => {
                 Filter::parse_types(list).map_err(|e| invalid_query(format!("type: {e}")))?
             }
             None => Vec::new(),
         };
+        // A time range the wrong way round keeps nothing (an empty window at from_ts).
+        let to_ts = match (self.from_ts, self.to_ts) {
+            (Some(from), Some(to)) if to < from => Some(from),
+            (_, to) => to,
+        };
         let filter = Filter {
             from_ts_ms: self.from_ts,
-            to_ts_ms: self.to_ts,
+            to_ts_ms: to_ts,
             app: self.app.clone(),
             device: self.device.clone(),
             message: self.message.clone(),
@@ -119,7 +132,9 @@ pub struct AdminApiDoc;
                 ("x-herald-from" = u64, description = "First offset of the range read"),
                 ("x-herald-to" = u64, description = "End of the range read (exclusive)"))),
         (status = 400, description = "Invalid query", body = ErrorBody),
-        (status = 401, description = "Missing or wrong admin token", body = ErrorBody)),
+        (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
+        (status = 403, description = "An app's or a device's credentials", body = ErrorBody),
+        (status = 404, description = "No such partition", body = ErrorBody)),
     security(("admin_token" = [])))]
 async fn events(
     State(ingest): State<Arc<Ingest>>,
@@ -130,8 +145,9 @@ async fn events(
     let filter = q.filter()?;
     let partition = q.partition.unwrap_or(0);
     if partition >= ingest.log.count() {
-        return Err(ApiError::bad_request(
-            "invalid_query",
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
             format!(
                 "partition {partition} does not exist: the topic has {}",
                 ingest.log.count()
@@ -141,15 +157,8 @@ async fn events(
     let log = ingest.log.get(partition).clone();
     let end = *log.durable_end().borrow();
     let from = q.from.unwrap_or(0);
-    if let Some(to) = q.to
-        && to < from
-    {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            format!("to ({to}) is before from ({from})"),
-        ));
-    }
-    // Nothing past the durable end exists yet; an empty range reads nothing.
+    // Nothing past the durable end exists yet; an empty range (or one the wrong way
+    // round) reads nothing.
     let to = q.to.unwrap_or(end).min(end).max(from);
 
     let store = ingest.store.clone();

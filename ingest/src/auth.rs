@@ -295,8 +295,38 @@ pub struct ApiJson<T>(pub T);
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let axum::Json(v) = axum::Json::<T>::from_request(req, state).await?;
-        Ok(ApiJson(v))
+        let axum::Json(v) = axum::Json::<serde_json::Value>::from_request(req, state).await?;
+        Ok(ApiJson(json_object(v)?))
+    }
+}
+
+/// `T` from a JSON body that must be an object (serde would take an array for a struct,
+/// which no document of herald's allows).
+pub fn json_object<T: DeserializeOwned>(v: serde_json::Value) -> Result<T, ApiError> {
+    if !v.is_object() {
+        return Err(ApiError::invalid("the body must be a JSON object"));
+    }
+    serde_json::from_value(v).map_err(|e| ApiError::invalid(e.to_string()))
+}
+
+/// The raw body, whose rejections (a body over the limit) are herald's JSON errors.
+#[derive(Debug)]
+pub struct ApiBytes(pub axum::body::Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for ApiBytes {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match axum::body::Bytes::from_request(req, state).await {
+            Ok(b) => Ok(ApiBytes(b)),
+            Err(e) if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::new(
+                    axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    "the request body exceeds the configured limit",
+                ))
+            }
+            Err(e) => Err(ApiError::bad_request("bad_body", e.body_text())),
+        }
     }
 }
 

@@ -149,7 +149,11 @@ pub struct LoginRequest {
 #[utoipa::path(post, path = "/admin/login", request_body = LoginRequest,
     responses(
         (status = 204, description = "Logged in; the cookie is set"),
-        (status = 401, description = "Wrong admin token", body = ErrorBody)))]
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "Wrong admin token", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "A body that is not JSON", body = ErrorBody),
+        (status = 422, description = "Not a log-in body", body = ErrorBody)))]
 async fn login(
     State(ingest): State<Arc<Ingest>>,
     ApiJson(body): ApiJson<LoginRequest>,
@@ -197,12 +201,19 @@ fn session_cookie_response(cookie: &str) -> Result<Response, ApiError> {
 /// Whether the caller is the admin (the page asks this before it shows anything).
 #[utoipa::path(get, path = "/v1/admin/session",
     responses(
-        (status = 200, description = "The caller is the admin"),
+        (status = 200, description = "The caller is the admin", body = SessionView),
         (status = 401, description = "No session, or it expired", body = ErrorBody),
         (status = 403, description = "An app's or a device's credentials", body = ErrorBody)),
     security(("admin_token" = [])))]
-async fn session(_admin: Admin) -> Json<Value> {
-    Json(serde_json::json!({ "admin": true }))
+async fn session(_admin: Admin) -> Json<SessionView> {
+    Json(SessionView { admin: true })
+}
+
+/// Who the session is.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SessionView {
+    /// Always `true`: only the admin has a session.
+    pub admin: bool,
 }
 
 // -------------------------------------------------------------------------- apps
@@ -278,6 +289,7 @@ pub struct RotatedSecret {
     params(("id" = String, Path, description = "The app id")),
     responses(
         (status = 200, description = "The new secret", body = RotatedSecret),
+        (status = 400, description = "An id that is not UTF-8", body = ErrorBody),
         (status = 401, description = "Not the admin", body = ErrorBody),
         (status = 403, description = "An app's or a device's credentials", body = ErrorBody),
         (status = 404, description = "No such app", body = ErrorBody),
@@ -319,23 +331,28 @@ pub struct Limits {
     /// Pushes accepted per second (a burst may use one second's worth at once; the
     /// excess is answered 429 with `Retry-After`).
     #[schema(minimum = 1, maximum = 1_000_000)]
+    #[serde(default, deserialize_with = "crate::routes::whole_number")]
     pub pushes_per_s: Option<u32>,
     /// Broadcasts accepted per minute (a burst may use one minute's worth).
     #[schema(minimum = 1, maximum = 100_000)]
+    #[serde(default, deserialize_with = "crate::routes::whole_number")]
     pub broadcasts_per_min: Option<u32>,
     /// Largest push `data`, bytes of compact JSON (at most the deployment's
     /// `max_data_bytes`; 413 beyond).
     #[schema(minimum = 1)]
+    #[serde(default, deserialize_with = "crate::routes::whole_number")]
     pub max_data_bytes: Option<u32>,
     /// Devices the app may register (403 `device_limit_reached` beyond). Lowering it
     /// below what the app has removes no device; it only stops new ones.
     #[schema(minimum = 1, maximum = 1_000_000_000)]
+    #[serde(default, deserialize_with = "crate::routes::whole_number")]
     pub max_devices: Option<u64>,
     /// Entries waiting in one device's inbox: storing a new entry drops the device's
     /// entry this many seqs older if it is still waiting (the device sees the gap in its
     /// seqs; the dropped message's status counts it as `dropped`). Applies to pushes
     /// accepted from then on.
     #[schema(minimum = 1, maximum = 1_000_000)]
+    #[serde(default, deserialize_with = "crate::routes::whole_number")]
     pub max_inbox_entries: Option<u32>,
 }
 
@@ -379,6 +396,7 @@ fn limits_view(ingest: &Ingest, app: &herald_projections::model::App) -> AppLimi
     params(("id" = String, Path, description = "The app id")),
     responses(
         (status = 200, description = "The app's limits", body = AppLimitsView),
+        (status = 400, description = "An id that is not UTF-8", body = ErrorBody),
         (status = 401, description = "Not the admin", body = ErrorBody),
         (status = 403, description = "An app's or a device's credentials", body = ErrorBody),
         (status = 404, description = "No such app", body = ErrorBody)),
@@ -403,10 +421,11 @@ async fn app_limits(
     request_body = Limits,
     responses(
         (status = 200, description = "The app's limits now", body = AppLimitsView),
-        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 400, description = "Malformed JSON, or an id that is not UTF-8", body = ErrorBody),
         (status = 401, description = "Not the admin", body = ErrorBody),
         (status = 403, description = "An app's or a device's credentials", body = ErrorBody),
         (status = 404, description = "No such app", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Not JSON", body = ErrorBody),
         (status = 422, description = "A limit out of range, or an unknown field", body = ErrorBody),
         (status = 503, description = "Not made durable; retry", body = ErrorBody)),
@@ -541,6 +560,7 @@ impl InboxRow {
     params(("id" = String, Path, description = "The device id")),
     responses(
         (status = 200, description = "The device", body = DeviceView),
+        (status = 400, description = "An id that is not UTF-8", body = ErrorBody),
         (status = 401, description = "Not the admin", body = ErrorBody),
         (status = 403, description = "An app's or a device's credentials", body = ErrorBody),
         (status = 404, description = "No such device", body = ErrorBody)),
@@ -611,6 +631,7 @@ pub struct MessageView {
     params(("id" = String, Path, description = "The message id")),
     responses(
         (status = 200, description = "The message", body = MessageView),
+        (status = 400, description = "An id that is not UTF-8", body = ErrorBody),
         (status = 401, description = "Not the admin", body = ErrorBody),
         (status = 403, description = "An app's or a device's credentials", body = ErrorBody),
         (status = 404, description = "No such message", body = ErrorBody)),
@@ -764,7 +785,7 @@ pub struct OverviewQuery {
 /// latency p50/p99).
 #[utoipa::path(get, path = "/v1/admin/overview", params(OverviewQuery),
     responses(
-        (status = 200, description = "The samples, oldest first", body = [Object]),
+        (status = 200, description = "The samples, oldest first", body = [Sample]),
         (status = 400, description = "Invalid query", body = ErrorBody),
         (status = 401, description = "Not the admin", body = ErrorBody),
         (status = 403, description = "An app's or a device's credentials", body = ErrorBody)),
@@ -790,7 +811,7 @@ async fn overview(
 /// a `sample` event a second.
 #[utoipa::path(get, path = "/v1/admin/overview/stream",
     responses(
-        (status = 200, description = "text/event-stream of samples", content_type = "text/event-stream", body = String),
+        (status = 200, description = "text/event-stream: a `history` event (the samples kept, a JSON array), then a `sample` event (one sample, JSON) a second", content_type = "text/event-stream", body = String),
         (status = 401, description = "Not the admin", body = ErrorBody),
         (status = 403, description = "An app's or a device's credentials", body = ErrorBody)),
     security(("admin_token" = [])))]

@@ -20,7 +20,7 @@ use utoipa::{Modify, OpenApi, ToSchema};
 use uuid::Uuid;
 
 use crate::Ingest;
-use crate::auth::{Admin, ApiJson, ApiPath, AppAuth, sha256};
+use crate::auth::{Admin, ApiBytes, ApiJson, ApiPath, AppAuth, sha256};
 use crate::error::{ApiError, ErrorBody};
 use herald_schemas::seal::constant_time_eq;
 
@@ -54,6 +54,7 @@ pub use herald_schemas::events::NETWORKS;
 pub struct CreateAppRequest {
     /// A human name for the app (up to 200 characters).
     #[serde(default)]
+    #[schema(max_length = 200)]
     pub name: String,
 }
 
@@ -70,29 +71,63 @@ pub struct CreateAppResponse {
     pub client_secret: String,
 }
 
-/// Creates an app (admin only).
-#[utoipa::path(post, path = "/v1/apps", request_body = CreateAppRequest,
+/// Creates an app (admin only). The body is optional: without one the app has no name.
+#[utoipa::path(post, path = "/v1/apps", request_body = Option<CreateAppRequest>,
     responses(
-        (status = 201, description = "The app was created", body = CreateAppResponse),
+        (status = 201, description = "The app was created", body = CreateAppResponse,
+            links(
+                ("IssueToken" = (operation_id = "oauth_token",
+                    request_body = json!({"grant_type": "client_credentials",
+                        "client_id": "$response.body#/client_id",
+                        "client_secret": "$response.body#/client_secret"}),
+                    description = "An access token with the new app's credentials")),
+                ("AppLimits" = (operation_id = "app_limits",
+                    parameters(("path.id" = "$response.body#/app_id")),
+                    description = "The new app's limits")),
+                ("RotateSecret" = (operation_id = "rotate_secret",
+                    parameters(("path.id" = "$response.body#/app_id")),
+                    description = "A new client secret for the app")))),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
-        (status = 422, description = "Invalid body", body = ErrorBody)),
+        (status = 403, description = "An app's or a device's credentials", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "A body that is not JSON", body = ErrorBody),
+        (status = 422, description = "Invalid body", body = ErrorBody),
+        (status = 503, description = "Not made durable; retry", body = ErrorBody)),
     security(("admin_token" = [])))]
 async fn create_app(
     State(ingest): State<Arc<Ingest>>,
     _admin: Admin,
-    body: axum::body::Bytes,
+    headers: HeaderMap,
+    ApiBytes(body): ApiBytes,
 ) -> Result<(StatusCode, Json<CreateAppResponse>), ApiError> {
     // The body is optional: an empty one creates an unnamed app.
     let req: CreateAppRequest = if body.iter().all(u8::is_ascii_whitespace) {
         CreateAppRequest::default()
     } else {
-        serde_json::from_slice(&body).map_err(|e| {
-            if e.is_data() {
-                ApiError::invalid(e.to_string())
-            } else {
-                ApiError::bad_request("malformed_json", e.to_string())
-            }
-        })?
+        let json = headers
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|m| {
+                let m = m.trim().to_ascii_lowercase();
+                m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
+            });
+        if !json {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "expected Content-Type: application/json",
+            ));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request("malformed_json", e.to_string()))?;
+        // `null` is no body, as the document's optional body allows.
+        if v.is_null() {
+            CreateAppRequest::default()
+        } else {
+            crate::auth::json_object(v)?
+        }
     };
     if req.name.chars().count() > 200 {
         return Err(ApiError::invalid("name must be at most 200 characters"));
@@ -131,11 +166,22 @@ async fn create_app(
 #[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct TokenRequest {
     /// Must be `client_credentials`.
+    #[schema(value_type = GrantType, required = true)]
     pub grant_type: Option<String>,
     /// The client id, unless sent by Basic authentication.
+    #[schema(nullable = false)]
     pub client_id: Option<String>,
     /// The client secret, unless sent by Basic authentication.
+    #[schema(nullable = false)]
     pub client_secret: Option<String>,
+}
+
+/// The one grant herald offers.
+#[derive(Debug, ToSchema)]
+#[schema(rename_all = "snake_case")]
+pub enum GrantType {
+    /// OAuth2 client credentials (RFC 6749, section 4.4).
+    ClientCredentials,
 }
 
 /// An app access token.
@@ -169,11 +215,12 @@ fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
     responses(
         (status = 200, description = "A token", body = TokenResponse),
         (status = 400, description = "Unsupported grant type or malformed form", body = ErrorBody),
-        (status = 401, description = "Unknown client or wrong secret", body = ErrorBody)))]
+        (status = 401, description = "Unknown client or wrong secret", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody)))]
 async fn oauth_token(
     State(ingest): State<Arc<Ingest>>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> Result<Json<TokenResponse>, ApiError> {
     let form: TokenRequest = serde_urlencoded::from_bytes(&body)
         .map_err(|e| ApiError::bad_request("invalid_request", format!("malformed form: {e}")))?;
@@ -224,10 +271,35 @@ pub struct RegisterDeviceRequest {
     pub app_key: String,
     /// What the device runs on, e.g. `android`, `ios`, `web` (up to 64 characters).
     #[serde(default)]
+    #[schema(max_length = 64)]
     pub platform: Option<String>,
-    /// The network type: `wifi`, `5g`, `4g`, `3g`, `2g` or `unknown`.
+    /// The network type (`unknown` when absent).
     #[serde(default)]
+    #[schema(value_type = Option<Network>)]
     pub network: Option<String>,
+}
+
+/// A network type (the keep-alive policy's keys).
+#[derive(Debug, ToSchema)]
+pub enum Network {
+    /// Wi-Fi.
+    #[schema(rename = "wifi")]
+    Wifi,
+    /// 5G.
+    #[schema(rename = "5g")]
+    G5,
+    /// 4G / LTE.
+    #[schema(rename = "4g")]
+    G4,
+    /// 3G.
+    #[schema(rename = "3g")]
+    G3,
+    /// 2G.
+    #[schema(rename = "2g")]
+    G2,
+    /// Not known.
+    #[schema(rename = "unknown")]
+    Unknown,
 }
 
 /// Where a device connects.
@@ -256,8 +328,22 @@ pub struct RegisterDeviceResponse {
 /// Registers a device with an app key.
 #[utoipa::path(post, path = "/v1/devices", request_body = RegisterDeviceRequest,
     responses(
-        (status = 201, description = "The device was registered", body = RegisterDeviceResponse),
+        (status = 201, description = "The device was registered", body = RegisterDeviceResponse,
+            links(
+                ("PushToDevice" = (operation_id = "push",
+                    request_body = json!({"to": {"device_id": "$response.body#/device_id"}}),
+                    description = "A push to the new device")),
+                ("Navigate" = (operation_id = "navigate",
+                    parameters(("query.device_id" = "$response.body#/device_id")),
+                    description = "The gateway the device should use")),
+                ("AdminDevice" = (operation_id = "device",
+                    parameters(("path.id" = "$response.body#/device_id")),
+                    description = "The device as the console shows it")))),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, description = "Unknown app key", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "A body that is not JSON", body = ErrorBody),
+        (status = 503, description = "Not made durable, or not applied in time; retry", body = ErrorBody),
         (status = 403, description = "The app has as many devices as its limit allows (`device_limit_reached`)", body = ErrorBody),
         (status = 422, description = "Invalid body", body = ErrorBody)))]
 async fn register_device(
@@ -316,23 +402,89 @@ async fn register_device(
 
 // ---------------------------------------------------------------------------- messages
 
-/// Who a push goes to: exactly one of the fields.
-#[derive(Debug, Default, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct PushTarget {
+/// Who a push goes to: exactly one of `device_id` or `broadcast` (documentation of the
+/// `to` object, which the handler reads itself so that each mistake gets its own
+/// message).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum PushTarget {
     /// One device of the calling app.
-    #[serde(default)]
-    pub device_id: Option<String>,
-    /// `true`: every device of the calling app.
-    #[serde(default)]
-    pub broadcast: Option<bool>,
-    /// Devices with this alias (not available yet: answered 422).
-    #[serde(default)]
-    pub alias: Option<String>,
-    /// Devices matching a tag expression (not available yet: answered 422).
-    #[serde(default)]
-    #[schema(value_type = Object)]
-    pub tags: Option<serde_json::Value>,
+    Device(DeviceTarget),
+    /// Every device of the calling app.
+    Broadcast(BroadcastTarget),
+}
+
+/// A push to one device.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceTarget {
+    /// The device (of the calling app; another's is 404).
+    pub device_id: String,
+}
+
+/// A push to every device of the app.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BroadcastTarget {
+    /// `true`.
+    #[schema(schema_with = always_true)]
+    pub broadcast: bool,
+}
+
+fn always_true() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::Boolean)
+        .enum_values(Some([true]))
+        .build()
+}
+
+/// The `to` of a push, read from its JSON.
+fn target(to: &serde_json::Value) -> Result<To, ApiError> {
+    use serde_json::Value;
+    let Some(obj) = to.as_object() else {
+        return Err(ApiError::invalid("to must be an object"));
+    };
+    if obj.contains_key("alias") || obj.contains_key("tags") {
+        return Err(ApiError::invalid(
+            "targeting by alias or tags is not available yet; use device_id or broadcast",
+        ));
+    }
+    match (obj.len(), obj.get("device_id"), obj.get("broadcast")) {
+        (1, Some(Value::String(d)), None) => Ok(To::DeviceId(d.clone())),
+        (1, None, Some(Value::Bool(true))) => Ok(To::Broadcast(true)),
+        (1, None, Some(Value::Bool(false))) => {
+            Err(ApiError::invalid("to.broadcast must be true when given"))
+        }
+        (1, Some(_), None) => Err(ApiError::invalid("to.device_id must be a string")),
+        (1, None, Some(_)) => Err(ApiError::invalid("to.broadcast must be true")),
+        _ => Err(ApiError::invalid(
+            "to must have exactly one of device_id (a string) or broadcast (true), and nothing else",
+        )),
+    }
+}
+
+/// An optional whole number, also written as a float with no fraction (JSON Schema's
+/// integers include `60.0`), that fits `T`.
+pub(crate) fn whole_number<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<u64>,
+{
+    use serde::de::Error;
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    let whole = n.as_u64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.fract() == 0.0 && (0.0..=u64::MAX as f64).contains(f))
+            .map(|f| f as u64)
+    });
+    match whole {
+        Some(v) => T::try_from(v)
+            .map(Some)
+            .map_err(|_| D::Error::custom(format!("{n} is too large"))),
+        None => Err(D::Error::custom(format!("{n} is not a whole number"))),
+    }
 }
 
 /// How urgent a push is.
@@ -350,20 +502,23 @@ pub enum Priority {
 #[serde(deny_unknown_fields)]
 pub struct PushRequest {
     /// Who it goes to.
-    pub to: PushTarget,
+    #[schema(value_type = PushTarget)]
+    pub to: serde_json::Value,
     /// Any JSON value, delivered as the envelope's `data` (limit: `max_data_bytes`,
     /// 4 KiB by default, measured as compact JSON).
-    #[schema(value_type = Object)]
     pub data: serde_json::Value,
-    /// Seconds it may wait for a device (default 24 h, at most 28 days).
-    #[serde(default)]
+    /// Seconds it may wait for a device (default 24 h, at most `max_ttl_s`: 28 days
+    /// unless configured otherwise).
+    #[serde(default, deserialize_with = "whole_number")]
+    #[schema(minimum = 1, maximum = 2_419_200)]
     pub ttl_s: Option<u32>,
     /// `normal` (default) or `high`.
     #[serde(default)]
     pub priority: Option<Priority>,
-    /// Pushes with the same key replace each other (recorded now; replacement arrives
-    /// with the delivery-contract work).
+    /// A newer push with the same key to the same device takes this one's place in its
+    /// inbox if it was not received yet (up to 128 characters).
     #[serde(default)]
+    #[schema(max_length = 128)]
     pub collapse_key: Option<String>,
 }
 
@@ -457,17 +612,30 @@ fn replayed(
 /// `message_id` and make no second message, also across restarts; the same key with a
 /// different request is `409`.
 #[utoipa::path(post, path = "/v1/messages", request_body = PushRequest,
-    params(("Idempotency-Key" = Option<String>, Header,
-        description = "Makes retries safe: the same key and request give the same message")),
+    params(("Idempotency-Key" = Option<String>, Header, nullable = false,
+        min_length = 1, max_length = 255, pattern = r"^[!-~]+$",
+        description = "Makes retries safe: the same key and request give the same message (1 to 255 visible ASCII characters)")),
     responses(
-        (status = 202, description = "Accepted and durable", body = PushResponse),
+        (status = 202, description = "Accepted and durable", body = PushResponse,
+            links(
+                ("Status" = (operation_id = "message_status",
+                    parameters(("path.id" = "$response.body#/message_id")),
+                    description = "The push's delivery status")),
+                ("Recall" = (operation_id = "recall",
+                    parameters(("path.id" = "$response.body#/message_id")),
+                    description = "Recall the push")),
+                ("AdminMessage" = (operation_id = "message",
+                    parameters(("path.id" = "$response.body#/message_id")),
+                    description = "The push's timeline in the console")))),
         (status = 200, description = "A retry of an accepted push (same Idempotency-Key)", body = PushResponse),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, description = "Missing, expired or forged token", body = ErrorBody),
         (status = 404, description = "No such device for this app", body = ErrorBody),
         (status = 409, description = "Idempotency-Key reused with another request", body = ErrorBody),
         (status = 413, description = "Data or body too large", body = ErrorBody),
+        (status = 415, description = "A body that is not JSON", body = ErrorBody),
         (status = 422, description = "Invalid request", body = ErrorBody),
+        (status = 429, description = "Over the app's pushes per second or broadcasts per minute; `Retry-After` says when to try again", body = ErrorBody),
         (status = 503, description = "Not confirmed durable; retry, with the same Idempotency-Key so that a push which did reach the log is not made twice", body = ErrorBody)),
     security(("app_token" = [])))]
 async fn push(
@@ -511,28 +679,7 @@ async fn accept(
     idempotency: Option<(String, Vec<u8>)>,
 ) -> Result<(String, crate::Appended), ApiError> {
     let cfg = &ingest.config;
-    let to = match (
-        &req.to.device_id,
-        req.to.broadcast,
-        &req.to.alias,
-        &req.to.tags,
-    ) {
-        (Some(d), None, None, None) => To::DeviceId(d.clone()),
-        (None, Some(true), None, None) => To::Broadcast(true),
-        (None, Some(false), None, None) => {
-            return Err(ApiError::invalid("to.broadcast must be true when given"));
-        }
-        (None, None, Some(_), None) | (None, None, None, Some(_)) => {
-            return Err(ApiError::invalid(
-                "targeting by alias or tags is not available yet; use device_id or broadcast",
-            ));
-        }
-        _ => {
-            return Err(ApiError::invalid(
-                "to must have exactly one of device_id, broadcast",
-            ));
-        }
-    };
+    let to = target(&req.to)?;
     let ttl_s = req.ttl_s.unwrap_or(cfg.default_ttl_s);
     if ttl_s == 0 || ttl_s > cfg.max_ttl_s {
         return Err(ApiError::invalid(format!(
@@ -541,8 +688,10 @@ async fn accept(
         )));
     }
     let collapse_key = req.collapse_key.unwrap_or_default();
-    if collapse_key.len() > 128 {
-        return Err(ApiError::invalid("collapse_key must be at most 128 bytes"));
+    if collapse_key.chars().count() > 128 {
+        return Err(ApiError::invalid(
+            "collapse_key must be at most 128 characters",
+        ));
     }
     let data = serde_json::to_vec(&req.data)
         .map_err(|e| ApiError::invalid(format!("data is not serializable: {e}")))?;
@@ -717,6 +866,7 @@ async fn own_message(
     params(("id" = String, Path, description = "The message id")),
     responses(
         (status = 200, description = "The status", body = MessageStatusResponse),
+        (status = 400, description = "An id that is not UTF-8", body = ErrorBody),
         (status = 401, description = "Missing, expired or forged token", body = ErrorBody),
         (status = 404, description = "No such message for this app", body = ErrorBody)),
     security(("app_token" = [])))]
@@ -730,11 +880,17 @@ async fn message_status(
 }
 
 /// Recalls a message: none of its entries is sent afterwards (entries already written to
-/// a device's connection cannot be taken back). Recalling twice is harmless.
-#[utoipa::path(delete, path = "/v1/messages/{id}",
+/// a device's connection cannot be taken back). Recalling twice is harmless. The message
+/// stays readable with state `recalled`: a recall is not a deletion, which is why it is
+/// not `DELETE /v1/messages/{id}`.
+#[utoipa::path(post, path = "/v1/messages/{id}/recall",
     params(("id" = String, Path, description = "The message id")),
     responses(
-        (status = 200, description = "Recalled; the status after the recall", body = MessageStatusResponse),
+        (status = 200, description = "Recalled; the status after the recall", body = MessageStatusResponse,
+            links(("StatusAfterRecall" = (operation_id = "message_status",
+                parameters(("path.id" = "$request.path.id")),
+                description = "The message's status, recalled")))),
+        (status = 400, description = "An id that is not UTF-8", body = ErrorBody),
         (status = 401, description = "Missing, expired or forged token", body = ErrorBody),
         (status = 404, description = "No such message for this app", body = ErrorBody),
         (status = 503, description = "Not recalled; retry", body = ErrorBody)),
@@ -842,8 +998,10 @@ impl Modify for SecuritySchemes {
 
 /// `GET /v1/nav` query.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct NavQuery {
-    /// The device id (a UUID).
+    /// The device id (a UUID, hyphenated).
+    #[param(required = true, value_type = String, format = Uuid)]
     pub device_id: Option<String>,
 }
 
@@ -864,8 +1022,13 @@ async fn navigate(
     let id = q
         .device_id
         .ok_or_else(|| ApiError::bad_request("invalid_query", "device_id is required"))?;
-    let id = Uuid::parse_str(&id)
-        .map_err(|_| ApiError::bad_request("invalid_query", "device_id must be a UUID"))?
+    // Only the hyphenated form, the one the document's `format: uuid` means.
+    let id = Uuid::try_parse(&id)
+        .ok()
+        .filter(|_| id.len() == 36)
+        .ok_or_else(|| {
+            ApiError::bad_request("invalid_query", "device_id must be a UUID (hyphenated)")
+        })?
         .to_string();
     // Only a registered device's placement is remembered (the answer looks the same
     // either way, so it tells nothing about which ids exist).
@@ -893,8 +1056,104 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc
 }
 
-async fn openapi_json() -> impl IntoResponse {
-    Json(openapi())
+/// The document `/openapi.json` serves: [`openapi`] with what its annotations cannot say
+/// (see [`finish_document`]) for a server configured with `config`.
+pub fn openapi_document(config: &crate::IngestConfig) -> serde_json::Value {
+    let mut doc = serde_json::to_value(openapi()).unwrap_or_default();
+    finish_document(&mut doc, config);
+    doc
+}
+
+/// Says in the document what the annotations cannot:
+/// - unsigned integers are `uint32`/`uint64` with their maximum (utoipa writes `int32`
+///   and `int64` with a minimum of 0, and a client would take `u64` values above
+///   `i64::MAX` for invalid when herald takes them);
+/// - a push's `ttl_s` is at most this server's `max_ttl_s`, and an app's
+///   `max_data_bytes` at most its `max_data_bytes`;
+/// - each event of the overview's SSE stream is an `event` name and JSON `data`;
+/// - links name their fields as OpenAPI does (`operationId`, `requestBody`; utoipa 5.5
+///   writes them in snake case).
+pub fn finish_document(doc: &mut serde_json::Value, config: &crate::IngestConfig) {
+    use serde_json::{Value, json};
+    fn unsigned(v: &mut Value) {
+        match v {
+            Value::Object(map) => {
+                let is_int = match map.get("type") {
+                    Some(Value::String(t)) => t == "integer",
+                    Some(Value::Array(ts)) => ts.iter().any(|t| t == "integer"),
+                    _ => false,
+                };
+                let non_negative = map.get("minimum").and_then(Value::as_f64) == Some(0.0);
+                if is_int && non_negative {
+                    match map.get("format").and_then(Value::as_str) {
+                        Some("int64") => {
+                            map.insert("format".into(), json!("uint64"));
+                            map.entry("maximum").or_insert(json!(u64::MAX));
+                        }
+                        Some("int32") => {
+                            map.insert("format".into(), json!("uint32"));
+                            map.entry("maximum").or_insert(json!(u32::MAX));
+                        }
+                        _ => {}
+                    }
+                }
+                map.values_mut().for_each(unsigned);
+            }
+            Value::Array(items) => items.iter_mut().for_each(unsigned),
+            _ => {}
+        }
+    }
+    fn links(v: &mut Value) {
+        match v {
+            Value::Object(map) => {
+                if let Some(Value::Object(all)) = map.get_mut("links") {
+                    for link in all.values_mut() {
+                        if let Value::Object(link) = link {
+                            for (from, to) in [
+                                ("operation_id", "operationId"),
+                                ("operation_ref", "operationRef"),
+                                ("request_body", "requestBody"),
+                            ] {
+                                if let Some(x) = link.remove(from) {
+                                    link.insert(to.into(), x);
+                                }
+                            }
+                        }
+                    }
+                }
+                map.values_mut().for_each(links);
+            }
+            Value::Array(items) => items.iter_mut().for_each(links),
+            _ => {}
+        }
+    }
+    unsigned(doc);
+    links(doc);
+    if let Some(ttl) = doc.pointer_mut("/components/schemas/PushRequest/properties/ttl_s") {
+        ttl["maximum"] = json!(config.max_ttl_s);
+    }
+    if let Some(max) = doc.pointer_mut("/components/schemas/Limits/properties/max_data_bytes") {
+        max["maximum"] = json!(config.max_data_bytes);
+    }
+    let event = |name: &str| {
+        json!({
+            "type": "object",
+            "required": ["event", "data"],
+            "properties": {
+                "event": {"type": "string", "enum": [name]},
+                "data": {"type": "string", "contentMediaType": "application/json"}
+            }
+        })
+    };
+    if let Some(sse) = doc.pointer_mut(
+        "/paths/~1v1~1admin~1overview~1stream/get/responses/200/content/text~1event-stream",
+    ) {
+        sse["schema"] = json!({"oneOf": [event("history"), event("sample")]});
+    }
+}
+
+async fn openapi_json(State(ingest): State<Arc<Ingest>>) -> impl IntoResponse {
+    Json(openapi_document(&ingest.config))
 }
 
 /// Navigation alone (`herald nav`): `GET /v1/nav` and `/healthz`.
@@ -916,7 +1175,8 @@ pub(crate) fn router(ingest: Arc<Ingest>) -> Router {
         .route("/oauth/token", post(oauth_token))
         .route("/v1/devices", post(register_device))
         .route("/v1/messages", post(push))
-        .route("/v1/messages/{id}", get(message_status).delete(recall))
+        .route("/v1/messages/{id}", get(message_status))
+        .route("/v1/messages/{id}/recall", post(recall))
         .route("/v1/nav", get(navigate))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

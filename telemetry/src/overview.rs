@@ -20,7 +20,7 @@ pub const HISTORY: usize = 300;
 const PERCENTILE_WINDOW: usize = 5;
 
 /// One second of the system, as the overview shows it.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Sample {
     /// When it was taken (ms since the Unix epoch).
     pub ts_ms: u64,
