@@ -56,19 +56,6 @@ fn abusive_child(spec: &str) {
     drop(held);
 }
 
-/// Sums the samples of `name` whose labels contain every one of `labels`.
-fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter(|l| labels.iter().all(|x| l.contains(x)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// A REST client whose connections come from `ip`.
 fn client_from(ip: [u8; 4]) -> reqwest::Client {
     reqwest::Client::builder()
@@ -189,25 +176,10 @@ async fn a_flood_of_half_open_sockets_from_one_address_stops_nobody_else() {
     let (status, ready) = readyz(&server).await;
     assert_eq!(status, 200, "{ready}");
     assert_eq!(ready["log"]["state"], "ok", "{ready}");
-    let metrics = app
-        .http
-        .get(format!("{}/metrics", server.base()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let refused_http = metric(
-        &metrics,
-        "herald_listener_refused_total",
-        &["listener=\"http\""],
-    );
-    let refused_devices = metric(
-        &metrics,
-        "herald_listener_refused_total",
-        &["listener=\"devices\""],
-    );
+    let metrics = Scrape::with(&app.http, &server).await;
+    let refused_http = metrics.value("herald_listener_refused_total", &[("listener", "http")]);
+    let refused_devices =
+        metrics.value("herald_listener_refused_total", &[("listener", "devices")]);
     println!("refused: http {refused_http}, devices {refused_devices}");
     // Those admitted are closed after the header timeout, and more are admitted then:
     // how many were refused depends on timing, but never fewer than this.
@@ -312,26 +284,16 @@ async fn silent_and_lying_mqtt_sockets_do_not_stop_a_valid_device() {
     }
     drop(silent);
 
-    let metrics = app
-        .http
-        .get(format!("{}/metrics", server.base()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let not_authorized = metric(
-        &metrics,
+    let metrics = Scrape::with(&app.http, &server).await;
+    let not_authorized = metrics.value(
         "herald_gateway_refused_total",
-        &["reason=\"not_authorized\""],
+        &[("reason", "not_authorized")],
     );
-    let over_cap = metric(
-        &metrics,
+    let over_cap = metrics.value(
         "herald_listener_refused_total",
         &[
-            "listener=\"devices\"",
-            "reason=\"max_unauthenticated_per_source\"",
+            ("listener", "devices"),
+            ("reason", "max_unauthenticated_per_source"),
         ],
     );
     println!("refused: not authorized {not_authorized}, over the per-source cap {over_cap}");

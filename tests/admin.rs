@@ -6,51 +6,10 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::json;
-
-/// One scrape of `/metrics`, parsed.
-struct Scrape(prometheus_parse::Scrape);
-
-impl Scrape {
-    async fn of(server: &Server) -> Scrape {
-        let r = reqwest::get(format!("{}/metrics", server.base()))
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        let ct = r.headers()["content-type"].to_str().unwrap().to_owned();
-        assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
-        let text = r.text().await.unwrap();
-        let lines = text.lines().map(|l| Ok(l.to_owned()));
-        Scrape(prometheus_parse::Scrape::parse(lines).unwrap())
-    }
-
-    /// The value of `name` whose labels include `labels` (0 when there is none).
-    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.0
-            .samples
-            .iter()
-            .filter(|s| s.metric == name)
-            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-            .map(|s| match &s.value {
-                prometheus_parse::Value::Counter(v)
-                | prometheus_parse::Value::Gauge(v)
-                | prometheus_parse::Value::Untyped(v) => *v,
-                prometheus_parse::Value::Histogram(b) => {
-                    b.iter().map(|c| c.count).fold(0.0, f64::max)
-                }
-                prometheus_parse::Value::Summary(_) => 0.0,
-            })
-            .sum()
-    }
-
-    fn help(&self) -> &HashMap<String, String> {
-        &self.0.docs
-    }
-}
 
 #[tokio::test]
 async fn metrics_count_what_a_scripted_run_did() {

@@ -23,13 +23,6 @@ async fn put_limits(server: &Server, app_id: &str, body: Value) -> (u16, Value) 
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
-fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_burst_over_an_apps_rate_gets_429_and_loses_nothing() {
     let server = Server::start().await;
@@ -126,26 +119,13 @@ async fn a_burst_over_an_apps_rate_gets_429_and_loses_nothing() {
         .collect();
     assert_eq!(got, other_ids);
 
-    let metrics = reqwest::get(format!("{}/metrics", server.base()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let counted = metric(
-        &metrics,
+    let metrics = Scrape::of(&server).await;
+    let counted = metrics.value(
         "herald_app_limited_total",
-        &[
-            &format!("app_id=\"{}\"", limited.app_id),
-            "limit=\"pushes_per_s\"",
-        ],
+        &[("app_id", &limited.app_id), ("limit", "pushes_per_s")],
     );
     assert_eq!(counted, refused as f64);
-    let other_counted = metric(
-        &metrics,
-        "herald_app_limited_total",
-        &[&format!("app_id=\"{}\"", other.app_id)],
-    );
+    let other_counted = metrics.value("herald_app_limited_total", &[("app_id", &other.app_id)]);
     assert_eq!(other_counted, 0.0);
 }
 

@@ -143,6 +143,8 @@ pub struct EmbeddedLog {
     fsyncs: Arc<AtomicU64>,
     recovery: Recovery,
     _lock: Option<File>,
+    #[cfg(test)]
+    inject: Arc<Mutex<Option<Injected>>>,
 }
 
 impl std::fmt::Debug for EmbeddedLog {
@@ -453,6 +455,8 @@ impl EmbeddedLog {
         let poisoned = Arc::new(AtomicBool::new(false));
         let refusing = Arc::new(Mutex::new(None));
         let fsyncs = Arc::new(AtomicU64::new(0));
+        #[cfg(test)]
+        let inject = Arc::new(Mutex::new(None));
         let mut committer = Committer {
             dir: dir.to_owned(),
             dir_handle,
@@ -467,6 +471,8 @@ impl EmbeddedLog {
             spare: None,
             spare_tried: None,
             fallocate: true,
+            #[cfg(test)]
+            inject: inject.clone(),
         };
         // The first segment of a new log, and the spare that will follow the active one.
         if committer.shared.read().is_empty() {
@@ -486,6 +492,8 @@ impl EmbeddedLog {
             fsyncs,
             recovery,
             _lock: Some(lock),
+            #[cfg(test)]
+            inject,
         })
     }
 
@@ -511,6 +519,8 @@ impl EmbeddedLog {
             fsyncs: Arc::new(AtomicU64::new(0)),
             recovery,
             _lock: None,
+            #[cfg(test)]
+            inject: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -671,6 +681,25 @@ struct Committer {
     /// Whether the file system reserves blocks (`fallocate`); off after it said it
     /// does not.
     fallocate: bool,
+    /// A failure the next group meets (unit tests only).
+    #[cfg(test)]
+    inject: Arc<Mutex<Option<Injected>>>,
+}
+
+/// A storage failure a unit test makes the committer meet (the switch exists only in test
+/// builds).
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Injected {
+    /// The group's write fails.
+    Write,
+    /// The group is written, and its fsync fails.
+    Sync,
+}
+
+#[cfg(test)]
+fn injected_failure() -> std::io::Error {
+    std::io::Error::from_raw_os_error(5) // EIO, as a dying disk answers.
 }
 
 impl Committer {
@@ -848,8 +877,18 @@ impl Committer {
             (seg.file.clone(), seg.len, seg.path.clone())
         };
         self.reserve(&file, at, self.buf.len() as u64, &path)?;
+        #[cfg(test)]
+        let injected = self.inject.lock().unwrap_or_else(|e| e.into_inner()).take();
+        #[cfg(test)]
+        if injected == Some(Injected::Write) {
+            return Err(io("cannot write", &path, injected_failure()));
+        }
         file.write_all_at(&self.buf, at)
             .map_err(|e| io("cannot write", &path, e))?;
+        #[cfg(test)]
+        if injected == Some(Injected::Sync) {
+            return Err(io("cannot sync", &path, injected_failure()));
+        }
         file.sync_data().map_err(|e| io("cannot sync", &path, e))?;
         self.fsyncs.fetch_add(1, Ordering::Relaxed);
         {
@@ -887,6 +926,47 @@ mod tests {
         Record {
             key: format!("k{i}").into_bytes(),
             value: i.to_be_bytes().to_vec(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_write_or_fsync_poisons_until_a_restart() {
+        for failure in [Injected::Write, Injected::Sync] {
+            let dir = tempfile::tempdir().unwrap();
+            let log = EmbeddedLog::open(dir.path()).unwrap();
+            assert_eq!(log.append(vec![rec(0)]).await.unwrap(), vec![0]);
+            *log.inject.lock().unwrap() = Some(failure);
+            assert!(
+                matches!(log.append(vec![rec(1)]).await, Err(Error::Poisoned)),
+                "{failure:?}"
+            );
+            // Poisoned: the failure has passed, but nothing is taken until a restart,
+            // and the health says a restart is what it needs.
+            assert!(matches!(
+                log.append(vec![rec(2)]).await,
+                Err(Error::Poisoned)
+            ));
+            assert!(
+                matches!(log.health(), Health::Failed(_)),
+                "{:?}",
+                log.health()
+            );
+            assert_eq!(
+                *log.durable_end().borrow(),
+                1,
+                "nothing after the failure is read"
+            );
+            drop(log);
+            // A restart decides from the disk: what was acknowledged is there; the group
+            // that failed was never acknowledged (a torn tail, or whole if its bytes
+            // reached the disk: then it is read as written, never half).
+            let log = EmbeddedLog::open(dir.path()).unwrap();
+            let end = *log.durable_end().borrow();
+            assert!((1..=2).contains(&end), "{failure:?}: end {end}");
+            let read = log.read(0, 10).await.unwrap();
+            assert_eq!(read[0].key, b"k0");
+            assert_eq!(log.health(), Health::Ok);
+            assert_eq!(log.append(vec![rec(9)]).await.unwrap(), vec![end]);
         }
     }
 

@@ -879,3 +879,50 @@ pub fn quick_options() -> herald_client::DeviceOptions {
     opts.backoff.max_delay = Duration::from_millis(500);
     opts
 }
+
+/// One scrape of `/metrics`, parsed.
+pub struct Scrape(pub prometheus_parse::Scrape);
+
+impl Scrape {
+    pub async fn of(server: &Server) -> Scrape {
+        Scrape::with(&reqwest::Client::new(), server).await
+    }
+
+    /// A scrape made with `http` (a client bound to another source address, say).
+    pub async fn with(http: &reqwest::Client, server: &Server) -> Scrape {
+        let r = http
+            .get(format!("{}/metrics", server.base()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let ct = r.headers()["content-type"].to_str().unwrap().to_owned();
+        assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
+        let text = r.text().await.unwrap();
+        let lines = text.lines().map(|l| Ok(l.to_owned()));
+        Scrape(prometheus_parse::Scrape::parse(lines).unwrap())
+    }
+
+    /// The value of `name` whose labels include `labels` (0 when there is none).
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.0
+            .samples
+            .iter()
+            .filter(|s| s.metric == name)
+            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match &s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => *v,
+                prometheus_parse::Value::Histogram(b) => {
+                    b.iter().map(|c| c.count).fold(0.0, f64::max)
+                }
+                prometheus_parse::Value::Summary(_) => 0.0,
+            })
+            .sum()
+    }
+
+    pub fn help(&self) -> &std::collections::HashMap<String, String> {
+        &self.0.docs
+    }
+}
