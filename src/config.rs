@@ -81,9 +81,11 @@ pub struct FileConfig {
     pub http_max_connections: Option<usize>,
     /// Most REST connections from one source address.
     pub http_max_connections_per_source: Option<usize>,
-    /// How long a request's headers may take, in milliseconds.
+    /// How long a new connection may take to send its first request's headers, in
+    /// milliseconds.
     pub http_header_timeout_ms: Option<u64>,
-    /// How long a REST connection may move no byte, in seconds.
+    /// How long a kept-alive REST connection may wait for its next request, and any may
+    /// move no byte, in seconds.
     pub http_idle_timeout_s: Option<u64>,
     /// Most links a gateway process holds.
     pub link_max_connections: Option<usize>,
@@ -426,7 +428,7 @@ impl Config {
             http_max_connections: file.http_max_connections.unwrap_or(8192),
             http_max_connections_per_source: file.http_max_connections_per_source.unwrap_or(1024),
             http_header_timeout_ms: file.http_header_timeout_ms.unwrap_or(10_000),
-            http_idle_timeout_s: file.http_idle_timeout_s.unwrap_or(60),
+            http_idle_timeout_s: file.http_idle_timeout_s.unwrap_or(120),
             link_max_connections: file.link_max_connections.unwrap_or(256),
             link_max_handshakes: file.link_max_handshakes.unwrap_or(64),
             link_max_handshakes_per_source: file.link_max_handshakes_per_source.unwrap_or(8),

@@ -24,13 +24,15 @@ use crate::gate::Gate;
 /// An HTTP listener's timeouts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HttpTimeouts {
-    /// How long a request's headers may take to arrive, counted from when the server
-    /// waits for them (the connection's start, or the end of the previous response): a
-    /// connection that has not sent a whole head by then is closed.
+    /// How long a new connection may take to send its first request's headers: a
+    /// connection that says nothing, or half a request, is closed then.
     pub header: Duration,
-    /// How long a connection may move no byte either way (a stalled body, a client that
-    /// stopped reading a response) before it is closed. A stream that sends something
-    /// more often (the console's overview, every second) is not idle.
+    /// How long a kept-alive connection may wait for its next request (its headers
+    /// included), and how long any connection may move no byte either way (a stalled
+    /// body, a client that stopped reading a response). Longer than clients keep idle
+    /// connections in their pools (reqwest: 90 s) by default, so that a client never
+    /// sends a request on a connection the server is closing. A stream that sends
+    /// something more often (the console's overview, every second) is not idle.
     pub idle: Duration,
 }
 
@@ -46,9 +48,11 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut builder = Builder::new();
+    // hyper's deadline runs from when it waits for a head, so on a kept-alive connection
+    // it is the idle wait; the first request's shorter one is below.
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(timeouts.header);
+        .header_read_timeout(timeouts.idle.max(timeouts.header));
     loop {
         let accepted = tokio::select! {
             a = accept(&listener, &gate) => a,
@@ -60,7 +64,10 @@ pub async fn serve(
             activity: activity.clone(),
         });
         let router = router.clone();
+        let spoke = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let heard = spoke.clone();
         let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+            heard.store(true, Ordering::Relaxed);
             router.clone().oneshot(req.map(axum::body::Body::new))
         });
         let builder = builder.clone();
@@ -71,6 +78,9 @@ pub async fn serve(
             tokio::pin!(conn);
             let idle = activity.idle(timeouts.idle);
             tokio::pin!(idle);
+            let first_head = tokio::time::sleep(timeouts.header);
+            tokio::pin!(first_head);
+            let mut first_head_passed = false;
             let mut stopping = false;
             loop {
                 tokio::select! {
@@ -83,6 +93,14 @@ pub async fn serve(
                     _ = &mut idle => {
                         tracing::debug!("HTTP connection idle; closing");
                         break;
+                    }
+                    _ = &mut first_head, if !first_head_passed => {
+                        // (The flag may have been set since this wait began.)
+                        if !spoke.load(Ordering::Relaxed) {
+                            tracing::debug!("no request head in time; closing");
+                            break;
+                        }
+                        first_head_passed = true;
                     }
                     _ = stop.wait_for(|s| *s), if !stopping => {
                         stopping = true;
@@ -237,19 +255,25 @@ mod tests {
     async fn half_a_request_is_closed_after_the_header_timeout() {
         let t = HttpTimeouts {
             header: Duration::from_millis(300),
-            idle: Duration::from_secs(30),
+            idle: Duration::from_millis(1500),
         };
         let (addr, gate) = server(t, 100).await;
         let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
         let began = std::time::Instant::now();
         assert!(closed_within(&mut s, Duration::from_secs(5)).await);
-        assert!(began.elapsed() >= Duration::from_millis(250));
+        let took = began.elapsed();
+        assert!(
+            (Duration::from_millis(250)..Duration::from_millis(1400)).contains(&took),
+            "{took:?}"
+        );
         // A silent connection too.
         let mut s = TcpStream::connect(addr).await.unwrap();
+        let began = std::time::Instant::now();
         assert!(closed_within(&mut s, Duration::from_secs(5)).await);
-        // A whole request is answered, and the kept-alive connection then has the
-        // same deadline for its next head.
+        assert!(began.elapsed() < Duration::from_millis(1400));
+        // A whole request is answered; the kept-alive connection then waits for its next
+        // request as long as the idle timeout, not the first request's deadline.
         let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
@@ -257,7 +281,15 @@ mod tests {
         let mut buf = vec![0u8; 512];
         let n = s.read(&mut buf).await.unwrap();
         assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        let began = std::time::Instant::now();
+        assert!(!closed_within(&mut s, Duration::from_millis(700)).await);
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
         assert!(closed_within(&mut s, Duration::from_secs(5)).await);
+        assert!(began.elapsed() >= Duration::from_millis(1400));
         // Every ticket is back.
         tokio::time::timeout(Duration::from_secs(5), async {
             while gate.health().connections > 0 {
