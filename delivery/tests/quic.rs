@@ -432,3 +432,57 @@ async fn a_broadcast_bigger_than_a_frame_crosses_in_several_and_the_link_stays_u
     assert_eq!(s.server.linked(), 1, "the link stayed up");
     assert!(!reg.mailbox.take_overflow(), "no resync was needed");
 }
+
+/// The link listener's caps: with room for one link, a second worker is refused at once
+/// (not left hanging), and taken once the first has gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_link_listener_holds_at_most_its_cap_and_refuses_the_rest_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = dir.path().join("certs");
+    link::generate_certs(&certs, &[]).expect("certs");
+    let server = LinkServer::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        &LinkTls::in_dir(&certs, "gateway"),
+        Arc::new(Hub::default()),
+        "gw-cap",
+        herald_gateway::link::LinkLimits {
+            caps: herald_net::Caps {
+                max_connections: 1,
+                max_unauthenticated: 1,
+                max_unauthenticated_per_source: 1,
+            },
+            handshake_timeout: Duration::from_secs(10),
+        },
+    )
+    .expect("bind");
+    let (_stop, shutdown) = watch::channel(false);
+    tokio::spawn(server.clone().serve(shutdown));
+    let addr = server.local_addr().expect("addr");
+    let tls = LinkTls::in_dir(&certs, "worker");
+    let endpoint = || quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("ep");
+    let (first_ep, second_ep) = (endpoint(), endpoint());
+    let (first, _send, _recv) =
+        link::connect(&first_ep, tls.client_config().expect("config"), addr, "w1")
+            .await
+            .expect("the first link");
+    let second = tokio::time::timeout(
+        Duration::from_secs(10),
+        link::connect(&second_ep, tls.client_config().expect("config"), addr, "w2"),
+    )
+    .await
+    .expect("refused at once, not left hanging");
+    assert!(second.is_err(), "a second link past the cap of one");
+    assert_eq!(server.gate().health().connections, 1);
+    // The first goes: its place is given back, and the next worker links.
+    first.close(quinn::VarInt::from_u32(0), b"done");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while server.gate().health().connections > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the place came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let third = link::connect(&second_ep, tls.client_config().expect("config"), addr, "w3").await;
+    assert!(third.is_ok(), "{:?}", third.err());
+}
